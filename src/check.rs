@@ -1,0 +1,216 @@
+//! `connectord check`: the operator's doctor. Every finding is one line
+//! naming what is wrong and where; any defect makes the exit status
+//! non-zero.
+
+use std::os::unix::fs::PermissionsExt;
+
+use serde::Serialize;
+
+use crate::cli::exit;
+use crate::config::Config;
+
+/// One finding.
+#[derive(Debug, Serialize)]
+struct Finding {
+    ok: bool,
+    area: &'static str,
+    message: String,
+}
+
+#[derive(Default)]
+struct Report {
+    findings: Vec<Finding>,
+}
+
+impl Report {
+    fn ok(&mut self, area: &'static str, message: impl Into<String>) {
+        self.findings.push(Finding {
+            ok: true,
+            area,
+            message: message.into(),
+        });
+    }
+
+    fn defect(&mut self, area: &'static str, message: impl Into<String>) {
+        self.findings.push(Finding {
+            ok: false,
+            area,
+            message: message.into(),
+        });
+    }
+}
+
+pub async fn run(config: &Config, json: bool) -> anyhow::Result<u8> {
+    let mut report = Report::default();
+    report.ok(
+        "config",
+        format!(
+            "config parsed; {} connector(s) in the registry",
+            config.connectors.len()
+        ),
+    );
+    for (name, connector) in &config.connectors {
+        match std::fs::metadata(&connector.command) {
+            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => {}
+            Ok(_) => report.defect(
+                "registry",
+                format!(
+                    "connector {name}: {} is not an executable file",
+                    connector.command.display()
+                ),
+            ),
+            Err(e) => report.defect(
+                "registry",
+                format!("connector {name}: {}: {e}", connector.command.display()),
+            ),
+        }
+    }
+    let keyring = match crate::daemon::load_keyring(config) {
+        Ok(Some(keyring)) => {
+            report.ok(
+                "keys",
+                format!(
+                    "keys loaded from {} (primary {})",
+                    config.keys.resolved_dir().display(),
+                    keyring.primary_id()
+                ),
+            );
+            Some(keyring)
+        }
+        Ok(None) => {
+            report.defect(
+                "keys",
+                format!(
+                    "key directory {} does not exist",
+                    config.keys.resolved_dir().display()
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            report.defect("keys", format!("{e:#}"));
+            None
+        }
+    };
+    match crate::db::connect(&config.database).await {
+        Err(e) => report.defect(
+            "database",
+            format!(
+                "cannot connect to {}: {e}",
+                crate::cli::redact_url(&config.database.url)
+            ),
+        ),
+        Ok(pool) => {
+            check_database(config, keyring.as_ref(), &pool, &mut report).await?;
+        }
+    }
+    let defects = report.findings.iter().filter(|f| !f.ok).count();
+    for finding in &report.findings {
+        if json {
+            println!("{}", serde_json::to_string(finding)?);
+        } else {
+            let mark = if finding.ok { "ok    " } else { "DEFECT" };
+            println!("{mark} {:<12} {}", finding.area, finding.message);
+        }
+    }
+    if !json {
+        println!("{defects} defect(s)");
+    }
+    Ok(if defects == 0 { exit::OK } else { exit::DEFECT })
+}
+
+async fn check_database(
+    config: &Config,
+    keyring: Option<&crate::keys::Keyring>,
+    pool: &sqlx::PgPool,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    if !crate::db::migrations_current(pool).await? {
+        report.defect(
+            "database",
+            "migrations are not current; run `connectord migrate`",
+        );
+        return Ok(());
+    }
+    report.ok("database", "reachable; migrations current");
+
+    let schedules: Vec<(i64, String, String, String, i32)> = sqlx::query_as(
+        "select id, connection_id, cron, timezone, jitter_seconds from schedules order by id",
+    )
+    .fetch_all(pool)
+    .await?;
+    let now = chrono::Utc::now();
+    for (id, connection, cron, tz, jitter) in schedules {
+        let rule = crate::cron::parse_cron(&cron).and_then(|expr| {
+            Ok(crate::cron::FireRule {
+                expr,
+                tz: crate::cron::parse_timezone(&tz)?,
+                jitter: crate::cron::jitter_offset(&connection, jitter),
+            })
+        });
+        match rule {
+            Ok(rule) => {
+                let mut next = Vec::new();
+                let mut at = now;
+                while next.len() < 3 {
+                    match rule.next_after(at) {
+                        Some(t) => {
+                            next.push(t.to_rfc3339());
+                            at = t;
+                        }
+                        None => break,
+                    }
+                }
+                report.ok(
+                    "schedule",
+                    format!(
+                        "schedule {id} ({connection}) {cron:?} {tz}: next {}",
+                        next.join(", ")
+                    ),
+                );
+            }
+            Err(e) => report.defect("schedule", format!("schedule {id} ({connection}): {e}")),
+        }
+    }
+
+    let connections: Vec<(String, String)> =
+        sqlx::query_as("select id, connector from connections order by id")
+            .fetch_all(pool)
+            .await?;
+    for (id, connector) in &connections {
+        if !config.connectors.contains_key(connector) {
+            report.defect(
+                "connection",
+                format!("connection {id} names connector {connector:?}, which the registry lacks"),
+            );
+        }
+    }
+
+    let credentials: Vec<(i64, String, String, String, String)> = sqlx::query_as(
+        "select cr.id, cr.connection_id, c.connector, cr.kind, cr.key_id
+         from credentials cr join connections c on c.id = cr.connection_id
+         where cr.status = 'active' order by cr.id",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (id, connection, connector, kind, key_id) in credentials {
+        if let Some(entry) = config.connectors.get(&connector) {
+            if entry.mapping_for(&kind).is_none() {
+                report.defect(
+                    "credential",
+                    format!(
+                        "credential {id} of {connection} is {kind}, which connector {connector} does not accept (credential_kind_mismatch)"
+                    ),
+                );
+            }
+        }
+        match keyring {
+            Some(keyring) if keyring.contains(&key_id) => {}
+            _ => report.defect(
+                "credential",
+                format!("credential {id} of {connection} is encrypted under key {key_id:?}, which is not in the key directory"),
+            ),
+        }
+    }
+    Ok(())
+}

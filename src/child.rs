@@ -1,0 +1,385 @@
+//! Spawning and supervising one connector child.
+//!
+//! A child runs in its own process group, with null stdin and piped output,
+//! so a timeout or shutdown can signal everything it started, and so it dies
+//! with the daemon: `PR_SET_PDEATHSIG` is set before `exec`, which covers the
+//! daemon being killed with SIGKILL, where no destructor runs. Output is read
+//! line by line with a cap per line, so no amount of output grows our memory,
+//! and logging is rate-limited per stream with a count of what was dropped.
+
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::child_env::ChildEnv;
+use crate::config::ConnectorConfig;
+use crate::protocol::{self, Line, Message};
+
+/// Longest stdout/stderr line kept; the rest of a longer line is discarded.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// A program that could not be started; the message names it.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start connector program {program}: {source}")]
+pub struct SpawnError {
+    pub program: String,
+    pub source: io::Error,
+}
+
+/// A started child and the readers of its output.
+pub struct Running {
+    child: Child,
+    pub pid: u32,
+    messages: mpsc::Receiver<Message>,
+}
+
+/// How the child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Why we ended the child, when we did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndedBy {
+    Timeout,
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub exit: Exit,
+    pub ended_by: Option<EndedBy>,
+}
+
+/// Deadlines that bound a child's life.
+pub struct Limits<'a> {
+    pub timeout: Duration,
+    pub kill_grace: Duration,
+    pub shutdown_grace: Duration,
+    pub shutdown: &'a CancellationToken,
+}
+
+/// Starts the connector program with exactly `env`.
+pub fn spawn(connector: &ConnectorConfig, env: &ChildEnv) -> Result<Running, SpawnError> {
+    let mut command = Command::new(&connector.command);
+    command
+        .args(&connector.args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    env.apply(&mut command);
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (prctl, getppid, _exit).
+    unsafe {
+        command.pre_exec(move || {
+            // The child is killed when the thread that forked it dies; the
+            // runtime's worker threads live as long as the daemon does.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The daemon may have died between fork and prctl.
+            if libc::getppid() as u32 != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|source| SpawnError {
+        program: connector.command.display().to_string(),
+        source,
+    })?;
+    let pid = child.id().unwrap_or(0);
+    let (tx, messages) = mpsc::channel(64);
+    let span = tracing::Span::current();
+    if let Some(stdout) = child.stdout.take() {
+        tokio::spawn(read_stdout(stdout, tx).instrument(span.clone()));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(read_stderr(stderr).instrument(span));
+    }
+    Ok(Running {
+        child,
+        pid,
+        messages,
+    })
+}
+
+impl Running {
+    /// Waits for the child to end, enforcing the timeout and shutdown, and
+    /// passes each protocol message to `on_message` as it arrives.
+    pub async fn supervise<F, Fut>(mut self, limits: Limits<'_>, mut on_message: F) -> Outcome
+    where
+        F: FnMut(Message) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let pgid = self.pid as i32;
+        let mut ended_by = None;
+        let deadline = tokio::time::sleep(limits.timeout);
+        tokio::pin!(deadline);
+        let mut messages_open = true;
+        let status = loop {
+            tokio::select! {
+                status = self.child.wait() => break status,
+                message = self.messages.recv(), if messages_open => match message {
+                    Some(message) => on_message(message).await,
+                    None => messages_open = false,
+                },
+                () = &mut deadline, if ended_by.is_none() => {
+                    tracing::warn!(timeout = ?limits.timeout, "connector timed out; terminating its process group");
+                    ended_by = Some(EndedBy::Timeout);
+                    break terminate(&mut self.child, pgid, limits.kill_grace).await;
+                }
+                () = limits.shutdown.cancelled(), if ended_by.is_none() => {
+                    ended_by = Some(EndedBy::Shutdown);
+                    match tokio::time::timeout(limits.shutdown_grace, self.child.wait()).await {
+                        Ok(status) => break status,
+                        Err(_) => {
+                            tracing::warn!("shutdown grace elapsed; terminating connector");
+                            break terminate(&mut self.child, pgid, limits.kill_grace).await;
+                        }
+                    }
+                }
+            }
+        };
+        // Whatever the child left behind in its group goes with it.
+        signal_group(pgid, libc::SIGKILL);
+        // Messages printed just before exit are still delivered.
+        while let Some(message) = self.messages.recv().await {
+            on_message(message).await;
+        }
+        let exit = match status {
+            Ok(status) => exit_of(status),
+            Err(e) => {
+                tracing::error!(error = %e, "waiting for connector failed");
+                Exit::Signal(libc::SIGKILL)
+            }
+        };
+        Outcome { exit, ended_by }
+    }
+}
+
+fn exit_of(status: ExitStatus) -> Exit {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => Exit::Code(code),
+        (None, Some(signal)) => Exit::Signal(signal),
+        (None, None) => Exit::Code(-1),
+    }
+}
+
+/// SIGTERM to the group, then SIGKILL after `kill_grace`.
+async fn terminate(child: &mut Child, pgid: i32, kill_grace: Duration) -> io::Result<ExitStatus> {
+    signal_group(pgid, libc::SIGTERM);
+    match tokio::time::timeout(kill_grace, child.wait()).await {
+        Ok(status) => status,
+        Err(_) => {
+            tracing::warn!(?kill_grace, "connector ignored SIGTERM; sending SIGKILL");
+            signal_group(pgid, libc::SIGKILL);
+            child.wait().await
+        }
+    }
+}
+
+fn signal_group(pgid: i32, signal: i32) {
+    if pgid > 0 {
+        // SAFETY: kill(2) has no memory-safety preconditions; a group that
+        // no longer exists yields ESRCH, which is fine.
+        unsafe {
+            libc::kill(-pgid, signal);
+        }
+    }
+}
+
+/// Reads one line of at most `cap` bytes into `buf` (newline excluded),
+/// discarding the rest of a longer line. Returns `None` at end of input.
+pub async fn read_capped_line<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    buf: &mut Vec<u8>,
+    cap: usize,
+) -> io::Result<Option<bool>> {
+    buf.clear();
+    let mut truncated = false;
+    let mut saw_any = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(saw_any.then_some(truncated));
+        }
+        saw_any = true;
+        let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (&available[..i], Some(i + 1)),
+            None => (available, None),
+        };
+        let room = cap.saturating_sub(buf.len());
+        if chunk.len() > room {
+            truncated = true;
+        }
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let consumed = done.unwrap_or(available.len());
+        reader.consume(consumed);
+        if done.is_some() {
+            return Ok(Some(truncated));
+        }
+    }
+}
+
+/// Per-stream log rate limit: a burst, then a steady rate; what is dropped
+/// is counted and reported.
+struct RateLimit {
+    tokens: f64,
+    last: Instant,
+    dropped: u64,
+}
+
+impl RateLimit {
+    const BURST: f64 = 200.0;
+    const PER_SECOND: f64 = 50.0;
+
+    fn new() -> RateLimit {
+        RateLimit {
+            tokens: Self::BURST,
+            last: Instant::now(),
+            dropped: 0,
+        }
+    }
+
+    /// Whether the next line may be logged; reports drops when logging resumes.
+    fn admit(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * Self::PER_SECOND).min(Self::BURST);
+        if self.tokens < 1.0 {
+            self.dropped += 1;
+            return false;
+        }
+        self.tokens -= 1.0;
+        if self.dropped > 0 {
+            tracing::warn!(
+                dropped = self.dropped,
+                "connector output lines dropped by the log rate limit"
+            );
+            self.dropped = 0;
+        }
+        true
+    }
+
+    fn finish(&self) {
+        if self.dropped > 0 {
+            tracing::warn!(
+                dropped = self.dropped,
+                "connector output lines dropped by the log rate limit"
+            );
+        }
+    }
+}
+
+async fn read_stdout<R: AsyncRead + Unpin>(stdout: R, messages: mpsc::Sender<Message>) {
+    let mut reader = BufReader::with_capacity(16 * 1024, stdout);
+    let mut buf = Vec::with_capacity(256);
+    let mut limit = RateLimit::new();
+    loop {
+        let truncated = match read_capped_line(&mut reader, &mut buf, MAX_LINE).await {
+            Ok(Some(truncated)) => truncated,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading connector stdout failed");
+                break;
+            }
+        };
+        match protocol::parse_line(&buf) {
+            Line::Message(message) => {
+                if let Message::Log { level, message } = &message {
+                    if limit.admit() {
+                        log_at(level.as_deref(), message);
+                    }
+                }
+                // A closed receiver means the run is being recorded; the
+                // remaining output is still drained so the child never blocks.
+                let _ = messages.send(message).await;
+            }
+            Line::Malformed(reason) => {
+                if limit.admit() {
+                    tracing::warn!(%reason, "connector printed a message of the wrong shape");
+                }
+            }
+            Line::Text => {
+                if limit.admit() {
+                    tracing::info!(
+                        output = %String::from_utf8_lossy(&buf),
+                        truncated,
+                        "connector output"
+                    );
+                }
+            }
+        }
+    }
+    limit.finish();
+}
+
+async fn read_stderr<R: AsyncRead + Unpin>(stderr: R) {
+    let mut reader = BufReader::with_capacity(16 * 1024, stderr);
+    let mut buf = Vec::with_capacity(256);
+    let mut limit = RateLimit::new();
+    while let Ok(Some(truncated)) = read_capped_line(&mut reader, &mut buf, MAX_LINE).await {
+        if limit.admit() {
+            tracing::warn!(stderr = %String::from_utf8_lossy(&buf), truncated, "connector stderr");
+        }
+    }
+    limit.finish();
+}
+
+fn log_at(level: Option<&str>, message: &str) {
+    match level.unwrap_or("info") {
+        "error" => tracing::error!(message, "connector log"),
+        "warn" | "warning" => tracing::warn!(message, "connector log"),
+        "debug" => tracing::debug!(message, "connector log"),
+        "trace" => tracing::trace!(message, "connector log"),
+        _ => tracing::info!(message, "connector log"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn capped_lines() {
+        let mut input = Vec::new();
+        input.extend_from_slice(b"short\n");
+        input.extend(std::iter::repeat_n(b'x', 100));
+        input.extend_from_slice(b"\nlast-no-newline");
+        let mut reader = BufReader::with_capacity(8, &input[..]);
+        let mut buf = Vec::new();
+        assert_eq!(
+            read_capped_line(&mut reader, &mut buf, 10).await.unwrap(),
+            Some(false)
+        );
+        assert_eq!(buf, b"short");
+        assert_eq!(
+            read_capped_line(&mut reader, &mut buf, 10).await.unwrap(),
+            Some(true)
+        );
+        assert_eq!(buf, b"xxxxxxxxxx");
+        assert_eq!(
+            read_capped_line(&mut reader, &mut buf, 10).await.unwrap(),
+            Some(true)
+        );
+        assert_eq!(buf, b"last-no-ne");
+        assert_eq!(
+            read_capped_line(&mut reader, &mut buf, 10).await.unwrap(),
+            None
+        );
+    }
+}

@@ -1,0 +1,204 @@
+//! The environment a connector child receives (SPEC §4), built in a fixed
+//! order where each step overrides the one before:
+//!
+//! 1. empty;
+//! 2. host variables on the allowlist (`[child_env] inherit` plus the
+//!    connector's own `inherit`) **minus** every variable any connector
+//!    declares for credentials, so a deployment-wide `CHASE_PASSWORD` can
+//!    never reach a child, and an empty one can never shadow a stored value;
+//! 3. the connector's fixed `env` table;
+//! 4. run metadata (`CONNECTORD_*`);
+//! 5. the resolved credential, always last.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
+
+use crate::config::{Config, ConnectorConfig};
+use crate::secret::Secret;
+
+/// One variable's value; secrets keep their redacting wrapper until the
+/// moment they are handed to the spawn call.
+pub enum EnvValue {
+    Plain(OsString),
+    Secret(Secret),
+}
+
+/// The final environment, one value per name.
+#[derive(Default)]
+pub struct ChildEnv {
+    vars: BTreeMap<String, EnvValue>,
+}
+
+impl fmt::Debug for ChildEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut map = f.debug_map();
+        for (name, value) in &self.vars {
+            match value {
+                EnvValue::Plain(v) => map.entry(name, v),
+                EnvValue::Secret(_) => map.entry(name, &"[redacted]"),
+            };
+        }
+        map.finish()
+    }
+}
+
+/// Run metadata every child receives (step 4).
+pub struct RunMeta<'a> {
+    pub run_id: i64,
+    pub connection_id: &'a str,
+    pub trigger: &'a str,
+    pub attempt: i32,
+}
+
+impl ChildEnv {
+    /// Builds the environment; `host` looks a variable up in the daemon's
+    /// own environment and `credential` holds the resolver's output.
+    pub fn build(
+        config: &Config,
+        connector: &ConnectorConfig,
+        meta: &RunMeta<'_>,
+        credential: Vec<(String, Secret)>,
+        host: impl Fn(&str) -> Option<OsString>,
+    ) -> ChildEnv {
+        let mut env = ChildEnv::default();
+        let forbidden = config.credential_variables();
+        for name in config.child_env.inherit.iter().chain(&connector.inherit) {
+            if forbidden.iter().any(|f| f == name) {
+                continue;
+            }
+            if let Some(value) = host(name) {
+                env.set(name, EnvValue::Plain(value));
+            }
+        }
+        for (name, value) in &connector.env {
+            env.set(name, EnvValue::Plain(value.into()));
+        }
+        env.set(
+            "CONNECTORD_RUN_ID",
+            EnvValue::Plain(meta.run_id.to_string().into()),
+        );
+        env.set(
+            "CONNECTORD_CONNECTION_ID",
+            EnvValue::Plain(meta.connection_id.into()),
+        );
+        env.set("CONNECTORD_TRIGGER", EnvValue::Plain(meta.trigger.into()));
+        env.set(
+            "CONNECTORD_ATTEMPT",
+            EnvValue::Plain(meta.attempt.to_string().into()),
+        );
+        for (name, secret) in credential {
+            env.set(&name, EnvValue::Secret(secret));
+        }
+        env
+    }
+
+    fn set(&mut self, name: &str, value: EnvValue) {
+        self.vars.insert(name.to_owned(), value);
+    }
+
+    /// Hands every variable to `command` after clearing what it inherited.
+    pub fn apply(&self, command: &mut tokio::process::Command) {
+        command.env_clear();
+        for (name, value) in &self.vars {
+            match value {
+                EnvValue::Plain(v) => command.env(name, v),
+                EnvValue::Secret(s) => command.env(name, s.expose()),
+            };
+        }
+    }
+
+    /// Variable names, for tests and diagnostics (never values).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.vars.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::parse(
+            r#"
+            [connectors.chase]
+            command = "/bin/true"
+            env = { MODE = "fixed", PATH = "/connector/bin" }
+            inherit = ["EXTRA"]
+            credential = { kind = "username_password", username_env = "CHASE_USERNAME", password_env = "CHASE_PASSWORD" }
+
+            [connectors.github]
+            command = "/bin/true"
+            inherit = ["GITHUB_TOKEN"]
+            credential = { kind = "static_secret", env = "GITHUB_TOKEN" }
+            "#,
+        )
+        .expect("valid config")
+    }
+
+    fn host(name: &str) -> Option<OsString> {
+        match name {
+            "PATH" => Some("/usr/bin".into()),
+            "HOME" => Some("/home/d".into()),
+            "EXTRA" => Some("x".into()),
+            // Deployment-wide credential values, empty and stale: neither
+            // may reach a child.
+            "CHASE_PASSWORD" => Some("".into()),
+            "GITHUB_TOKEN" => Some("stale".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn order_and_exclusions() {
+        let config = config();
+        let meta = RunMeta {
+            run_id: 7,
+            connection_id: "alice-github",
+            trigger: "scheduled",
+            attempt: 2,
+        };
+        let env = ChildEnv::build(
+            &config,
+            &config.connectors["github"],
+            &meta,
+            vec![("GITHUB_TOKEN".into(), Secret::new("stored".into()))],
+            host,
+        );
+        let debug = format!("{env:?}");
+        assert!(!debug.contains("stored"), "{debug}");
+        let names: Vec<_> = env.names().collect();
+        assert_eq!(
+            names,
+            [
+                "CONNECTORD_ATTEMPT",
+                "CONNECTORD_CONNECTION_ID",
+                "CONNECTORD_RUN_ID",
+                "CONNECTORD_TRIGGER",
+                "GITHUB_TOKEN",
+                "HOME",
+                "PATH"
+            ]
+        );
+        match &env.vars["GITHUB_TOKEN"] {
+            EnvValue::Secret(s) => assert_eq!(s.expose(), "stored"),
+            EnvValue::Plain(_) => panic!("the stored credential must win"),
+        }
+    }
+
+    #[test]
+    fn connector_env_overrides_host_and_credentials_never_inherit() {
+        let config = config();
+        let meta = RunMeta {
+            run_id: 1,
+            connection_id: "alice-chase",
+            trigger: "manual",
+            attempt: 1,
+        };
+        let env = ChildEnv::build(&config, &config.connectors["chase"], &meta, vec![], host);
+        assert!(matches!(&env.vars["PATH"], EnvValue::Plain(p) if p == "/connector/bin"));
+        assert!(env.vars.contains_key("EXTRA"));
+        assert!(!env.vars.contains_key("CHASE_PASSWORD"));
+        assert!(!env.vars.contains_key("GITHUB_TOKEN"));
+    }
+}

@@ -1,0 +1,793 @@
+//! The command line of SPEC §9. Each subcommand is a small function over
+//! the library; errors are one sentence naming what is wrong and where.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::keys::Keyring;
+use crate::logging::LogFormat;
+use crate::secret::{Plaintext, Secret};
+
+/// Exit statuses, documented in `--help`.
+pub mod exit {
+    /// Success; for `trigger --wait`, the run succeeded.
+    pub const OK: u8 = 0;
+    /// The command could not do its job (bad config, database, input).
+    pub const ERROR: u8 = 1;
+    /// `check` found a defect.
+    pub const DEFECT: u8 = 1;
+    /// `trigger --wait`: the run failed.
+    pub const RUN_FAILED: u8 = 3;
+    /// `trigger --wait`: the launch was refused (no child was started).
+    pub const RUN_REFUSED: u8 = 4;
+    /// `trigger --wait`: the run was skipped.
+    pub const RUN_SKIPPED: u8 = 5;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "connectord",
+    version,
+    about = "Runs data connectors on cron schedules, on retries and on demand.",
+    after_help = "Exit status: 0 success; 1 error or defect found; 2 bad usage; \
+                  for `trigger --wait`: 3 run failed, 4 launch refused, 5 run skipped."
+)]
+pub struct Cli {
+    /// Config file (TOML). Also CONNECTORD_CONFIG; default
+    /// /etc/connectord/connectord.toml when it exists.
+    #[arg(long, global = true, env = "CONNECTORD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a private PostgreSQL, seed demo connections and run the daemon.
+    Dev,
+    /// Run the daemon (systemd ExecStart).
+    Run,
+    /// Apply database migrations.
+    Migrate,
+    /// Validate config, registry, keys, database, schedules and credentials.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage key files.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Manage connections.
+    #[command(subcommand)]
+    Connections(ConnectionsCommand),
+    /// Manage stored credentials.
+    #[command(subcommand)]
+    Credentials(CredentialsCommand),
+    /// Manage schedules.
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
+    /// Queue a manual run.
+    Trigger {
+        connection: String,
+        /// Wait for the run and exit with its outcome.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List runs, newest first.
+    Runs {
+        #[arg(long)]
+        connection: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List interactions.
+    Interactions {
+        #[arg(long)]
+        open: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The bundled demo connector (what `dev` runs as a child).
+    #[command(hide = true)]
+    DemoConnector,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Write a new random key file `<ID>.key` with mode 0600.
+    Generate {
+        #[arg(long)]
+        id: String,
+        /// Key directory (default: keys.dir of the config).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectionsCommand {
+    Add {
+        id: String,
+        #[arg(long)]
+        connector: String,
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CredentialsCommand {
+    /// Store a credential; the secret (token or password) is read from stdin.
+    Set {
+        connection: String,
+        #[arg(long, value_parser = ["static_secret", "username_password"])]
+        kind: String,
+        #[arg(long)]
+        username: Option<String>,
+    },
+    Revoke {
+        connection: String,
+    },
+    Delete {
+        connection: String,
+    },
+    /// Re-encrypt every credential under the primary key.
+    Rotate,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SchedulesCommand {
+    /// Create or replace the connection's schedule.
+    Set {
+        connection: String,
+        cron: String,
+        #[arg(long, default_value = "UTC")]
+        tz: String,
+        #[arg(long, value_parser = ["skip", "queue"], default_value = "skip")]
+        overlap: String,
+        #[arg(long, default_value_t = 0)]
+        jitter: i32,
+    },
+    Pause {
+        connection: String,
+    },
+    Resume {
+        connection: String,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Loads the config named on the command line, or the default file, or
+/// built-in defaults; `DATABASE_URL` applies in every case.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    let default = Path::new("/etc/connectord/connectord.toml");
+    match path {
+        Some(path) => Ok(Config::load(path)?),
+        None if default.exists() => Ok(Config::load(default)?),
+        None => {
+            let mut config = Config::default();
+            config.apply_env();
+            Ok(config)
+        }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if matches!(cli.command, Command::DemoConnector) {
+        return crate::dev::demo_connector();
+    }
+    crate::logging::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
+    if let Command::Dev = cli.command {
+        return crate::dev::run().await.map(|()| exit::OK);
+    }
+    let config = load_config(cli.config.as_deref())?;
+    match cli.command {
+        Command::Dev | Command::DemoConnector => unreachable!("handled above"),
+        Command::Run => {
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone());
+            crate::daemon::run(config, shutdown, |_| {}).await?;
+            Ok(exit::OK)
+        }
+        Command::Migrate => {
+            let pool = pool(&config).await?;
+            crate::db::migrate(&pool)
+                .await
+                .context("applying migrations")?;
+            println!("migrations applied");
+            Ok(exit::OK)
+        }
+        Command::Check { json } => crate::check::run(&config, json).await,
+        Command::Keys(KeysCommand::Generate { id, dir }) => {
+            let dir = dir.unwrap_or_else(|| config.keys.resolved_dir());
+            let path = crate::keys::generate(&dir, &id)?;
+            println!("wrote {}", path.display());
+            Ok(exit::OK)
+        }
+        Command::Connections(command) => connections(&config, command).await,
+        Command::Credentials(command) => credentials(&config, command).await,
+        Command::Schedules(command) => schedules(&config, command).await,
+        Command::Trigger { connection, wait } => trigger(&config, &connection, wait).await,
+        Command::Runs {
+            connection,
+            status,
+            limit,
+            json,
+        } => runs(&config, connection, status, limit, json).await,
+        Command::Interactions { open, json } => interactions(&config, open, json).await,
+    }
+}
+
+/// SIGTERM and SIGINT cancel `shutdown`.
+pub fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        shutdown.cancel();
+    });
+}
+
+async fn pool(config: &Config) -> anyhow::Result<PgPool> {
+    crate::db::connect(&config.database).await.with_context(|| {
+        format!(
+            "cannot connect to the database at {}",
+            redact_url(&config.database.url)
+        )
+    })
+}
+
+/// The URL without its password, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:[redacted]{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn keyring(config: &Config) -> anyhow::Result<Keyring> {
+    match crate::daemon::load_keyring(config)? {
+        Some(keyring) => Ok(keyring),
+        None => bail!(
+            "key directory {} does not exist; create a key with `connectord keys generate --id {} --dir {}`",
+            config.keys.resolved_dir().display(),
+            config.keys.primary,
+            config.keys.resolved_dir().display()
+        ),
+    }
+}
+
+async fn connections(config: &Config, command: ConnectionsCommand) -> anyhow::Result<u8> {
+    let pool = pool(config).await?;
+    match command {
+        ConnectionsCommand::Add {
+            id,
+            connector,
+            owner,
+        } => {
+            if !config.connectors.contains_key(&connector) {
+                eprintln!("warning: connector {connector:?} is not in the registry of this config");
+            }
+            let inserted = sqlx::query(
+                "insert into connections (id, connector, owner) values ($1, $2, $3)
+                 on conflict (id) do nothing",
+            )
+            .bind(&id)
+            .bind(&connector)
+            .bind(&owner)
+            .execute(&pool)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                bail!("connection {id:?} already exists");
+            }
+            println!("added connection {id} ({connector})");
+        }
+        ConnectionsCommand::List { json } => {
+            let rows: Vec<(String, String, Option<String>, bool)> =
+                sqlx::query_as("select id, connector, owner, enabled from connections order by id")
+                    .fetch_all(&pool)
+                    .await?;
+            if json {
+                for (id, connector, owner, enabled) in rows {
+                    println!(
+                        "{}",
+                        serde_json::json!({"id": id, "connector": connector, "owner": owner, "enabled": enabled})
+                    );
+                }
+            } else {
+                println!("{:<24} {:<16} {:<16} ENABLED", "ID", "CONNECTOR", "OWNER");
+                for (id, connector, owner, enabled) in rows {
+                    println!(
+                        "{id:<24} {connector:<16} {:<16} {enabled}",
+                        owner.unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// Reads the secret from stdin: everything up to EOF, less one trailing
+/// newline, so `echo secret |` and a file both work.
+fn read_secret_from_stdin() -> anyhow::Result<Secret> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        eprintln!("Enter the secret, then press Enter and Ctrl-D:");
+    }
+    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    std::io::stdin()
+        .read_to_end(&mut bytes)
+        .context("reading the secret from stdin")?;
+    let mut end = bytes.len();
+    if bytes[..end].ends_with(b"\n") {
+        end -= 1;
+        if bytes[..end].ends_with(b"\r") {
+            end -= 1;
+        }
+    }
+    let text = std::str::from_utf8(&bytes[..end]).context("the secret on stdin is not UTF-8")?;
+    if text.is_empty() {
+        bail!("the secret on stdin is empty; nothing was stored");
+    }
+    Ok(Secret::new(text.to_owned()))
+}
+
+async fn credentials(config: &Config, command: CredentialsCommand) -> anyhow::Result<u8> {
+    match command {
+        CredentialsCommand::Set {
+            connection,
+            kind,
+            username,
+        } => {
+            let keyring = keyring(config)?;
+            let plaintext = match (kind.as_str(), username) {
+                ("static_secret", None) => Plaintext::StaticSecret(read_secret_from_stdin()?),
+                ("static_secret", Some(_)) => {
+                    bail!("--username goes with --kind username_password only")
+                }
+                (_, Some(username)) if !username.is_empty() => Plaintext::UsernamePassword {
+                    username: Secret::new(username),
+                    password: read_secret_from_stdin()?,
+                },
+                _ => bail!("--kind username_password needs --username NAME (the password is read from stdin)"),
+            };
+            let pool = pool(config).await?;
+            warn_on_kind_mismatch(config, &pool, &connection, plaintext.kind()).await?;
+            let id = crate::store::set(&pool, &keyring, &connection, &plaintext).await?;
+            println!(
+                "stored credential {id} ({}) for {connection} under key {}",
+                plaintext.kind(),
+                keyring.primary_id()
+            );
+        }
+        CredentialsCommand::Revoke { connection } => {
+            let pool = pool(config).await?;
+            let id = crate::store::revoke(&pool, &connection).await?;
+            println!("revoked credential {id} of {connection}");
+        }
+        CredentialsCommand::Delete { connection } => {
+            let pool = pool(config).await?;
+            let n = crate::store::delete(&pool, &connection).await?;
+            println!("deleted {n} credential(s) of {connection}");
+        }
+        CredentialsCommand::Rotate => {
+            let keyring = keyring(config)?;
+            let pool = pool(config).await?;
+            let rotation = crate::store::rotate(&pool, &keyring).await?;
+            println!(
+                "re-encrypted {} credential(s) under key {}; {} already used it",
+                rotation.rotated,
+                keyring.primary_id(),
+                rotation.already_current
+            );
+            for (id, reason) in &rotation.failed {
+                eprintln!("error: credential {id} could not be re-encrypted: {reason}");
+            }
+            if !rotation.failed.is_empty() {
+                return Ok(exit::ERROR);
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// Storing a kind the connector does not accept is allowed (the registry
+/// may be about to change), but it is said loudly: runs will be refused.
+async fn warn_on_kind_mismatch(
+    config: &Config,
+    pool: &PgPool,
+    connection: &str,
+    kind: &str,
+) -> anyhow::Result<()> {
+    let connector: Option<String> =
+        sqlx::query_scalar("select connector from connections where id = $1")
+            .bind(connection)
+            .fetch_optional(pool)
+            .await?;
+    if let Some(entry) = connector.as_ref().and_then(|c| config.connectors.get(c)) {
+        if entry.mapping_for(kind).is_none() {
+            eprintln!(
+                "warning: connector {} does not accept {kind} credentials; runs of {connection} will be refused with credential_kind_mismatch",
+                connector.unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn schedules(config: &Config, command: SchedulesCommand) -> anyhow::Result<u8> {
+    let pool = pool(config).await?;
+    match command {
+        SchedulesCommand::Set {
+            connection,
+            cron,
+            tz,
+            overlap,
+            jitter,
+        } => {
+            crate::cron::parse_cron(&cron)?;
+            crate::cron::parse_timezone(&tz)?;
+            if jitter < 0 {
+                bail!("--jitter must not be negative");
+            }
+            let mut tx = pool.begin().await?;
+            let exists: Option<String> =
+                sqlx::query_scalar("select id from connections where id = $1 for update")
+                    .bind(&connection)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if exists.is_none() {
+                bail!("connection {connection:?} does not exist");
+            }
+            let updated = sqlx::query(
+                "update schedules set cron = $2, timezone = $3, overlap = $4, jitter_seconds = $5
+                 where connection_id = $1",
+            )
+            .bind(&connection)
+            .bind(&cron)
+            .bind(&tz)
+            .bind(&overlap)
+            .bind(jitter)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated == 0 {
+                sqlx::query(
+                    "insert into schedules (connection_id, cron, timezone, overlap, jitter_seconds)
+                     values ($1, $2, $3, $4, $5)",
+                )
+                .bind(&connection)
+                .bind(&cron)
+                .bind(&tz)
+                .bind(&overlap)
+                .bind(jitter)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            println!("schedule of {connection}: {cron:?} in {tz}, overlap {overlap}");
+        }
+        SchedulesCommand::Pause { connection } => set_enabled(&pool, &connection, false).await?,
+        SchedulesCommand::Resume { connection } => set_enabled(&pool, &connection, true).await?,
+        SchedulesCommand::List { json } => list_schedules(&pool, json).await?,
+    }
+    Ok(exit::OK)
+}
+
+/// Pauses or resumes every schedule of a connection.
+async fn set_enabled(pool: &PgPool, connection: &str, enabled: bool) -> anyhow::Result<()> {
+    let changed = sqlx::query("update schedules set enabled = $2 where connection_id = $1")
+        .bind(connection)
+        .bind(enabled)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    if changed == 0 {
+        bail!("connection {connection:?} has no schedule");
+    }
+    let verb = if enabled { "resumed" } else { "paused" };
+    println!("{verb} {changed} schedule(s) of {connection}");
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct ScheduleListRow {
+    id: i64,
+    connection_id: String,
+    cron: String,
+    timezone: String,
+    enabled: bool,
+    overlap: String,
+    jitter_seconds: i32,
+    last_fired_at: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+}
+
+async fn list_schedules(pool: &PgPool, json: bool) -> anyhow::Result<()> {
+    let rows: Vec<ScheduleListRow> = sqlx::query_as(
+        "select id, connection_id, cron, timezone, enabled, overlap, jitter_seconds,
+                last_fired_at, last_error
+         from schedules order by connection_id, id",
+    )
+    .fetch_all(pool)
+    .await?;
+    let now = Utc::now();
+    if !json {
+        println!(
+            "{:<6} {:<20} {:<20} {:<18} {:<7} {:<6} {:<25} ERROR",
+            "ID", "CONNECTION", "CRON", "TIMEZONE", "ENABLED", "OVERLAP", "NEXT FIRE"
+        );
+    }
+    for row in rows {
+        let next = next_fire(&row, now);
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "id": row.id, "connection_id": row.connection_id, "cron": row.cron,
+                    "timezone": row.timezone, "enabled": row.enabled, "overlap": row.overlap,
+                    "jitter_seconds": row.jitter_seconds, "next_fire_at": next.as_ref().ok(),
+                    "last_fired_at": row.last_fired_at, "last_error": row.last_error,
+                })
+            );
+        } else {
+            let next = match &next {
+                Ok(Some(at)) if row.enabled => at.to_rfc3339(),
+                Ok(_) => "-".to_owned(),
+                Err(_) => "invalid".to_owned(),
+            };
+            println!(
+                "{:<6} {:<20} {:<20} {:<18} {:<7} {:<6} {:<25} {}",
+                row.id,
+                row.connection_id,
+                row.cron,
+                row.timezone,
+                row.enabled,
+                row.overlap,
+                next,
+                row.last_error.unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn next_fire(row: &ScheduleListRow, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, String> {
+    let rule = crate::cron::FireRule {
+        expr: crate::cron::parse_cron(&row.cron).map_err(|e| e.to_string())?,
+        tz: crate::cron::parse_timezone(&row.timezone).map_err(|e| e.to_string())?,
+        jitter: crate::cron::jitter_offset(&row.connection_id, row.jitter_seconds),
+    };
+    Ok(rule.next_after(now))
+}
+
+async fn trigger(config: &Config, connection: &str, wait: bool) -> anyhow::Result<u8> {
+    let pool = pool(config).await?;
+    let exists: Option<String> = sqlx::query_scalar("select id from connections where id = $1")
+        .bind(connection)
+        .fetch_optional(&pool)
+        .await?;
+    if exists.is_none() {
+        bail!("connection {connection:?} does not exist");
+    }
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+    listener.listen("connectord_runs").await?;
+    let command_id = crate::queue::enqueue_manual(&pool, connection).await?;
+    println!("queued manual run of {connection} (command {command_id})");
+    if !wait {
+        return Ok(exit::OK);
+    }
+    loop {
+        // The command is done once a run settled it; an interrupted run puts
+        // it back to pending and another run follows.
+        let outcome: Option<(i64, String, Option<String>, Option<String>)> = sqlx::query_as(
+            "select r.id, r.status, r.failure_kind, r.failure_detail
+             from run_commands c join runs r on r.command_id = c.id
+             where c.id = $1 and c.status = 'done' and r.status <> 'running'
+             order by r.id desc limit 1",
+        )
+        .bind(command_id)
+        .fetch_optional(&pool)
+        .await?;
+        if let Some((run_id, status, kind, detail)) = outcome {
+            let kind = kind.unwrap_or_default();
+            println!("run {run_id}: {status} {kind}");
+            if let Some(detail) = detail {
+                println!("{detail}");
+            }
+            return Ok(match status.as_str() {
+                "succeeded" => exit::OK,
+                "refused" => exit::RUN_REFUSED,
+                "skipped" => exit::RUN_SKIPPED,
+                _ => exit::RUN_FAILED,
+            });
+        }
+        // Woken by any run's outcome; the timeout covers a lost connection.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), listener.recv()).await;
+    }
+}
+
+async fn runs(
+    config: &Config,
+    connection: Option<String>,
+    status: Option<String>,
+    limit: i64,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let pool = pool(config).await?;
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        id: i64,
+        connection_id: String,
+        connector: Option<String>,
+        trigger: String,
+        attempt: i32,
+        status: String,
+        failure_kind: Option<String>,
+        failure_detail: Option<String>,
+        credential_source: Option<String>,
+        exit_code: Option<i32>,
+        created_at: DateTime<Utc>,
+        started_at: Option<DateTime<Utc>>,
+        finished_at: Option<DateTime<Utc>>,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        "select id, connection_id, connector, trigger, attempt, status, failure_kind, failure_detail,
+                credential_source, exit_code, created_at, started_at, finished_at
+         from runs
+         where ($1::text is null or connection_id = $1) and ($2::text is null or status = $2)
+         order by id desc limit $3",
+    )
+    .bind(connection)
+    .bind(status)
+    .bind(limit)
+    .fetch_all(&pool)
+    .await?;
+    if !json {
+        println!(
+            "{:<8} {:<20} {:<10} {:<3} {:<10} {:<26} {:<9} CREATED",
+            "ID", "CONNECTION", "TRIGGER", "ATT", "STATUS", "FAILURE", "DURATION"
+        );
+    }
+    for row in rows {
+        let duration_ms = match (row.started_at, row.finished_at) {
+            (Some(s), Some(f)) => Some((f - s).num_milliseconds()),
+            _ => None,
+        };
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "id": row.id, "connection_id": row.connection_id, "connector": row.connector,
+                    "trigger": row.trigger, "attempt": row.attempt, "status": row.status,
+                    "failure_kind": row.failure_kind, "failure_detail": row.failure_detail,
+                    "credential_source": row.credential_source, "exit_code": row.exit_code,
+                    "created_at": row.created_at, "started_at": row.started_at,
+                    "finished_at": row.finished_at, "duration_ms": duration_ms,
+                })
+            );
+        } else {
+            println!(
+                "{:<8} {:<20} {:<10} {:<3} {:<10} {:<26} {:<9} {}",
+                row.id,
+                row.connection_id,
+                row.trigger,
+                row.attempt,
+                row.status,
+                row.failure_kind.unwrap_or_default(),
+                duration_ms.map(|d| format!("{d}ms")).unwrap_or_default(),
+                row.created_at.to_rfc3339()
+            );
+        }
+    }
+    Ok(exit::OK)
+}
+
+type InteractionRow = (
+    i64,
+    String,
+    Option<i64>,
+    String,
+    String,
+    Option<String>,
+    DateTime<Utc>,
+);
+
+async fn interactions(config: &Config, open: bool, json: bool) -> anyhow::Result<u8> {
+    let pool = pool(config).await?;
+    let rows: Vec<InteractionRow> = sqlx::query_as(
+        "select id, connection_id, run_id, kind, status, message, created_at
+             from interactions where (not $1 or status = 'open') order by id desc",
+    )
+    .bind(open)
+    .fetch_all(&pool)
+    .await?;
+    if !json {
+        println!(
+            "{:<6} {:<20} {:<22} {:<9} MESSAGE",
+            "ID", "CONNECTION", "KIND", "STATUS"
+        );
+    }
+    for (id, connection, run_id, kind, status, message, created_at) in rows {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "id": id, "connection_id": connection, "run_id": run_id, "kind": kind,
+                    "status": status, "message": message, "created_at": created_at,
+                })
+            );
+        } else {
+            println!(
+                "{id:<6} {connection:<20} {kind:<22} {status:<9} {}",
+                message.unwrap_or_default()
+            );
+        }
+    }
+    Ok(exit::OK)
+}

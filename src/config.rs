@@ -1,0 +1,497 @@
+//! The TOML configuration of SPEC §4, parsed into typed structs.
+//!
+//! Every table denies unknown keys, and every value is checked while it is
+//! parsed, so a mistake is reported by the `toml` parser with the file, line
+//! and key it came from instead of surfacing later as odd behaviour.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The whole config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub keys: KeysConfig,
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub child_env: ChildEnvConfig,
+    /// The runtime registry: one entry per connector, keyed by its name.
+    #[serde(default)]
+    pub connectors: BTreeMap<String, ConnectorConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "postgres://connectord@localhost/connectord".to_owned(),
+            max_connections: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// Where `<key_id>.key` files live. `None` means `$CREDENTIALS_DIRECTORY`
+    /// (systemd's `LoadCredential=`), then `/etc/connectord/keys`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    #[serde(default = "default_primary")]
+    pub primary: String,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            dir: None,
+            primary: default_primary(),
+        }
+    }
+}
+
+fn default_primary() -> String {
+    "k1".to_owned()
+}
+
+impl KeysConfig {
+    /// The key directory after applying the systemd default.
+    pub fn resolved_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.dir {
+            return dir.clone();
+        }
+        match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+            _ => PathBuf::from("/etc/connectord/keys"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Names this daemon in `runs.instance_id` and `run_commands.claimed_by`.
+    pub instance_id: Option<String>,
+    pub max_concurrent_runs: u32,
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+    #[serde(with = "duration")]
+    pub kill_grace: Duration,
+    #[serde(with = "duration")]
+    pub catchup_window: Duration,
+    #[serde(with = "duration")]
+    pub lease: Duration,
+    /// How often the queue looks for work when no notification arrives.
+    #[serde(with = "duration")]
+    pub poll_interval: Duration,
+    /// How often every schedule row is re-read in case a notification was missed.
+    #[serde(with = "duration")]
+    pub reconcile_interval: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            instance_id: None,
+            max_concurrent_runs: 16,
+            shutdown_grace: Duration::from_secs(30),
+            kill_grace: Duration::from_secs(10),
+            catchup_window: Duration::from_secs(3600),
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            reconcile_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+impl DaemonConfig {
+    /// `instance_id` from the config, or `hostname:pid`.
+    pub fn resolved_instance_id(&self) -> String {
+        if let Some(id) = &self.instance_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".to_owned());
+        format!("{host}:{}", std::process::id())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChildEnvConfig {
+    pub inherit: Vec<String>,
+}
+
+impl Default for ChildEnvConfig {
+    fn default() -> Self {
+        ChildEnvConfig {
+            inherit: ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"]
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
+}
+
+/// One connector of the registry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorConfig {
+    pub command: PathBuf,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Fixed variables for the child.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Extra host variables passed through to the child.
+    #[serde(default)]
+    pub inherit: Vec<String>,
+    #[serde(default = "default_timeout", with = "duration")]
+    pub timeout: Duration,
+    #[serde(default = "default_max_concurrency", deserialize_with = "positive_u32")]
+    pub max_concurrency: u32,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// The credential the connector authenticates with; `None` needs none.
+    #[serde(default)]
+    pub credential: Option<CredentialSpec>,
+    /// Explicit backward-compatible variants of stored kinds.
+    #[serde(default)]
+    pub accepts: Vec<CredentialSpec>,
+    #[serde(default)]
+    pub allow_env_fallback: bool,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_max_concurrency() -> u32 {
+    4
+}
+
+/// How a stored credential kind maps onto a connector's variables.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CredentialSpec {
+    StaticSecret {
+        env: String,
+    },
+    UsernamePassword {
+        username_env: String,
+        password_env: String,
+    },
+}
+
+impl CredentialSpec {
+    /// The stored `credentials.kind` this mapping reads.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CredentialSpec::StaticSecret { .. } => "static_secret",
+            CredentialSpec::UsernamePassword { .. } => "username_password",
+        }
+    }
+
+    /// The variables this mapping writes into a child's environment.
+    pub fn variables(&self) -> Vec<&str> {
+        match self {
+            CredentialSpec::StaticSecret { env } => vec![env],
+            CredentialSpec::UsernamePassword {
+                username_env,
+                password_env,
+            } => vec![username_env, password_env],
+        }
+    }
+}
+
+impl ConnectorConfig {
+    /// The mapping for a stored kind: the declared credential first, then an
+    /// explicitly accepted variant. `None` is a kind mismatch.
+    pub fn mapping_for(&self, stored_kind: &str) -> Option<&CredentialSpec> {
+        self.credential
+            .iter()
+            .chain(self.accepts.iter())
+            .find(|spec| spec.kind() == stored_kind)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first one included; 1 disables retries.
+    #[serde(default = "default_max_attempts", deserialize_with = "positive_u32")]
+    pub max_attempts: u32,
+    #[serde(default = "default_backoff", with = "duration")]
+    pub backoff: Duration,
+    #[serde(default = "default_max_backoff", with = "duration")]
+    pub max_backoff: Duration,
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: default_max_attempts(),
+            backoff: default_backoff(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+fn positive_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = u32::deserialize(d)?;
+    if n == 0 {
+        return Err(serde::de::Error::custom("must be at least 1"));
+    }
+    Ok(n)
+}
+
+/// Durations written as `"30s"`, `"5m"`, `"1h"`, `"1h 30m"`.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write it like \"30s\", \"5m\" or \"1h\""
+            ))
+        })
+    }
+}
+
+/// A config file that could not be used; the message names the file, and
+/// for TOML errors the line and key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Reads and validates a config file, then applies `DATABASE_URL`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        config.apply_env();
+        Ok(config)
+    }
+
+    /// Parses and validates config text; the error is the parser's message,
+    /// which names the line, column and key.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// `DATABASE_URL` overrides the file, as operators expect of a
+    /// PostgreSQL client.
+    pub fn apply_env(&mut self) {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            if !url.is_empty() {
+                self.database.url = url;
+            }
+        }
+    }
+
+    /// Cross-field checks the types cannot express.
+    fn validate(&self) -> Result<(), String> {
+        if self.daemon.max_concurrent_runs == 0 {
+            return Err("[daemon] max_concurrent_runs must be at least 1".to_owned());
+        }
+        if self.daemon.lease < Duration::from_secs(1) {
+            return Err("[daemon] lease must be at least 1s".to_owned());
+        }
+        for (name, connector) in &self.connectors {
+            if connector.command.as_os_str().is_empty() {
+                return Err(format!("[connectors.{name}] command must not be empty"));
+            }
+            let mut declared = Vec::new();
+            for spec in connector.credential.iter().chain(&connector.accepts) {
+                if declared.contains(&spec.kind()) {
+                    return Err(format!(
+                        "[connectors.{name}] declares kind {:?} twice across credential and accepts",
+                        spec.kind()
+                    ));
+                }
+                declared.push(spec.kind());
+                for var in spec.variables() {
+                    if !is_env_name(var) {
+                        return Err(format!(
+                            "[connectors.{name}] credential variable {var:?} is not a valid environment variable name"
+                        ));
+                    }
+                }
+            }
+            if !connector.accepts.is_empty() && connector.credential.is_none() {
+                return Err(format!(
+                    "[connectors.{name}] has `accepts` but no `credential`"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every variable any connector declares for credentials. These never
+    /// pass from the host into any child (SPEC §4 step 2).
+    pub fn credential_variables(&self) -> Vec<String> {
+        let mut vars: Vec<String> = self
+            .connectors
+            .values()
+            .flat_map(|c| c.credential.iter().chain(c.accepts.iter()))
+            .flat_map(|spec| spec.variables())
+            .map(str::to_owned)
+            .collect();
+        vars.sort();
+        vars.dedup();
+        vars
+    }
+}
+
+fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_example_parses() {
+        let config = Config::parse(
+            r#"
+            [database]
+            url = "postgres://connectord@localhost/connectord"
+            max_connections = 10
+
+            [keys]
+            dir = "/etc/connectord/keys"
+            primary = "k1"
+
+            [daemon]
+            instance_id = "host-a"
+            max_concurrent_runs = 16
+            shutdown_grace = "30s"
+            kill_grace = "10s"
+            catchup_window = "1h"
+            lease = "30s"
+
+            [child_env]
+            inherit = ["PATH", "HOME"]
+
+            [connectors.chase]
+            command = "/usr/lib/connectors/chase"
+            args = ["--headless"]
+            timeout = "30m"
+            max_concurrency = 2
+            credential = { kind = "username_password", username_env = "CHASE_USERNAME", password_env = "CHASE_PASSWORD" }
+            accepts = [{ kind = "static_secret", env = "CHASE_PASSWORD" }]
+
+            [connectors.github]
+            command = "/usr/lib/connectors/github"
+            credential = { kind = "static_secret", env = "GITHUB_TOKEN" }
+            retry = { max_attempts = 5, backoff = "1s", max_backoff = "1m" }
+            "#,
+        )
+        .expect("the spec's example is valid");
+        let chase = &config.connectors["chase"];
+        assert_eq!(chase.timeout, Duration::from_secs(1800));
+        assert_eq!(
+            chase.mapping_for("static_secret"),
+            Some(&CredentialSpec::StaticSecret {
+                env: "CHASE_PASSWORD".into()
+            })
+        );
+        assert_eq!(config.connectors["github"].retry.max_attempts, 5);
+        assert_eq!(
+            config.credential_variables(),
+            ["CHASE_PASSWORD", "CHASE_USERNAME", "GITHUB_TOKEN"]
+        );
+    }
+
+    /// Each bad input is rejected with a message naming what is wrong and
+    /// where.
+    #[test]
+    fn bad_input_names_line_and_key() {
+        let check = |text: &str, expected: &[&str]| {
+            let err = Config::parse(text).expect_err(text);
+            for part in expected {
+                assert!(err.contains(part), "{err:?} lacks {part:?}");
+            }
+        };
+        check(
+            "[daemon]\nshutdown_grase = \"30s\"\n",
+            &["line 2", "shutdown_grase"],
+        );
+        check(
+            "[daemon]\nlease = \"soon\"\n",
+            &["line 2", "invalid duration"],
+        );
+        check("[bogus]\n", &["line 1", "bogus"]);
+        check(
+            "[connectors.x]\ncommand = \"/bin/true\"\ncredential = { kind = \"oauth\", env = \"X\" }\n",
+            &["line 3", "oauth"],
+        );
+        check(
+            "[connectors.x]\ncommand = \"/bin/true\"\ncredential = { kind = \"static_secret\", env = \"X\", extra = 1 }\n",
+            &["line 3", "extra"],
+        );
+        check("[connectors.x]\nargs = []\n", &["command"]);
+        check(
+            "[connectors.x]\ncommand = \"/bin/true\"\nmax_concurrency = 0\n",
+            &["line 3", "at least 1"],
+        );
+        check(
+            "[connectors.x]\ncommand = \"/bin/true\"\ncredential = { kind = \"static_secret\", env = \"A B\" }\n",
+            &["connectors.x", "A B"],
+        );
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let config = Config::parse("").expect("an empty file is valid");
+        assert_eq!(config.daemon.max_concurrent_runs, 16);
+        assert_eq!(config.daemon.catchup_window, Duration::from_secs(3600));
+        assert_eq!(config.child_env.inherit.len(), 6);
+        assert_eq!(config.keys.primary, "k1");
+    }
+}

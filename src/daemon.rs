@@ -1,0 +1,432 @@
+//! The daemon: wires the listener, the schedule engine, the command queue
+//! and the lease keeper together, and shuts them down in order.
+//!
+//! Shutdown is a `CancellationToken` passed in, so tests and `dev` can stop
+//! the daemon the same way SIGTERM does: stop claiming, let running children
+//! finish for `shutdown_grace`, terminate the rest, record them
+//! `interrupted` and re-queue their commands.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::failure::FailureKind;
+use crate::keys::Keyring;
+use crate::launch::{self, retry_delay, Context};
+use crate::queue;
+use crate::schedule::{Backoff, Edit, Engine};
+
+/// Channels the daemon listens on.
+const SCHEDULES_CHANNEL: &str = "connectord_schedules";
+const COMMANDS_CHANNEL: &str = "connectord_commands";
+
+/// Loads the key directory. A directory that does not exist is not fatal
+/// (connectors that need no credential still run, and stored credentials are
+/// refused as unrecoverable), but a key file with a loose mode or the wrong
+/// length stops start-up.
+pub fn load_keyring(config: &Config) -> anyhow::Result<Option<Keyring>> {
+    let dir = config.keys.resolved_dir();
+    if !dir.exists() {
+        tracing::warn!(dir = %dir.display(), "key directory does not exist; stored credentials cannot be decrypted");
+        return Ok(None);
+    }
+    let keyring = Keyring::load(&dir, &config.keys.primary)?;
+    Ok(Some(keyring))
+}
+
+/// Connects to the database, retrying with backoff until `shutdown`.
+pub async fn connect(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<PgPool> {
+    let mut backoff = Backoff::new();
+    loop {
+        match crate::db::connect(&config.database).await {
+            Ok(pool) => return Ok(pool),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the database; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
+                    () = shutdown.cancelled() => anyhow::bail!("shut down before the database was reachable"),
+                }
+            }
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` is cancelled and every run has been
+/// settled. `on_ready` is called once schedules are loaded and the queue
+/// is listening.
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(usize),
+) -> anyhow::Result<()> {
+    let keyring = load_keyring(&config)?;
+    let pool = connect(&config, &shutdown).await?;
+    crate::db::migrate(&pool)
+        .await
+        .context("applying migrations")?;
+    let instance_id = config.daemon.resolved_instance_id();
+    tracing::info!(instance_id = %instance_id, "connectord starting");
+
+    let ctx = Arc::new(Context {
+        pool: pool.clone(),
+        config: Arc::new(config),
+        keyring: keyring.map(Arc::new),
+        instance_id,
+        shutdown: shutdown.clone(),
+        running: Mutex::new(HashSet::new()),
+    });
+    // Runs this instance id left running before a restart are not ours any
+    // more: settle them before renewing leases under the same name.
+    rescue(&ctx, true)
+        .await
+        .context("settling runs left by a previous start")?;
+
+    let wake = Arc::new(Notify::new());
+    let (edits_tx, edits_rx) = mpsc::channel(4096);
+    let stop_loops = CancellationToken::new();
+    let mut loops = JoinSet::new();
+
+    let listener = listen(pool.clone(), edits_tx, wake.clone(), stop_loops.clone());
+    loops.spawn(listener.in_current_span());
+
+    let engine = Engine::new(pool.clone(), ctx.config.daemon.catchup_window);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    loops.spawn(
+        engine
+            .run(
+                edits_rx,
+                ctx.config.daemon.reconcile_interval,
+                stop_loops.clone(),
+                ready_tx,
+            )
+            .in_current_span(),
+    );
+    loops.spawn(lease_keeper(ctx.clone(), stop_loops.clone()).in_current_span());
+    let queue_task = tokio::spawn(queue_loop(ctx.clone(), wake).in_current_span());
+
+    tokio::select! {
+        loaded = ready_rx => {
+            let schedules = loaded.unwrap_or(0);
+            tracing::info!(schedules, "connectord ready");
+            on_ready(schedules);
+        }
+        () = shutdown.cancelled() => {}
+    }
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: no new runs are claimed; running connectors may finish");
+    // The queue loop returns once every launch has settled its run.
+    if let Err(e) = queue_task.await {
+        tracing::error!(error = %e, "queue loop ended abnormally");
+    }
+    stop_loops.cancel();
+    while loops.join_next().await.is_some() {}
+    pool.close().await;
+    tracing::info!("connectord stopped");
+    Ok(())
+}
+
+/// Forwards notifications: schedule edits to the engine, new commands to
+/// the queue. A lost connection is re-established by the listener, after
+/// which everything is re-read, since notifications sent meanwhile are lost.
+async fn listen(
+    pool: PgPool,
+    edits: mpsc::Sender<Edit>,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Backoff::new();
+    let mut listener = loop {
+        let attempt = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener
+                .listen_all([SCHEDULES_CHANNEL, COMMANDS_CHANNEL])
+                .await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        match attempt.await {
+            Ok(listener) => break listener,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for notifications; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
+        }
+    };
+    let mut failing = false;
+    loop {
+        let received = tokio::select! {
+            received = listener.try_recv() => received,
+            () = stop.cancelled() => return,
+        };
+        match received {
+            Ok(Some(notification)) => {
+                if failing {
+                    tracing::info!("listening for notifications again");
+                    failing = false;
+                    backoff = Backoff::new();
+                }
+                match notification.channel() {
+                    SCHEDULES_CHANNEL => match notification.payload().parse::<i64>() {
+                        Ok(id) => {
+                            if edits.try_send(Edit::Row(id)).is_err() {
+                                // The engine is behind; a full re-read covers
+                                // whatever did not fit.
+                                let _ = edits.send(Edit::Reconcile).await;
+                            }
+                        }
+                        Err(_) => {
+                            let _ = edits.send(Edit::Reconcile).await;
+                        }
+                    },
+                    _ => wake.notify_one(),
+                }
+            }
+            Ok(None) => {
+                // Connection lost; the next call reconnects and re-listens.
+                if !failing {
+                    tracing::warn!("notification connection lost; reconnecting");
+                }
+                failing = true;
+                let _ = edits.send(Edit::Reconcile).await;
+                wake.notify_one();
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "notification connection failed; reconnecting with backoff");
+                }
+                failing = true;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Claims commands while there is capacity and launches each one; waits
+/// for a notification, a finished run or the poll interval otherwise.
+async fn queue_loop(ctx: Arc<Context>, wake: Arc<Notify>) {
+    let max = ctx.config.daemon.max_concurrent_runs as usize;
+    let global = Arc::new(Semaphore::new(max));
+    let per_connector: HashMap<String, Arc<Semaphore>> = ctx
+        .config
+        .connectors
+        .iter()
+        .map(|(name, c)| {
+            (
+                name.clone(),
+                Arc::new(Semaphore::new(c.max_concurrency as usize)),
+            )
+        })
+        .collect();
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut backoff = Backoff::new();
+    let mut failing = false;
+    loop {
+        if ctx.shutdown.is_cancelled() {
+            break;
+        }
+        let mut delay = ctx.config.daemon.poll_interval;
+        match claim_and_launch(&ctx, &global, &per_connector, &mut tasks).await {
+            Ok(claimed) => {
+                if failing {
+                    tracing::info!("command queue reached the database again");
+                }
+                failing = false;
+                backoff = Backoff::new();
+                if claimed > 0 && global.available_permits() > 0 {
+                    continue;
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "command queue cannot reach the database; retrying with backoff");
+                }
+                failing = true;
+                delay = backoff.next_delay();
+            }
+        }
+        tokio::select! {
+            () = wake.notified() => {}
+            () = tokio::time::sleep(delay) => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            () = ctx.shutdown.cancelled() => break,
+        }
+    }
+    // Every launch watches the same token and settles its run.
+    while tasks.join_next().await.is_some() {}
+}
+
+/// One claim round; returns how many commands were claimed.
+async fn claim_and_launch(
+    ctx: &Arc<Context>,
+    global: &Arc<Semaphore>,
+    per_connector: &HashMap<String, Arc<Semaphore>>,
+    tasks: &mut JoinSet<()>,
+) -> Result<usize, sqlx::Error> {
+    let available = global.available_permits();
+    if available == 0 {
+        return Ok(0);
+    }
+    let full: Vec<String> = per_connector
+        .iter()
+        .filter(|(_, s)| s.available_permits() == 0)
+        .map(|(name, _)| name.clone())
+        .collect();
+    let limit = available.min(64) as i64;
+    let commands = queue::claim(&ctx.pool, &ctx.instance_id, limit, &full).await?;
+    let claimed = commands.len();
+    for command in commands {
+        let Ok(global_permit) = global.clone().try_acquire_owned() else {
+            queue::release(&ctx.pool, command.id).await?;
+            continue;
+        };
+        let connector_permit: Option<OwnedSemaphorePermit> = match command
+            .connector
+            .as_ref()
+            .and_then(|c| per_connector.get(c))
+        {
+            Some(semaphore) => match semaphore.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    // Claimed in the same batch as others of this
+                    // connector beyond its limit: leave it for later.
+                    queue::release(&ctx.pool, command.id).await?;
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let ctx = ctx.clone();
+        tasks.spawn(async move {
+            let _permits = (global_permit, connector_permit);
+            let command_id = command.id;
+            if let Err(e) = launch::launch(&ctx, command).await {
+                tracing::error!(command_id, error = %e, "launch failed on a database error; the command will be retried by lease rescue");
+            }
+        });
+    }
+    Ok(claimed)
+}
+
+/// Renews the leases of this daemon's running runs and settles runs whose
+/// owner stopped renewing (`lost`), about three times per lease.
+async fn lease_keeper(ctx: Arc<Context>, stop: CancellationToken) {
+    let period = ctx.config.daemon.lease / 3;
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let ids: Vec<i64> = ctx
+            .running
+            .lock()
+            .map(|set| set.iter().copied().collect())
+            .unwrap_or_default();
+        if !ids.is_empty() {
+            if let Err(e) = sqlx::query(
+                "update runs set lease_expires_at = now() + $3 * interval '1 millisecond'
+                 where id = any($1) and status = 'running' and instance_id = $2",
+            )
+            .bind(&ids)
+            .bind(&ctx.instance_id)
+            .bind(ctx.config.daemon.lease.as_millis() as f64)
+            .execute(&ctx.pool)
+            .await
+            {
+                tracing::debug!(error = %e, "lease renewal failed");
+                continue;
+            }
+        }
+        if let Err(e) = rescue(&ctx, false).await {
+            tracing::debug!(error = %e, "lease rescue failed");
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct LostRun {
+    id: i64,
+    command_id: Option<i64>,
+    connection_id: String,
+    connector: Option<String>,
+    schedule_id: Option<i64>,
+    attempt: i32,
+    instance_id: Option<String>,
+}
+
+/// Marks expired runs (or, at start-up, this instance's leftovers) `lost`,
+/// applies the retry policy, and frees commands claimed by a daemon that
+/// died before starting them.
+async fn rescue(ctx: &Context, own_leftovers: bool) -> Result<(), sqlx::Error> {
+    let lost: Vec<LostRun> = sqlx::query_as(
+        "update runs
+         set status = 'failed', failure_kind = 'lost', finished_at = now(), lease_expires_at = null,
+             failure_detail = 'the daemon running it (' || coalesce(instance_id, '?') || ') stopped renewing its lease'
+         where status = 'running'
+           and (lease_expires_at < now() or ($1 and instance_id = $2))
+         returning id, command_id, connection_id, connector, schedule_id, attempt, instance_id",
+    )
+    .bind(own_leftovers)
+    .bind(&ctx.instance_id)
+    .fetch_all(&ctx.pool)
+    .await?;
+    for run in lost {
+        let policy = run
+            .connector
+            .as_ref()
+            .and_then(|c| ctx.config.connectors.get(c))
+            .map(|c| c.retry)
+            .unwrap_or_default();
+        let retry_after = retry_delay(&policy, run.attempt, FailureKind::Lost);
+        tracing::warn!(
+            event = "run.lost",
+            run_id = run.id,
+            connection = %run.connection_id,
+            owner = run.instance_id.as_deref().unwrap_or("?"),
+            retry_in = ?retry_after,
+            "run lost: its daemon stopped renewing the lease"
+        );
+        sqlx::query(
+            "with c as (update run_commands set status = 'done' where id = $1)
+             insert into run_commands (connection_id, trigger, schedule_id, attempt, parent_run_id, not_before)
+             select $2, 'retry', $3, $4, $5, now() + $6 * interval '1 millisecond'
+             where $6 is not null",
+        )
+        .bind(run.command_id)
+        .bind(&run.connection_id)
+        .bind(run.schedule_id)
+        .bind(run.attempt + 1)
+        .bind(run.id)
+        .bind(retry_after.map(|d| d.as_millis() as f64))
+        .execute(&ctx.pool)
+        .await?;
+    }
+    // A claim whose daemon died before taking the run slot.
+    sqlx::query(
+        "update run_commands rc set status = 'pending', claimed_by = null, claimed_at = null
+         where rc.status = 'claimed'
+           and (rc.claimed_at < now() - $1 * interval '1 millisecond' or ($2 and rc.claimed_by = $3))
+           and not exists (select 1 from runs r where r.command_id = rc.id and r.status = 'running')",
+    )
+    .bind(ctx.config.daemon.lease.as_millis() as f64 * 2.0)
+    .bind(own_leftovers)
+    .bind(&ctx.instance_id)
+    .execute(&ctx.pool)
+    .await?;
+    Ok(())
+}

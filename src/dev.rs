@@ -1,0 +1,213 @@
+//! `connectord dev`: one command for a newcomer. It starts a private
+//! PostgreSQL under the project's `target/` (or, as root, somewhere the
+//! `postgres` user can reach), creates a key, writes a config whose
+//! connectors are the bundled demo connector, seeds demo connections with
+//! stored credentials and frequent schedules, and runs the daemon in the
+//! foreground until Ctrl-C. The data stays for next time.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::pgcluster::{self, Cluster};
+use crate::secret::{Plaintext, Secret};
+
+/// The demo connections: (connection id, connector).
+const DEMO: [(&str, &str); 5] = [
+    ("alice-amazon", "amazon"),
+    ("alice-chase", "chase"),
+    ("bob-reddit", "reddit"),
+    ("bob-usaa", "usaa"),
+    ("alice-github", "github"),
+];
+
+/// The directory for dev data: beside the binary's `target/`, else
+/// `./target`.
+fn target_dir() -> PathBuf {
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(target) = exe
+            .ancestors()
+            .find(|p| p.file_name() == Some("target".as_ref()))
+        {
+            return target.to_path_buf();
+        }
+    }
+    PathBuf::from("target")
+}
+
+fn dev_config(cluster: &Cluster, keys_dir: &Path, exe: &Path) -> String {
+    let mut text = format!(
+        "# Written by `connectord dev` on every start; edit a copy and use\n\
+         # `connectord --config FILE run` to keep changes.\n\n\
+         [database]\nurl = {url:?}\nmax_connections = 10\n\n\
+         [keys]\ndir = {keys:?}\nprimary = \"k1\"\n\n\
+         [daemon]\ninstance_id = \"dev\"\nshutdown_grace = \"5s\"\nkill_grace = \"2s\"\nlease = \"10s\"\n\n",
+        url = cluster.url("connectord"),
+        keys = keys_dir.display().to_string(),
+    );
+    for (_, connector) in DEMO {
+        let upper = connector.to_uppercase();
+        let (credential, vars) = if connector == "github" {
+            (
+                format!("{{ kind = \"static_secret\", env = \"{upper}_TOKEN\" }}"),
+                format!("{upper}_TOKEN"),
+            )
+        } else {
+            (
+                format!(
+                    "{{ kind = \"username_password\", username_env = \"{upper}_USERNAME\", password_env = \"{upper}_PASSWORD\" }}"
+                ),
+                format!("{upper}_USERNAME,{upper}_PASSWORD"),
+            )
+        };
+        text.push_str(&format!(
+            "[connectors.{connector}]\ncommand = {exe:?}\nargs = [\"demo-connector\"]\n\
+             env = {{ DEMO_CREDENTIAL_VARS = \"{vars}\" }}\ntimeout = \"1m\"\n\
+             retry = {{ max_attempts = 2, backoff = \"5s\", max_backoff = \"1m\" }}\n\
+             credential = {credential}\n\n",
+            exe = exe.display().to_string(),
+        ));
+    }
+    text
+}
+
+pub async fn run() -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the connectord binary")?;
+    let base = pgcluster::cluster_dir(&target_dir().join("connectord-dev"));
+    let cluster = {
+        let base = base.clone();
+        tokio::task::spawn_blocking(move || Cluster::ensure_running(&base))
+            .await
+            .context("starting PostgreSQL")??
+    };
+    tracing::info!(url = %cluster.url("connectord"), data = %cluster.data_dir.display(), "private PostgreSQL is running");
+    create_database(&cluster, "connectord").await?;
+
+    let keys_dir = base.join("keys");
+    if !keys_dir.join("k1.key").exists() {
+        crate::keys::generate(&keys_dir, "k1")?;
+    }
+    let config_path = base.join("connectord.toml");
+    std::fs::write(&config_path, dev_config(&cluster, &keys_dir, &exe))
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    // The private cluster is the point of `dev`: ignore DATABASE_URL here.
+    let config = Config::parse(&std::fs::read_to_string(&config_path)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
+    tracing::info!(config = %config_path.display(), "config written");
+
+    let pool = crate::db::connect(&config.database).await?;
+    crate::db::migrate(&pool).await?;
+    seed(&pool, &config).await?;
+    pool.close().await;
+
+    let shutdown = CancellationToken::new();
+    crate::cli::spawn_signal_handler(shutdown.clone());
+    let result = crate::daemon::run(config, shutdown, |_| {
+        tracing::info!("demo connections run every 15 seconds; watch `connectord runs` or this log. Ctrl-C stops.");
+    })
+    .await;
+    let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
+    match stopped {
+        Ok(Ok(())) => tracing::info!("private PostgreSQL stopped; data kept for next time"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "stopping PostgreSQL failed"),
+        Err(e) => tracing::warn!(error = %e, "stopping PostgreSQL failed"),
+    }
+    result
+}
+
+/// Creates `name` on the cluster unless it exists.
+pub async fn create_database(cluster: &Cluster, name: &str) -> anyhow::Result<()> {
+    let admin = sqlx::PgPool::connect(&cluster.url("postgres")).await?;
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(name)
+            .fetch_one(&admin)
+            .await?;
+    if !exists {
+        sqlx::query(&format!("create database \"{name}\""))
+            .execute(&admin)
+            .await?;
+    }
+    admin.close().await;
+    Ok(())
+}
+
+/// Demo connections with stored credentials and frequent schedules; rows
+/// that exist are left as they are.
+async fn seed(pool: &sqlx::PgPool, config: &Config) -> anyhow::Result<()> {
+    let keyring =
+        crate::daemon::load_keyring(config)?.context("the dev key directory is missing")?;
+    for (id, connector) in DEMO {
+        sqlx::query(
+            "insert into connections (id, connector, owner) values ($1, $2, $3)
+             on conflict (id) do nothing",
+        )
+        .bind(id)
+        .bind(connector)
+        .bind(id.split('-').next().unwrap_or("demo"))
+        .execute(pool)
+        .await?;
+        let has_credential: bool = sqlx::query_scalar(
+            "select exists (select 1 from credentials where connection_id = $1)",
+        )
+        .bind(id)
+        .fetch_one(pool)
+        .await?;
+        if !has_credential {
+            let plaintext = if connector == "github" {
+                Plaintext::StaticSecret(Secret::new(format!("demo-token-for-{id}")))
+            } else {
+                Plaintext::UsernamePassword {
+                    username: Secret::new(format!("{id}@example.com")),
+                    password: Secret::new(format!("demo-password-for-{id}")),
+                }
+            };
+            crate::store::set(pool, &keyring, id, &plaintext).await?;
+        }
+        sqlx::query(
+            "insert into schedules (connection_id, cron, jitter_seconds)
+             select $1, '*/15 * * * * *', 0
+             where not exists (select 1 from schedules where connection_id = $1)",
+        )
+        .bind(id)
+        .execute(pool)
+        .await?;
+    }
+    tracing::info!(connections = DEMO.len(), "demo connections seeded");
+    Ok(())
+}
+
+/// The bundled demo connector: reports which credential variables it
+/// received (names and lengths, never values), some progress, and exits 0.
+pub fn demo_connector() -> ExitCode {
+    let connection = std::env::var("CONNECTORD_CONNECTION_ID").unwrap_or_default();
+    let names = std::env::var("DEMO_CREDENTIAL_VARS").unwrap_or_default();
+    let mut received = Vec::new();
+    for name in names.split(',').filter(|n| !n.is_empty()) {
+        match std::env::var(name) {
+            Ok(value) if !value.is_empty() => {
+                received.push(format!("{name} ({} chars)", value.chars().count()))
+            }
+            _ => received.push(format!("{name} (missing)")),
+        }
+    }
+    let message = format!(
+        "demo connector for {connection} received {}",
+        received.join(", ")
+    );
+    println!(
+        "{}",
+        serde_json::json!({"type": "log", "level": "info", "message": message})
+    );
+    for records in [10, 20, 30] {
+        println!(
+            "{}",
+            serde_json::json!({"type": "progress", "records": records})
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ExitCode::SUCCESS
+}

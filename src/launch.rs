@@ -1,0 +1,493 @@
+//! `launch()`: the one function that executes every claimed command.
+//!
+//! Architecture invariant: every child of this daemon is started here, after
+//! the same steps for every trigger: admission (the connection exists and is
+//! enabled, its connector is known, the overlap policy allows it), the
+//! connection's run slot, credential resolution through the shared
+//! resolver, the child's environment with the credential injected last, the
+//! spawn, supervision, and the `runs` row that records the outcome.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::child::{self, EndedBy, Exit, Limits};
+use crate::child_env::{ChildEnv, RunMeta};
+use crate::config::{Config, ConnectorConfig, RetryPolicy};
+use crate::failure::FailureKind;
+use crate::keys::Keyring;
+use crate::protocol::Message;
+use crate::queue::{self, Command};
+use crate::resolver;
+use crate::runs::{Finish, Writer};
+
+/// What every launch shares.
+pub struct Context {
+    pub pool: PgPool,
+    pub config: Arc<Config>,
+    pub keyring: Option<Arc<Keyring>>,
+    pub instance_id: String,
+    pub shutdown: CancellationToken,
+    /// Runs this daemon has going, whose leases it renews.
+    pub running: Mutex<HashSet<i64>>,
+}
+
+impl Context {
+    fn writer(&self) -> Writer<'_> {
+        Writer {
+            pool: &self.pool,
+            instance_id: &self.instance_id,
+            lease: self.config.daemon.lease,
+        }
+    }
+}
+
+/// The interaction kind that asks the owner to reconnect.
+pub const CREDENTIALS_REQUIRED: &str = "credentials_required";
+
+/// Executes one claimed command to its recorded outcome.
+pub async fn launch(ctx: &Context, command: Command) -> Result<(), sqlx::Error> {
+    let span = tracing::info_span!(
+        "run",
+        run_id = tracing::field::Empty,
+        connection = %command.connection_id,
+        trigger = %command.trigger,
+        attempt = command.attempt,
+    );
+    launch_inner(ctx, command).instrument(span).await
+}
+
+async fn launch_inner(ctx: &Context, command: Command) -> Result<(), sqlx::Error> {
+    let writer = ctx.writer();
+    // Admission, on fresh data.
+    let connection: Option<(String, bool)> =
+        sqlx::query_as("select connector, enabled from connections where id = $1")
+            .bind(&command.connection_id)
+            .fetch_optional(&ctx.pool)
+            .await?;
+    let Some((connector_name, enabled)) = connection else {
+        let detail = format!("connection {} does not exist", command.connection_id);
+        return refuse_unadmitted(ctx, &command, None, FailureKind::ConnectionMissing, &detail)
+            .await;
+    };
+    if !enabled {
+        let detail = format!("connection {} is disabled", command.connection_id);
+        return refuse_unadmitted(
+            ctx,
+            &command,
+            Some(&connector_name),
+            FailureKind::ConnectionDisabled,
+            &detail,
+        )
+        .await;
+    }
+    let Some(connector) = ctx.config.connectors.get(&connector_name) else {
+        let detail = format!(
+            "connection {} names connector {connector_name:?}, which the registry lacks",
+            command.connection_id
+        );
+        tracing::error!(
+            event = "run.refused",
+            failure_kind = "connector_unknown",
+            "{detail}"
+        );
+        return refuse_unadmitted(
+            ctx,
+            &command,
+            Some(&connector_name),
+            FailureKind::ConnectorUnknown,
+            &detail,
+        )
+        .await;
+    };
+    if ctx.shutdown.is_cancelled() {
+        return queue::release(&ctx.pool, command.id).await;
+    }
+
+    // The connection's run slot.
+    let Some(run_id) = writer.insert_running(&command, &connector_name).await? else {
+        if command.skips_on_overlap() {
+            let detail = "the connection had a run going when the schedule fired";
+            let run_id = writer
+                .insert_final(
+                    &command,
+                    Some(&connector_name),
+                    "skipped",
+                    FailureKind::Overlap,
+                    detail,
+                )
+                .await?;
+            tracing::info!(event = "run.skipped", run_id, "{detail}");
+            return Ok(());
+        }
+        // Another run of this connection is going; wait for it to end.
+        return queue::release(&ctx.pool, command.id).await;
+    };
+    tracing::Span::current().record("run_id", run_id);
+    let result = run_in_slot(ctx, &command, run_id, &connector_name, connector).await;
+    if let Ok(mut running) = ctx.running.lock() {
+        running.remove(&run_id);
+    }
+    result
+}
+
+/// Everything after the slot is taken: resolve, build, spawn, supervise,
+/// record.
+async fn run_in_slot(
+    ctx: &Context,
+    command: &Command,
+    run_id: i64,
+    connector_name: &str,
+    connector: &ConnectorConfig,
+) -> Result<(), sqlx::Error> {
+    let writer = ctx.writer();
+    let command = command.clone();
+    if let Ok(mut running) = ctx.running.lock() {
+        running.insert(run_id);
+    }
+
+    // Credential resolution: the one seam, right before the environment.
+    let resolution = {
+        let mut db = ctx.pool.acquire().await?;
+        resolver::resolve(
+            &mut db,
+            ctx.keyring.as_deref(),
+            connector_name,
+            connector,
+            &command.connection_id,
+            host_var,
+        )
+        .await
+    };
+    let resolved = match resolution {
+        Ok(Ok(resolved)) => resolved,
+        Ok(Err(refusal)) => {
+            if matches!(
+                refusal.kind,
+                FailureKind::CredentialUnrecoverable | FailureKind::CredentialKindMismatch
+            ) {
+                tracing::error!(event = "run.refused", run_id, failure_kind = %refusal.kind, "launch refused: {}", refusal.detail);
+            } else {
+                tracing::warn!(event = "run.refused", run_id, failure_kind = %refusal.kind, "launch refused: {}", refusal.detail);
+            }
+            if refusal.kind.needs_owner() {
+                writer
+                    .open_interaction(
+                        &command.connection_id,
+                        run_id,
+                        CREDENTIALS_REQUIRED,
+                        &refusal.detail,
+                    )
+                    .await?;
+            }
+            writer
+                .finish(
+                    run_id,
+                    &command,
+                    (refusal.credential_id, None),
+                    Finish {
+                        status: "refused",
+                        failure_kind: Some(refusal.kind),
+                        detail: Some(refusal.detail),
+                        exit_code: None,
+                        records: None,
+                        requeue: false,
+                        retry_after: None,
+                    },
+                )
+                .await?;
+            return Ok(());
+        }
+        Err(resolver::ResolveError::Database(e)) => {
+            // Leave nothing half-done: end the slot and let the command be
+            // claimed again once the database answers.
+            let _ = finish_interrupted(ctx, run_id, &command, "credential store unreachable").await;
+            return Err(e);
+        }
+    };
+    let source = resolved.source;
+    let credential_id = resolved.credential_id;
+
+    let env = ChildEnv::build(
+        &ctx.config,
+        connector,
+        &RunMeta {
+            run_id,
+            connection_id: &command.connection_id,
+            trigger: &command.trigger,
+            attempt: command.attempt,
+        },
+        resolved.vars,
+        host_var,
+    );
+    let running = match child::spawn(connector, &env) {
+        Ok(running) => running,
+        Err(e) => {
+            drop(env);
+            tracing::warn!(
+                event = "run.finished",
+                run_id,
+                failure_kind = "spawn_failed",
+                "{e}"
+            );
+            let retry_after =
+                retry_delay(&connector.retry, command.attempt, FailureKind::SpawnFailed);
+            writer
+                .finish(
+                    run_id,
+                    &command,
+                    (credential_id, Some(source.as_str())),
+                    Finish {
+                        status: "failed",
+                        failure_kind: Some(FailureKind::SpawnFailed),
+                        detail: Some(e.to_string()),
+                        exit_code: None,
+                        records: None,
+                        requeue: false,
+                        retry_after,
+                    },
+                )
+                .await?;
+            return Ok(());
+        }
+    };
+    // The plaintext leaves our memory as soon as the child has it.
+    drop(env);
+    let pid = running.pid;
+    writer
+        .mark_started(run_id, pid, credential_id, source.as_str())
+        .await?;
+    tracing::info!(event = "run.started", run_id, pid, connector = %connector_name, credential_source = source.as_str(), "connector started");
+    let started = std::time::Instant::now();
+
+    let mut records = None;
+    let mut raised_interaction = false;
+    let outcome = running
+        .supervise(
+            Limits {
+                timeout: connector.timeout,
+                kill_grace: ctx.config.daemon.kill_grace,
+                shutdown_grace: ctx.config.daemon.shutdown_grace,
+                shutdown: &ctx.shutdown,
+            },
+            |message| {
+                let mut open = None;
+                match message {
+                    Message::Progress { records: n } => records = Some(n),
+                    Message::Interaction { kind, message } => {
+                        raised_interaction = true;
+                        open = Some((kind, message.unwrap_or_default()));
+                    }
+                    Message::Log { .. } => {}
+                }
+                let writer = &writer;
+                let connection_id = &command.connection_id;
+                async move {
+                    if let Some((kind, message)) = open {
+                        if let Err(e) = writer
+                            .open_interaction(connection_id, run_id, &kind, &message)
+                            .await
+                        {
+                            tracing::warn!(error = %e, "could not record the connector's interaction");
+                        }
+                    }
+                }
+            },
+        )
+        .await;
+
+    let (status, kind, exit_code, detail) = classify(outcome, raised_interaction);
+    let requeue = kind == Some(FailureKind::Interrupted);
+    let retry_after = kind.and_then(|k| retry_delay(&connector.retry, command.attempt, k));
+    let duration_ms = started.elapsed().as_millis() as u64;
+    if status == "succeeded" {
+        tracing::info!(
+            event = "run.finished",
+            run_id,
+            status,
+            duration_ms,
+            records,
+            "run succeeded"
+        );
+    } else {
+        tracing::warn!(event = "run.finished", run_id, status, failure_kind = kind.map(FailureKind::as_str), exit_code, duration_ms, retry_in = ?retry_after, "run failed: {detail}");
+    }
+    let still_ours = writer
+        .finish(
+            run_id,
+            &command,
+            (credential_id, Some(source.as_str())),
+            Finish {
+                status,
+                failure_kind: kind,
+                detail: (status != "succeeded").then_some(detail),
+                exit_code,
+                records,
+                requeue,
+                retry_after,
+            },
+        )
+        .await?;
+    if !still_ours {
+        tracing::warn!(run_id, "run was settled by another daemon while it ran (lease lost); its outcome here is discarded");
+    }
+    Ok(())
+}
+
+/// Maps how the child ended onto the run's status and failure kind.
+fn classify(
+    outcome: child::Outcome,
+    raised_interaction: bool,
+) -> (&'static str, Option<FailureKind>, Option<i32>, String) {
+    let exit_code = match outcome.exit {
+        Exit::Code(code) => Some(code),
+        Exit::Signal(_) => None,
+    };
+    match (outcome.ended_by, outcome.exit) {
+        (Some(EndedBy::Shutdown), Exit::Code(0)) | (None, Exit::Code(0)) => {
+            ("succeeded", None, exit_code, String::new())
+        }
+        (Some(EndedBy::Shutdown), _) => (
+            "failed",
+            Some(FailureKind::Interrupted),
+            exit_code,
+            "the daemon shut down while the connector ran; the command is re-queued".to_owned(),
+        ),
+        (Some(EndedBy::Timeout), _) => (
+            "failed",
+            Some(FailureKind::TimedOut),
+            exit_code,
+            "the connector ran past its timeout and was terminated".to_owned(),
+        ),
+        (None, exit) if raised_interaction => (
+            "failed",
+            Some(FailureKind::InteractionRequired),
+            exit_code,
+            format!(
+                "the connector asked for the owner and ended with {}",
+                describe(exit)
+            ),
+        ),
+        (None, Exit::Code(code)) => (
+            "failed",
+            Some(FailureKind::ExitNonzero),
+            exit_code,
+            format!("the connector exited with code {code}"),
+        ),
+        (None, Exit::Signal(signal)) => (
+            "failed",
+            Some(FailureKind::Signaled),
+            exit_code,
+            format!("the connector was killed by signal {signal}"),
+        ),
+    }
+}
+
+fn describe(exit: Exit) -> String {
+    match exit {
+        Exit::Code(code) => format!("exit code {code}"),
+        Exit::Signal(signal) => format!("signal {signal}"),
+    }
+}
+
+/// Records a refusal decided before the run took its slot.
+async fn refuse_unadmitted(
+    ctx: &Context,
+    command: &Command,
+    connector: Option<&str>,
+    kind: FailureKind,
+    detail: &str,
+) -> Result<(), sqlx::Error> {
+    let run_id = ctx
+        .writer()
+        .insert_final(command, connector, "refused", kind, detail)
+        .await?;
+    tracing::warn!(event = "run.refused", run_id, failure_kind = %kind, "launch refused: {detail}");
+    Ok(())
+}
+
+async fn finish_interrupted(
+    ctx: &Context,
+    run_id: i64,
+    command: &Command,
+    detail: &str,
+) -> Result<bool, sqlx::Error> {
+    ctx.writer()
+        .finish(
+            run_id,
+            command,
+            (None, None),
+            Finish {
+                status: "failed",
+                failure_kind: Some(FailureKind::Interrupted),
+                detail: Some(detail.to_owned()),
+                exit_code: None,
+                records: None,
+                requeue: true,
+                retry_after: None,
+            },
+        )
+        .await
+}
+
+/// The delay before the next attempt, or `None` when the policy is spent
+/// or the failure is not retryable: capped exponential backoff with jitter
+/// (a random factor in [0.5, 1.0]) so retries of many runs spread out.
+pub fn retry_delay(policy: &RetryPolicy, attempt: i32, kind: FailureKind) -> Option<Duration> {
+    if !kind.is_retryable() || attempt < 1 || attempt as u32 >= policy.max_attempts {
+        return None;
+    }
+    let exponent = (attempt - 1).min(30) as u32;
+    let base = policy
+        .backoff
+        .saturating_mul(1u32 << exponent)
+        .min(policy.max_backoff);
+    Some(base.mul_f64(0.5 + 0.5 * random_unit()))
+}
+
+/// A uniform random number in [0, 1) from the OS generator.
+fn random_unit() -> f64 {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        return 0.5;
+    }
+    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn host_var(name: &str) -> Option<OsString> {
+    std::env::var_os(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_policy() {
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            backoff: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(15),
+        };
+        let first = retry_delay(&policy, 1, FailureKind::ExitNonzero).expect("attempt 1 retries");
+        assert!(first >= Duration::from_secs(5) && first <= Duration::from_secs(10));
+        let second = retry_delay(&policy, 2, FailureKind::TimedOut).expect("attempt 2 retries");
+        assert!(second >= Duration::from_millis(7500) && second <= Duration::from_secs(15));
+        assert_eq!(retry_delay(&policy, 3, FailureKind::ExitNonzero), None);
+        assert_eq!(
+            retry_delay(&policy, 1, FailureKind::CredentialRevoked),
+            None
+        );
+        assert_eq!(
+            retry_delay(&policy, 1, FailureKind::InteractionRequired),
+            None
+        );
+        assert_eq!(retry_delay(&policy, 1, FailureKind::Interrupted), None);
+    }
+}

@@ -1,0 +1,50 @@
+//! connectord runs data connectors for their owners on cron schedules, on
+//! retries and on demand, injecting each connection's stored credential.
+//!
+//! # Layout
+//!
+//! Every trigger becomes a `run_commands` row; every row is claimed by the
+//! queue and executed by the same `launch()`:
+//!
+//! ```text
+//! schedule ─fires─┐
+//! retry ──────────┼─> run_commands ─claim─> launch() ─> resolver ─> child_env ─> child ─> runs
+//! manual ─────────┘
+//! ```
+//!
+//! - [`config`]: the TOML config and the connector registry.
+//! - [`db`]: the pool and embedded migrations.
+//! - [`cron`]: cron expressions, time zones, DST and jitter.
+//! - [`schedule`]: the timer heap that turns schedule rows into commands.
+//! - [`queue`]: claiming commands with `FOR UPDATE SKIP LOCKED`.
+//! - [`launch`]: the one path from a claimed command to a recorded run.
+//! - [`resolver`]: the only code that decrypts a stored credential.
+//! - [`keys`], [`secret`]: key files, AES-256-GCM, redacting plaintext.
+//! - [`store`]: writing credentials (set, revoke, delete, rotate).
+//! - [`child_env`], [`child`], [`protocol`]: the child's environment, its
+//!   supervision, and what it may print.
+//! - [`runs`]: writes to `runs` and `interactions`.
+//! - [`daemon`]: wiring and shutdown.
+//! - [`cli`], [`dev`], [`pgcluster`], [`logging`]: the command line.
+
+pub mod check;
+pub mod child;
+pub mod child_env;
+pub mod cli;
+pub mod config;
+pub mod cron;
+pub mod daemon;
+pub mod db;
+pub mod dev;
+pub mod failure;
+pub mod keys;
+pub mod launch;
+pub mod logging;
+pub mod pgcluster;
+pub mod protocol;
+pub mod queue;
+pub mod resolver;
+pub mod runs;
+pub mod schedule;
+pub mod secret;
+pub mod store;

@@ -1,0 +1,40 @@
+//! Log output through `tracing`: human-readable on a terminal, compact
+//! lines otherwise, or one JSON object per line for journald and shippers.
+//! Filtering follows `RUST_LOG` (default `info`). Logs go to stderr so a
+//! command's own output on stdout stays machine-readable.
+
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Pretty on a terminal, compact otherwise.
+    Auto,
+    Pretty,
+    Compact,
+    Json,
+}
+
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let format = match format {
+        LogFormat::Auto if std::io::stderr().is_terminal() => LogFormat::Pretty,
+        LogFormat::Auto => LogFormat::Compact,
+        other => other,
+    };
+    // A second initialisation (tests) is harmless, so its error is ignored.
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Pretty => builder.with_target(false).try_init(),
+        _ => builder.compact().with_ansi(false).try_init(),
+    };
+}

@@ -1,0 +1,272 @@
+//! The one shared credential resolver (SPEC §1, R1–R3).
+//!
+//! Architecture invariant: this is the only code that decrypts a stored
+//! credential, and `launch()` calls it for every trigger, scheduled, retry
+//! and manual alike. It reads the connection's latest credential fresh at
+//! the moment of launch and keeps no plaintext between runs. It never falls
+//! back to the daemon's own environment, except in the one case a connector
+//! explicitly allows: `allow_env_fallback = true` and the connection has no
+//! credential rows at all.
+
+use std::ffi::OsString;
+
+use sqlx::PgConnection;
+
+use crate::config::{ConnectorConfig, CredentialSpec};
+use crate::failure::FailureKind;
+use crate::keys::{Binding, Keyring};
+use crate::secret::{Plaintext, Secret};
+
+/// Where the injected variables came from (`runs.credential_source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialSource {
+    Store,
+    ProcessEnv,
+    None,
+}
+
+impl CredentialSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialSource::Store => "store",
+            CredentialSource::ProcessEnv => "process_env",
+            CredentialSource::None => "none",
+        }
+    }
+}
+
+/// Variables to inject last into the child's environment.
+pub struct Resolved {
+    pub vars: Vec<(String, Secret)>,
+    pub source: CredentialSource,
+    pub credential_id: Option<i64>,
+}
+
+/// Why a launch is refused. `detail` never holds a secret.
+#[derive(Debug)]
+pub struct Refusal {
+    pub kind: FailureKind,
+    pub detail: String,
+    pub credential_id: Option<i64>,
+}
+
+/// A failure to read the store at all (the database), as opposed to a
+/// refusal decided from what the store holds.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+#[derive(sqlx::FromRow)]
+struct StoredRow {
+    id: i64,
+    kind: String,
+    status: String,
+    key_id: String,
+    nonce: Vec<u8>,
+    ciphertext: Vec<u8>,
+}
+
+/// Resolves `connection_id`'s credential for `connector`.
+///
+/// `keyring` is `None` when the daemon has no readable key directory;
+/// stored credentials are then unrecoverable. `host` reads the daemon's
+/// environment, consulted only for the explicit fallback.
+pub async fn resolve(
+    db: &mut PgConnection,
+    keyring: Option<&Keyring>,
+    connector_name: &str,
+    connector: &ConnectorConfig,
+    connection_id: &str,
+    host: impl Fn(&str) -> Option<OsString>,
+) -> Result<Result<Resolved, Refusal>, ResolveError> {
+    let Some(declared) = &connector.credential else {
+        return Ok(Ok(Resolved {
+            vars: Vec::new(),
+            source: CredentialSource::None,
+            credential_id: None,
+        }));
+    };
+    // The active credential if there is one, else the newest row: its
+    // status says whether it was revoked or deleted.
+    let row: Option<StoredRow> = sqlx::query_as(
+        "select id, kind, status, key_id, nonce, ciphertext from credentials
+         where connection_id = $1
+         order by (status = 'active') desc, id desc
+         limit 1",
+    )
+    .bind(connection_id)
+    .fetch_optional(&mut *db)
+    .await?;
+
+    let Some(row) = row else {
+        return Ok(fallback(
+            connector_name,
+            connector,
+            declared,
+            connection_id,
+            host,
+        ));
+    };
+    let refuse = |kind, detail: String| {
+        Ok(Err(Refusal {
+            kind,
+            detail,
+            credential_id: Some(row.id),
+        }))
+    };
+    match row.status.as_str() {
+        "active" => {}
+        "revoked" => {
+            return refuse(
+                FailureKind::CredentialRevoked,
+                format!(
+                    "credential {} of connection {connection_id} is revoked",
+                    row.id
+                ),
+            )
+        }
+        "deleted" => {
+            return refuse(
+                FailureKind::CredentialDeleted,
+                format!(
+                    "credential {} of connection {connection_id} is deleted",
+                    row.id
+                ),
+            )
+        }
+        other => {
+            return refuse(
+                FailureKind::CredentialUnrecoverable,
+                format!("credential {} has unknown status {other:?}", row.id),
+            )
+        }
+    }
+    let Some(mapping) = connector.mapping_for(&row.kind) else {
+        return refuse(
+            FailureKind::CredentialKindMismatch,
+            format!(
+                "credential {} is of kind {:?}, which connector {connector_name} does not accept (it accepts {})",
+                row.id,
+                row.kind,
+                accepted_kinds(connector)
+            ),
+        );
+    };
+    let Some(keyring) = keyring else {
+        return refuse(
+            FailureKind::CredentialUnrecoverable,
+            format!(
+                "credential {} needs key {:?}, but no key directory is loaded",
+                row.id, row.key_id
+            ),
+        );
+    };
+    let binding = Binding {
+        connection_id,
+        credential_id: row.id,
+        kind: &row.kind,
+        key_id: &row.key_id,
+    };
+    let bytes = match keyring.open(&binding, &row.nonce, &row.ciphertext) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            return refuse(
+                FailureKind::CredentialUnrecoverable,
+                format!("credential {} (key {:?}): {e}", row.id, row.key_id),
+            )
+        }
+    };
+    let plaintext = match Plaintext::decode(&row.kind, &bytes) {
+        Ok(plaintext) => plaintext,
+        Err(e) => {
+            return refuse(
+                FailureKind::CredentialUnrecoverable,
+                format!(
+                    "credential {} decrypted to an unreadable payload: {e}",
+                    row.id
+                ),
+            )
+        }
+    };
+    let vars = match (mapping, plaintext) {
+        (CredentialSpec::StaticSecret { env }, Plaintext::StaticSecret(secret)) => {
+            vec![(env.clone(), secret)]
+        }
+        (
+            CredentialSpec::UsernamePassword {
+                username_env,
+                password_env,
+            },
+            Plaintext::UsernamePassword { username, password },
+        ) => vec![
+            (username_env.clone(), username),
+            (password_env.clone(), password),
+        ],
+        // decode() is told the row's kind and the mapping was chosen by the
+        // same kind, so the two always agree; report rather than panic.
+        _ => {
+            return refuse(
+                FailureKind::CredentialUnrecoverable,
+                format!("credential {} payload does not match its kind", row.id),
+            )
+        }
+    };
+    Ok(Ok(Resolved {
+        vars,
+        source: CredentialSource::Store,
+        credential_id: Some(row.id),
+    }))
+}
+
+/// The connection has no credential rows: refuse, or pass the host's values
+/// through when the connector explicitly allows it.
+fn fallback(
+    connector_name: &str,
+    connector: &ConnectorConfig,
+    declared: &CredentialSpec,
+    connection_id: &str,
+    host: impl Fn(&str) -> Option<OsString>,
+) -> Result<Resolved, Refusal> {
+    let missing = || {
+        Refusal {
+        kind: FailureKind::CredentialMissing,
+        detail: format!(
+            "connection {connection_id} has no stored credential and connector {connector_name} needs a {} credential",
+            declared.kind()
+        ),
+        credential_id: None,
+    }
+    };
+    if !connector.allow_env_fallback {
+        return Err(missing());
+    }
+    let mut vars = Vec::new();
+    for name in declared.variables() {
+        match host(name).and_then(|v| v.into_string().ok()) {
+            Some(value) if !value.is_empty() => vars.push((name.to_owned(), Secret::new(value))),
+            _ => return Err(missing()),
+        }
+    }
+    tracing::warn!(
+        connection = connection_id,
+        connector = connector_name,
+        "connection has no stored credential; passing the daemon's own credential variables through (allow_env_fallback)"
+    );
+    Ok(Resolved {
+        vars,
+        source: CredentialSource::ProcessEnv,
+        credential_id: None,
+    })
+}
+
+fn accepted_kinds(connector: &ConnectorConfig) -> String {
+    let kinds: Vec<&str> = connector
+        .credential
+        .iter()
+        .chain(&connector.accepts)
+        .map(CredentialSpec::kind)
+        .collect();
+    kinds.join(", ")
+}

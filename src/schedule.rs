@@ -1,0 +1,591 @@
+//! The schedule engine: one timer over a heap of next-fire instants.
+//!
+//! Every enabled `schedules` row is parsed once (one parsed expression per
+//! distinct cron string, shared) and has one heap entry. The timer sleeps
+//! until the earliest entry, at most a few seconds at a time so a jump of
+//! the wall clock is noticed, and fires every due entry in one statement
+//! that inserts `run_commands` rows with `ON CONFLICT DO NOTHING`: the
+//! unique `(schedule_id, scheduled_for)` key makes each tick fire once
+//! across every daemon sharing the database. Edits arrive by NOTIFY (a
+//! schedule id) and a periodic reconcile re-reads `updated_at` of every row
+//! in case a notification was lost. An edit bumps the entry's generation,
+//! which makes its old heap entry stale instead of searching the heap.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cron::{self, CronExpr, FireRule};
+
+/// What the listener tells the engine.
+#[derive(Debug)]
+pub enum Edit {
+    /// This schedule row was inserted, updated or deleted.
+    Row(i64),
+    /// Notifications may have been missed: re-read every row.
+    Reconcile,
+}
+
+/// Longest single sleep, so a clock jump or suspend is noticed promptly.
+const MAX_SLEEP: Duration = Duration::from_secs(2);
+
+/// One `schedules` row as the engine reads it.
+#[derive(Debug, sqlx::FromRow)]
+struct Row {
+    id: i64,
+    connection_id: String,
+    cron: String,
+    timezone: String,
+    enabled: bool,
+    jitter_seconds: i32,
+    last_fired_at: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+    updated_at: DateTime<Utc>,
+}
+
+const ROW_COLUMNS: &str = "id, connection_id, cron, timezone, enabled, jitter_seconds, \
+                           last_fired_at, last_error, updated_at";
+
+/// An active schedule.
+struct Entry {
+    connection_id: Arc<str>,
+    rule: FireRule,
+    generation: u64,
+    /// The instant its heap entry fires at.
+    next: DateTime<Utc>,
+}
+
+/// A heap key: fire instant, schedule id, generation.
+type HeapKey = Reverse<(DateTime<Utc>, i64, u64)>;
+
+pub struct Engine {
+    pool: PgPool,
+    catchup_window: Duration,
+    entries: HashMap<i64, Entry>,
+    /// `updated_at` of every row seen, active or not, for the reconcile diff.
+    seen: HashMap<i64, DateTime<Utc>>,
+    heap: BinaryHeap<HeapKey>,
+    /// One parsed expression per distinct cron string.
+    exprs: HashMap<String, CronExpr>,
+    generation: u64,
+}
+
+/// A tick to fire: the command's `scheduled_for` and the entry's next fire.
+struct Fire {
+    schedule_id: i64,
+    connection_id: Arc<str>,
+    at: DateTime<Utc>,
+    next: Option<DateTime<Utc>>,
+}
+
+impl Engine {
+    pub fn new(pool: PgPool, catchup_window: Duration) -> Engine {
+        Engine {
+            pool,
+            catchup_window,
+            entries: HashMap::new(),
+            seen: HashMap::new(),
+            heap: BinaryHeap::new(),
+            exprs: HashMap::new(),
+            generation: 0,
+        }
+    }
+
+    /// Number of active schedules.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Reads every row; fires missed ticks inside the catch-up window.
+    pub async fn load_all(&mut self) -> Result<(), sqlx::Error> {
+        let rows: Vec<Row> = sqlx::query_as(&format!("select {ROW_COLUMNS} from schedules"))
+            .fetch_all(&self.pool)
+            .await?;
+        let present: std::collections::HashSet<i64> = rows.iter().map(|r| r.id).collect();
+        let gone: Vec<i64> = self
+            .seen
+            .keys()
+            .filter(|id| !present.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.remove(id);
+        }
+        self.apply_rows(rows).await
+    }
+
+    /// Re-reads only the rows whose `updated_at` changed.
+    async fn reconcile(&mut self) -> Result<(), sqlx::Error> {
+        let stamps: Vec<(i64, DateTime<Utc>)> =
+            sqlx::query_as("select id, updated_at from schedules")
+                .fetch_all(&self.pool)
+                .await?;
+        let present: std::collections::HashSet<i64> = stamps.iter().map(|s| s.0).collect();
+        let gone: Vec<i64> = self
+            .seen
+            .keys()
+            .filter(|id| !present.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.remove(id);
+        }
+        let changed: Vec<i64> = stamps
+            .into_iter()
+            .filter(|(id, updated)| self.seen.get(id) != Some(updated))
+            .map(|(id, _)| id)
+            .collect();
+        if !changed.is_empty() {
+            tracing::info!(
+                count = changed.len(),
+                "reconcile found schedule edits that no notification announced"
+            );
+            self.reload(&changed).await?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads the given rows (inserted, edited or deleted).
+    async fn reload(&mut self, ids: &[i64]) -> Result<(), sqlx::Error> {
+        let rows: Vec<Row> = sqlx::query_as(&format!(
+            "select {ROW_COLUMNS} from schedules where id = any($1)"
+        ))
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        for id in ids {
+            if !rows.iter().any(|r| r.id == *id) {
+                self.remove(*id);
+            }
+        }
+        self.apply_rows(rows).await
+    }
+
+    fn remove(&mut self, id: i64) {
+        if self.entries.remove(&id).is_some() {
+            tracing::info!(schedule_id = id, "schedule removed");
+        }
+        self.seen.remove(&id);
+    }
+
+    /// Turns rows into entries, records errors, and fires catch-up ticks.
+    async fn apply_rows(&mut self, rows: Vec<Row>) -> Result<(), sqlx::Error> {
+        let now = Utc::now();
+        let mut errors: Vec<(i64, String)> = Vec::new();
+        let mut cleared: Vec<i64> = Vec::new();
+        let mut catchup: Vec<Fire> = Vec::new();
+        let mut next_fires: Vec<(i64, Option<DateTime<Utc>>)> = Vec::new();
+        for row in rows {
+            self.seen.insert(row.id, row.updated_at);
+            self.entries.remove(&row.id);
+            if !row.enabled {
+                next_fires.push((row.id, None));
+                continue;
+            }
+            let rule = match self.rule_for(&row) {
+                Ok(rule) => rule,
+                Err(message) => {
+                    if row.last_error.as_deref() != Some(message.as_str()) {
+                        tracing::error!(
+                            event = "schedule.error",
+                            schedule_id = row.id,
+                            connection = %row.connection_id,
+                            error = %message,
+                            "schedule row {} is invalid and will not fire until fixed",
+                            row.id
+                        );
+                        errors.push((row.id, message));
+                    }
+                    next_fires.push((row.id, None));
+                    continue;
+                }
+            };
+            if row.last_error.is_some() {
+                cleared.push(row.id);
+            }
+            let connection_id: Arc<str> = Arc::from(row.connection_id.as_str());
+            // A tick is owed only if it fell after the last fire and after
+            // the row last changed: an edit never replays the past.
+            let since = row
+                .last_fired_at
+                .unwrap_or(row.updated_at)
+                .max(row.updated_at);
+            if let Some(missed) = rule.latest_at_or_before(now).filter(|t| *t > since) {
+                if owed(self.catchup_window, now, missed) {
+                    tracing::info!(
+                        schedule_id = row.id,
+                        connection = %row.connection_id,
+                        scheduled_for = %missed,
+                        "firing the most recent missed tick once"
+                    );
+                    catchup.push(Fire {
+                        schedule_id: row.id,
+                        connection_id: connection_id.clone(),
+                        at: missed,
+                        next: rule.next_after(now),
+                    });
+                } else {
+                    tracing::info!(
+                        schedule_id = row.id,
+                        connection = %row.connection_id,
+                        last_missed = %missed,
+                        "skipping missed ticks older than the catch-up window"
+                    );
+                }
+            }
+            let next = rule.next_after(now);
+            next_fires.push((row.id, next));
+            if let Some(next) = next {
+                self.insert_entry(row.id, connection_id, rule, next);
+            }
+        }
+        self.write_errors(&errors, &cleared).await?;
+        self.write_next_fires(&next_fires).await?;
+        if !catchup.is_empty() {
+            self.fire(&catchup).await?;
+        }
+        Ok(())
+    }
+
+    fn rule_for(&mut self, row: &Row) -> Result<FireRule, String> {
+        let expr = match self.exprs.get(&row.cron) {
+            Some(expr) => expr.clone(),
+            None => {
+                let expr = cron::parse_cron(&row.cron).map_err(|e| e.to_string())?;
+                self.exprs.insert(row.cron.clone(), expr.clone());
+                expr
+            }
+        };
+        let tz = cron::parse_timezone(&row.timezone).map_err(|e| e.to_string())?;
+        Ok(FireRule {
+            expr,
+            tz,
+            jitter: cron::jitter_offset(&row.connection_id, row.jitter_seconds),
+        })
+    }
+
+    fn insert_entry(
+        &mut self,
+        id: i64,
+        connection_id: Arc<str>,
+        rule: FireRule,
+        next: DateTime<Utc>,
+    ) {
+        self.generation += 1;
+        self.heap.push(Reverse((next, id, self.generation)));
+        self.entries.insert(
+            id,
+            Entry {
+                connection_id,
+                rule,
+                generation: self.generation,
+                next,
+            },
+        );
+    }
+
+    async fn write_errors(
+        &self,
+        errors: &[(i64, String)],
+        cleared: &[i64],
+    ) -> Result<(), sqlx::Error> {
+        if !errors.is_empty() {
+            let (ids, messages): (Vec<i64>, Vec<String>) = errors.iter().cloned().unzip();
+            sqlx::query(
+                "update schedules s set last_error = e.message, next_fire_at = null
+                 from unnest($1::bigint[], $2::text[]) as e(id, message) where s.id = e.id",
+            )
+            .bind(&ids)
+            .bind(&messages)
+            .execute(&self.pool)
+            .await?;
+        }
+        if !cleared.is_empty() {
+            sqlx::query("update schedules set last_error = null where id = any($1)")
+                .bind(cleared)
+                .execute(&self.pool)
+                .await?;
+            tracing::info!(count = cleared.len(), "schedule errors cleared by a fix");
+        }
+        Ok(())
+    }
+
+    async fn write_next_fires(
+        &self,
+        next_fires: &[(i64, Option<DateTime<Utc>>)],
+    ) -> Result<(), sqlx::Error> {
+        for chunk in next_fires.chunks(10_000) {
+            let ids: Vec<i64> = chunk.iter().map(|f| f.0).collect();
+            let nexts: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|f| f.1).collect();
+            sqlx::query(
+                "update schedules s set next_fire_at = n.next
+                 from unnest($1::bigint[], $2::timestamptz[]) as n(id, next)
+                 where s.id = n.id and s.next_fire_at is distinct from n.next",
+            )
+            .bind(&ids)
+            .bind(&nexts)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Inserts one command per tick and records the fire on its schedule.
+    async fn fire(&self, fires: &[Fire]) -> Result<(), sqlx::Error> {
+        let ids: Vec<i64> = fires.iter().map(|f| f.schedule_id).collect();
+        let connections: Vec<&str> = fires.iter().map(|f| &*f.connection_id).collect();
+        let ats: Vec<DateTime<Utc>> = fires.iter().map(|f| f.at).collect();
+        let nexts: Vec<Option<DateTime<Utc>>> = fires.iter().map(|f| f.next).collect();
+        sqlx::query(
+            r#"
+            with t as (
+                select * from unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[])
+                    as t(schedule_id, connection_id, fire_at, next_at)
+            ), inserted as (
+                insert into run_commands (connection_id, trigger, schedule_id, scheduled_for)
+                select connection_id, 'scheduled', schedule_id, fire_at from t
+                on conflict (schedule_id, scheduled_for) do nothing
+                returning schedule_id
+            )
+            update schedules s
+            set last_fired_at = greatest(s.last_fired_at, t.fire_at), next_fire_at = t.next_at
+            from t where s.id = t.schedule_id
+            "#,
+        )
+        .bind(&ids)
+        .bind(&connections)
+        .bind(&ats)
+        .bind(&nexts)
+        .execute(&self.pool)
+        .await?;
+        for fire in fires {
+            tracing::debug!(
+                schedule_id = fire.schedule_id,
+                connection = %fire.connection_id,
+                scheduled_for = %fire.at,
+                "schedule fired"
+            );
+        }
+        Ok(())
+    }
+
+    /// Pops every due entry and fires it. A timer that woke late (a stall,
+    /// a suspended machine, an outage) fires only the most recent tick, and
+    /// only inside the catch-up window: never a burst of replays.
+    async fn fire_due(&mut self) -> Result<(), sqlx::Error> {
+        let now = Utc::now();
+        let mut fires = Vec::new();
+        while let Some(Reverse((at, id, generation))) = self.heap.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.heap.pop();
+            let Some(entry) = self.entries.get_mut(&id) else {
+                continue;
+            };
+            if entry.generation != generation {
+                continue;
+            }
+            let latest = match entry.rule.next_after(at) {
+                Some(following) if following <= now => entry.rule.latest_at_or_before(now),
+                _ => Some(at),
+            };
+            let next = entry.rule.next_after(now);
+            match latest {
+                Some(tick) if owed(self.catchup_window, now, tick) => {
+                    fires.push(Fire {
+                        schedule_id: id,
+                        connection_id: entry.connection_id.clone(),
+                        at: tick,
+                        next,
+                    });
+                }
+                Some(tick) => tracing::info!(
+                    schedule_id = id,
+                    connection = %entry.connection_id,
+                    last_missed = %tick,
+                    "skipping a tick older than the catch-up window"
+                ),
+                None => {}
+            }
+            match next {
+                Some(next) => {
+                    entry.next = next;
+                    self.heap.push(Reverse((next, id, generation)));
+                }
+                None => {
+                    self.entries.remove(&id);
+                }
+            }
+        }
+        if !fires.is_empty() {
+            if let Err(e) = self.fire(&fires).await {
+                // Put the ticks back so they fire once the database answers,
+                // within the catch-up window.
+                for fire in &fires {
+                    if let Some(entry) = self.entries.get_mut(&fire.schedule_id) {
+                        entry.next = fire.at;
+                        self.heap
+                            .push(Reverse((fire.at, fire.schedule_id, entry.generation)));
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The earliest instant anything is due.
+    fn next_wake(&mut self) -> Option<DateTime<Utc>> {
+        // Drop stale tops so they don't cause needless wake-ups.
+        while let Some(Reverse((_, id, generation))) = self.heap.peek().copied() {
+            match self.entries.get(&id) {
+                Some(entry) if entry.generation == generation => break,
+                _ => {
+                    self.heap.pop();
+                }
+            }
+        }
+        self.heap.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// Runs the timer until `shutdown`; `ready` is told once every row has
+    /// been loaded.
+    pub async fn run(
+        mut self,
+        mut edits: mpsc::Receiver<Edit>,
+        reconcile_interval: Duration,
+        shutdown: CancellationToken,
+        ready: tokio::sync::oneshot::Sender<usize>,
+    ) {
+        let mut backoff = Backoff::new();
+        while let Err(e) = self.load_all().await {
+            tracing::warn!(error = %e, "loading schedules failed; retrying");
+            tokio::select! {
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+        tracing::info!(schedules = self.len(), "schedules loaded");
+        let _ = ready.send(self.len());
+        let mut reconcile = tokio::time::interval(reconcile_interval);
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        reconcile.reset();
+        let mut failing = false;
+        loop {
+            let sleep_for = self
+                .next_wake()
+                .map(|at| (at - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+                .unwrap_or(MAX_SLEEP)
+                .min(MAX_SLEEP);
+            let sleep_for = if failing {
+                sleep_for.max(backoff.peek())
+            } else {
+                sleep_for
+            };
+            let result = tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(sleep_for) => self.fire_due().await,
+                edit = edits.recv() => match edit {
+                    Some(first) => self.apply_edits(first, &mut edits).await,
+                    None => return,
+                },
+                _ = reconcile.tick() => self.reconcile().await,
+            };
+            match result {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!("schedule engine reached the database again");
+                    }
+                    failing = false;
+                    backoff = Backoff::new();
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "schedule engine cannot reach the database; retrying with backoff");
+                    }
+                    failing = true;
+                    backoff.next_delay();
+                }
+            }
+        }
+    }
+
+    /// Applies one edit and every other one already queued, in one read.
+    async fn apply_edits(
+        &mut self,
+        first: Edit,
+        edits: &mut mpsc::Receiver<Edit>,
+    ) -> Result<(), sqlx::Error> {
+        let mut ids = Vec::new();
+        let mut full = false;
+        let mut next = Some(first);
+        while let Some(edit) = next {
+            match edit {
+                Edit::Row(id) => ids.push(id),
+                Edit::Reconcile => full = true,
+            }
+            next = edits.try_recv().ok();
+        }
+        if full {
+            return self.reconcile().await;
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        self.reload(&ids).await
+    }
+}
+
+/// Whether a tick that fell at `tick` still fires at `now`: on time (within
+/// a second's slack), or late but inside the catch-up window (0 disables
+/// catching up).
+fn owed(catchup_window: Duration, now: DateTime<Utc>, tick: DateTime<Utc>) -> bool {
+    let late = (now - tick).to_std().unwrap_or(Duration::ZERO);
+    late <= ON_TIME_SLACK || (!catchup_window.is_zero() && late <= catchup_window)
+}
+
+/// How late a tick may be and still count as on time.
+const ON_TIME_SLACK: Duration = Duration::from_secs(1);
+
+/// Capped exponential backoff for reconnecting to the database.
+pub struct Backoff {
+    current: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(10);
+
+    pub fn new() -> Backoff {
+        Backoff {
+            current: Self::FIRST,
+        }
+    }
+
+    /// The delay to wait now; the following one doubles, up to the cap.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.current;
+        self.current = (self.current * 2).min(Self::MAX);
+        delay
+    }
+
+    pub fn peek(&self) -> Duration {
+        self.current
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new()
+    }
+}

@@ -1,0 +1,192 @@
+//! Writing credentials: set (supersedes the active one), revoke, delete and
+//! rotate. Reading them for a launch is the resolver's job alone.
+
+use sqlx::PgPool;
+
+use crate::keys::{Binding, Keyring};
+use crate::secret::Plaintext;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("connection {0:?} does not exist")]
+    NoConnection(String),
+    #[error("connection {0:?} has no active credential")]
+    NoActive(String),
+    #[error("connection {0:?} has no credential to delete")]
+    NothingToDelete(String),
+    #[error("encrypting the credential failed: {0}")]
+    Seal(#[from] crate::keys::SealError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Stores `plaintext` as the connection's active credential, encrypted
+/// under the primary key; the previous active credential is revoked and an
+/// open `credentials_required` interaction is resolved, all in one
+/// transaction. Returns the new credential id.
+pub async fn set(
+    pool: &PgPool,
+    keyring: &Keyring,
+    connection_id: &str,
+    plaintext: &Plaintext,
+) -> Result<i64, StoreError> {
+    let mut tx = pool.begin().await?;
+    let exists: Option<String> =
+        sqlx::query_scalar("select id from connections where id = $1 for update")
+            .bind(connection_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if exists.is_none() {
+        return Err(StoreError::NoConnection(connection_id.to_owned()));
+    }
+    // The id is part of the associated data, so it is taken before sealing.
+    let id: i64 = sqlx::query_scalar("select nextval(pg_get_serial_sequence('credentials', 'id'))")
+        .fetch_one(&mut *tx)
+        .await?;
+    let kind = plaintext.kind();
+    let sealed = keyring.seal(
+        &Binding {
+            connection_id,
+            credential_id: id,
+            kind,
+            key_id: keyring.primary_id(),
+        },
+        &plaintext.encode(),
+    )?;
+    sqlx::query(
+        "update credentials set status = 'revoked', revoked_at = now()
+         where connection_id = $1 and status = 'active'",
+    )
+    .bind(connection_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "insert into credentials (id, connection_id, kind, status, key_id, nonce, ciphertext)
+         values ($1, $2, $3, 'active', $4, $5, $6)",
+    )
+    .bind(id)
+    .bind(connection_id)
+    .bind(kind)
+    .bind(&sealed.key_id)
+    .bind(&sealed.nonce)
+    .bind(&sealed.ciphertext)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "update interactions set status = 'resolved', resolved_at = now()
+         where connection_id = $1 and kind = 'credentials_required' and status = 'open'",
+    )
+    .bind(connection_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// Revokes the active credential; the row stays for audit.
+pub async fn revoke(pool: &PgPool, connection_id: &str) -> Result<i64, StoreError> {
+    sqlx::query_scalar(
+        "update credentials set status = 'revoked', revoked_at = now()
+         where connection_id = $1 and status = 'active' returning id",
+    )
+    .bind(connection_id)
+    .fetch_optional(pool)
+    .await?
+    .ok_or_else(|| StoreError::NoActive(connection_id.to_owned()))
+}
+
+/// Marks every remaining credential of the connection deleted; the rows
+/// stay for audit. Returns how many rows changed.
+pub async fn delete(pool: &PgPool, connection_id: &str) -> Result<u64, StoreError> {
+    let changed = sqlx::query(
+        "update credentials set status = 'deleted', deleted_at = now()
+         where connection_id = $1 and status <> 'deleted'",
+    )
+    .bind(connection_id)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    if changed == 0 {
+        return Err(StoreError::NothingToDelete(connection_id.to_owned()));
+    }
+    Ok(changed)
+}
+
+/// What `rotate` did.
+#[derive(Debug, Default)]
+pub struct Rotation {
+    pub rotated: u64,
+    pub already_current: u64,
+    /// Credential ids that could not be decrypted, with the reason.
+    pub failed: Vec<(i64, String)>,
+}
+
+#[derive(sqlx::FromRow)]
+struct SealedRow {
+    id: i64,
+    connection_id: String,
+    kind: String,
+    key_id: String,
+    nonce: Vec<u8>,
+    ciphertext: Vec<u8>,
+}
+
+/// Re-encrypts every credential not under the primary key, so older keys
+/// can be retired. Each row is rewritten only if it is unchanged since it
+/// was read.
+pub async fn rotate(pool: &PgPool, keyring: &Keyring) -> Result<Rotation, StoreError> {
+    let primary = keyring.primary_id();
+    let mut rotation = Rotation {
+        already_current: sqlx::query_scalar::<_, i64>(
+            "select count(*) from credentials where key_id = $1",
+        )
+        .bind(primary)
+        .fetch_one(pool)
+        .await? as u64,
+        ..Rotation::default()
+    };
+    let rows: Vec<SealedRow> = sqlx::query_as(
+        "select id, connection_id, kind, key_id, nonce, ciphertext from credentials
+         where key_id <> $1 order by id",
+    )
+    .bind(primary)
+    .fetch_all(pool)
+    .await?;
+    for row in rows {
+        let old = Binding {
+            connection_id: &row.connection_id,
+            credential_id: row.id,
+            kind: &row.kind,
+            key_id: &row.key_id,
+        };
+        let plaintext = match keyring.open(&old, &row.nonce, &row.ciphertext) {
+            Ok(plaintext) => plaintext,
+            Err(e) => {
+                rotation.failed.push((row.id, e.to_string()));
+                continue;
+            }
+        };
+        let sealed = keyring.seal(
+            &Binding {
+                key_id: primary,
+                ..old
+            },
+            &plaintext,
+        )?;
+        let updated = sqlx::query(
+            "update credentials set key_id = $2, nonce = $3, ciphertext = $4
+             where id = $1 and key_id = $5 and nonce = $6",
+        )
+        .bind(row.id)
+        .bind(&sealed.key_id)
+        .bind(&sealed.nonce)
+        .bind(&sealed.ciphertext)
+        .bind(&row.key_id)
+        .bind(&row.nonce)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        rotation.rotated += updated;
+    }
+    Ok(rotation)
+}

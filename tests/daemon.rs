@@ -1,0 +1,412 @@
+//! The daemon core, end to end: schedule rows fire, edits take effect live,
+//! bad rows are isolated, manual inserts run, failures retry, timeouts kill,
+//! two daemons never double a tick, missed ticks catch up once, and
+//! `trigger --wait` exits with the run's outcome. Real PostgreSQL, the real
+//! binary, real children.
+
+// Tuple rows read plainly in assertions.
+#![allow(clippy::type_complexity)]
+
+mod support;
+
+use std::path::Path;
+
+use support::{cli, recorded_env, recorded_runs, stand_in, Daemon, Scratch, TestDb};
+
+/// A config with stand-in connectors: `ok`, `flaky` (fails its first
+/// attempt), `failing`, `slow` (past its timeout) and `stubborn` (ignores
+/// SIGTERM past its timeout).
+fn config(dir: &Path, instance: &str) -> String {
+    let script = stand_in();
+    let record = dir.display();
+    let retry_thrice = "retry = { max_attempts = 3, backoff = \"100ms\", max_backoff = \"1s\" }";
+    let no_retry = "retry = { max_attempts = 1 }";
+    let connector = |name: &str, behaviour: &str, extra: &str| {
+        format!(
+            "[connectors.{name}]\ncommand = {script:?}\n\
+             env = {{ RECORD_DIR = \"{record}\", BEHAVIOUR = \"{behaviour}\" }}\n{extra}\n\n"
+        )
+    };
+    format!(
+        "[keys]\ndir = \"{record}/keys\"\n\n\
+         [daemon]\ninstance_id = {instance:?}\nshutdown_grace = \"2s\"\nkill_grace = \"500ms\"\nlease = \"3s\"\n\n{}{}{}{}{}",
+        connector("ok", "ok", retry_thrice),
+        connector("flaky", "fail-first", retry_thrice),
+        connector("failing", "fail", no_retry),
+        connector("slow", "hang", &format!("timeout = \"1s\"\n{retry_thrice}")),
+        connector("stubborn", "ignore-term", &format!("timeout = \"1s\"\n{no_retry}")),
+    )
+}
+
+async fn add_connection(db: &TestDb, id: &str, connector: &str) {
+    db.exec(&format!(
+        "insert into connections (id, connector) values ('{id}', '{connector}')"
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schedule_row_fires_and_records_a_run() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    add_connection(&db, "alice-ok", "ok").await;
+    db.exec("insert into schedules (connection_id, cron) values ('alice-ok', '* * * * * *')")
+        .await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
+    db.wait_until("select count(*) >= 2 from runs where status = 'succeeded'")
+        .await;
+    let (trigger, schedule_set, instance, pid, exit_code): (String, bool, String, Option<i32>, Option<i32>) =
+        sqlx::query_as(
+            "select trigger, schedule_id is not null and scheduled_for is not null, instance_id, pid, exit_code
+             from runs where status = 'succeeded' order by id limit 1",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("a run");
+    assert_eq!(trigger, "scheduled");
+    assert!(schedule_set);
+    assert_eq!(instance, "a");
+    assert!(pid.is_some());
+    assert_eq!(exit_code, Some(0));
+    let last_fired: bool = db
+        .scalar("select last_fired_at is not null and next_fire_at > last_fired_at from schedules")
+        .await;
+    assert!(last_fired, "next_fire_at and last_fired_at stay current");
+    let run_id: i64 = db.scalar("select min(id) from runs").await;
+    let env = recorded_env(&dir.path, run_id);
+    assert_eq!(env["CONNECTORD_TRIGGER"], "scheduled");
+    assert_eq!(env["CONNECTORD_CONNECTION_ID"], "alice-ok");
+    assert_eq!(env["CONNECTORD_RUN_ID"], run_id.to_string());
+    assert_eq!(env["CONNECTORD_ATTEMPT"], "1");
+    let logs = daemon.logs();
+    assert!(
+        logs.lines().any(|l| l.contains("run.started")
+            && l.contains("\"run_id\"")
+            && l.contains("alice-ok")
+            && l.contains("\"trigger\":\"scheduled\"")),
+        "run lines carry run_id, connection and trigger:\n{logs}"
+    );
+    assert!(daemon.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schedule_edits_take_effect_live() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    add_connection(&db, "live", "ok").await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
+
+    // Inserted while the daemon runs: fires.
+    db.exec("insert into schedules (connection_id, cron) values ('live', '* * * * * *')")
+        .await;
+    db.wait_until("select count(*) >= 1 from runs where connection_id = 'live'")
+        .await;
+
+    // Disabled: no new commands after the change settles.
+    db.exec("update schedules set enabled = false").await;
+    db.wait_until("select next_fire_at is null from schedules")
+        .await;
+    let before: i64 = db.scalar("select count(*) from run_commands").await;
+    // Edited to a far-off cron and re-enabled: next_fire_at moves to it.
+    db.exec("update schedules set cron = '0 0 1 1 *', enabled = true")
+        .await;
+    db.wait_until("select next_fire_at > now() + interval '1 day' from schedules")
+        .await;
+    // Edited back to every second: fires again.
+    db.exec("update schedules set cron = '* * * * * *'").await;
+    db.wait_until(&format!("select count(*) > {before} from run_commands"))
+        .await;
+    // Deleted: nothing more fires. A fresh schedule proves the engine has
+    // processed the deletion (edits are applied in order).
+    db.exec("delete from schedules").await;
+    add_connection(&db, "marker", "ok").await;
+    db.exec("insert into schedules (connection_id, cron) values ('marker', '* * * * * *')")
+        .await;
+    db.wait_until("select count(*) >= 1 from run_commands where connection_id = 'marker'")
+        .await;
+    let live_at: i64 = db
+        .scalar("select count(*) from run_commands where connection_id = 'live'")
+        .await;
+    db.wait_until("select count(*) >= 3 from run_commands where connection_id = 'marker'")
+        .await;
+    let live_later: i64 = db
+        .scalar("select count(*) from run_commands where connection_id = 'live'")
+        .await;
+    assert_eq!(live_at, live_later, "a deleted schedule does not fire");
+    drop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_rows_are_isolated_and_fixing_clears_the_error() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    add_connection(&db, "good", "ok").await;
+    add_connection(&db, "badcron", "ok").await;
+    add_connection(&db, "badtz", "ok").await;
+    db.exec(
+        "insert into schedules (connection_id, cron) values ('good', '* * * * * *');
+         insert into schedules (connection_id, cron) values ('badcron', 'every tuesday');
+         insert into schedules (connection_id, cron, timezone) values ('badtz', '* * * * * *', 'Mars/Olympus');",
+    )
+    .await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
+    db.wait_until("select count(*) >= 2 from runs where connection_id = 'good'")
+        .await;
+    let errors: Vec<(String, Option<String>)> =
+        sqlx::query_as("select connection_id, last_error from schedules order by connection_id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("schedules");
+    assert!(
+        errors[0]
+            .1
+            .as_deref()
+            .is_some_and(|e| e.contains("every tuesday")),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1]
+            .1
+            .as_deref()
+            .is_some_and(|e| e.contains("Mars/Olympus")),
+        "{errors:?}"
+    );
+    assert_eq!(errors[2].1, None);
+    let bad_runs: i64 = db
+        .scalar("select count(*) from run_commands where connection_id in ('badcron', 'badtz')")
+        .await;
+    assert_eq!(bad_runs, 0);
+    let logs = daemon.logs();
+    assert_eq!(
+        logs.lines()
+            .filter(|l| l.contains("schedule.error") && l.contains("every tuesday"))
+            .count(),
+        1,
+        "one clear error per bad row:\n{logs}"
+    );
+    db.exec("update schedules set cron = '* * * * * *' where connection_id = 'badcron'")
+        .await;
+    db.exec("update schedules set timezone = 'Europe/Berlin' where connection_id = 'badtz'")
+        .await;
+    db.wait_until("select count(*) = 0 from schedules where last_error is not null")
+        .await;
+    db.wait_until(
+        "select count(distinct connection_id) = 2 from runs where connection_id in ('badcron', 'badtz')",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manual_insert_runs_promptly() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    add_connection(&db, "alice-ok", "ok").await;
+    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
+    db.exec("insert into run_commands (connection_id, trigger) values ('alice-ok', 'manual')")
+        .await;
+    db.wait_until(
+        "select count(*) = 1 from runs where status = 'succeeded' and trigger = 'manual'",
+    )
+    .await;
+    let done: String = db.scalar("select status from run_commands").await;
+    assert_eq!(done, "done");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_child_is_retried_with_the_next_attempt() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    add_connection(&db, "flaky", "flaky").await;
+    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
+    db.exec("insert into run_commands (connection_id) values ('flaky')")
+        .await;
+    db.wait_until("select count(*) = 1 from runs where status = 'succeeded'")
+        .await;
+    let runs: Vec<(i64, String, i32, String, Option<String>, Option<i32>)> = sqlx::query_as(
+        "select id, trigger, attempt, status, failure_kind, exit_code from runs order by id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("runs");
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_eq!((runs[0].2, runs[0].3.as_str()), (1, "failed"));
+    assert_eq!(runs[0].4.as_deref(), Some("exit_nonzero"));
+    assert_eq!(runs[0].5, Some(7));
+    assert_eq!(
+        (runs[1].1.as_str(), runs[1].2, runs[1].3.as_str()),
+        ("retry", 2, "succeeded")
+    );
+    let parent: Option<i64> = db
+        .scalar("select parent_run_id from run_commands where trigger = 'retry'")
+        .await;
+    assert_eq!(parent, Some(runs[0].0));
+    assert_eq!(
+        recorded_env(&dir.path, runs[1].0)["CONNECTORD_ATTEMPT"],
+        "2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retries_stop_at_max_attempts() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    add_connection(&db, "down", "failing").await;
+    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
+    db.exec("insert into run_commands (connection_id) values ('down')")
+        .await;
+    db.wait_until("select count(*) = 1 from runs where status = 'failed'")
+        .await;
+    db.wait_until("select count(*) = 0 from run_commands where status <> 'done'")
+        .await;
+    let runs: i64 = db.scalar("select count(*) from runs").await;
+    assert_eq!(runs, 1, "max_attempts = 1 means no retry");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_past_its_timeout_is_killed() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    add_connection(&db, "slow", "slow").await;
+    add_connection(&db, "stubborn", "stubborn").await;
+    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
+    db.exec("insert into run_commands (connection_id) values ('slow'), ('stubborn')")
+        .await;
+    db.wait_until(
+        "select count(*) = 2 from runs where attempt = 1 and status = 'failed' and failure_kind = 'timed_out'",
+    )
+    .await;
+    // Every process of each run's group is gone, the SIGTERM-ignoring one too.
+    let pids: Vec<i32> = sqlx::query_scalar("select pid from runs where attempt = 1")
+        .fetch_all(&db.pool)
+        .await
+        .expect("pids");
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid),
+            "process {pid} outlived its timeout"
+        );
+    }
+    // `slow` has retries left; `stubborn` has none.
+    db.wait_until(
+        "select count(*) = 1 from run_commands where trigger = 'retry' and connection_id = 'slow'",
+    )
+    .await;
+    let stubborn_retries: i64 = db
+        .scalar("select count(*) from run_commands where trigger = 'retry' and connection_id = 'stubborn'")
+        .await;
+    assert_eq!(stubborn_retries, 0);
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_daemons_never_run_one_tick_twice() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    for i in 0..5 {
+        add_connection(&db, &format!("c{i}"), "ok").await;
+        db.exec(&format!(
+            "insert into schedules (connection_id, cron, overlap) values ('c{i}', '* * * * * *', 'queue')"
+        ))
+        .await;
+    }
+    let a = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
+    let b = Daemon::start(&db, &dir.path, &config(&dir.path, "b"), &[]).await;
+    db.wait_until("select count(*) >= 20 from runs where status = 'succeeded'")
+        .await;
+    let duplicates: i64 = db
+        .scalar(
+            "select count(*) from (select schedule_id, scheduled_for from runs
+             group by 1, 2 having count(*) > 1) d",
+        )
+        .await;
+    assert_eq!(duplicates, 0);
+    let command_duplicates: i64 = db
+        .scalar(
+            "select count(*) from (select schedule_id, scheduled_for from run_commands
+             group by 1, 2 having count(*) > 1) d",
+        )
+        .await;
+    assert_eq!(command_duplicates, 0);
+    assert!(a.stop().success());
+    assert!(b.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missed_tick_inside_the_window_fires_once_after_downtime() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    add_connection(&db, "minutely", "ok").await;
+    add_connection(&db, "yearly", "ok").await;
+    // Both last fired long ago, as if the daemon had been down: the minutely
+    // one has a tick within the last minute (inside the 1h window); the
+    // yearly one's latest tick is months old.
+    db.exec(
+        "insert into schedules (connection_id, cron, last_fired_at, updated_at, created_at)
+         values ('minutely', '* * * * *', now() - interval '3 hours', now() - interval '3 hours', now() - interval '3 hours'),
+                ('yearly', '0 0 1 1 *', now() - interval '800 days', now() - interval '800 days', now() - interval '800 days')",
+    )
+    .await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
+    db.wait_until("select count(*) = 1 from runs where connection_id = 'minutely'")
+        .await;
+    let (scheduled_for_is_minute, fired_once): (bool, bool) = sqlx::query_as(
+        "select date_trunc('minute', scheduled_for) = scheduled_for, count(*) over () = 1
+         from run_commands where connection_id = 'minutely'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("catch-up command");
+    assert!(scheduled_for_is_minute && fired_once);
+    let yearly: i64 = db
+        .scalar("select count(*) from run_commands where connection_id = 'yearly'")
+        .await;
+    assert_eq!(yearly, 0, "a tick older than the window is skipped");
+    assert!(daemon
+        .logs()
+        .contains("skipping missed ticks older than the catch-up window"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trigger_wait_exits_with_the_outcome() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    add_connection(&db, "fine", "ok").await;
+    add_connection(&db, "broken", "failing").await;
+    add_connection(&db, "ghost", "no-such-connector").await;
+    db.exec("insert into connections (id, connector, enabled) values ('off', 'ok', false)")
+        .await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
+    let config = Some(daemon.config_path.as_path());
+    let check = |connection: &str, expected: i32, text: &str| {
+        let (code, stdout, stderr) = cli(&db, config, &["trigger", connection, "--wait"], "");
+        assert_eq!(code, expected, "{connection}: {stdout}{stderr}");
+        assert!(stdout.contains(text), "{connection}: {stdout}");
+    };
+    check("fine", 0, "succeeded");
+    check("broken", 3, "exit_nonzero");
+    check("ghost", 4, "connector_unknown");
+    check("off", 4, "connection_disabled");
+    let (code, _, stderr) = cli(&db, config, &["trigger", "nobody"], "");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("\"nobody\" does not exist"), "{stderr}");
+    // No refused run spawned a child.
+    let refused_pids: i64 = db
+        .scalar("select count(*) from runs where status = 'refused' and (pid is not null or started_at is not null)")
+        .await;
+    assert_eq!(refused_pids, 0);
+    let recorded = recorded_runs(&dir.path);
+    let refused_ids: Vec<i64> = sqlx::query_scalar("select id from runs where status = 'refused'")
+        .fetch_all(&db.pool)
+        .await
+        .expect("refused runs");
+    assert!(refused_ids.iter().all(|id| !recorded.contains(id)));
+}

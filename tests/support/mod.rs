@@ -1,0 +1,342 @@
+//! Test support: a private PostgreSQL (or `DATABASE_URL`), a fresh database
+//! per test, the real daemon binary as a child process, and a stand-in
+//! connector that records the environment it received.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+
+/// How long a test waits for something the daemon should do promptly.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The server every test database lives on.
+fn server_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            if !url.is_empty() {
+                return url;
+            }
+        }
+        let preferred = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/connectord-test-pg");
+        let base = connectord::pgcluster::cluster_dir(&preferred);
+        let cluster = connectord::pgcluster::Cluster::ensure_running(&base)
+            .unwrap_or_else(|e| panic!("cannot start the test PostgreSQL: {e}"));
+        cluster.url("postgres")
+    })
+}
+
+/// `url` with its database replaced by `database`.
+pub fn with_database(url: &str, database: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let (base, query) = match url.find('?') {
+        Some(q) => (&url[..q], &url[q..]),
+        None => (url, ""),
+    };
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    format!("{}/{database}{query}", &base[..host_end])
+}
+
+/// A fresh, migrated database for one test.
+pub struct TestDb {
+    pub url: String,
+    pub pool: PgPool,
+    pub name: String,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let server = server_url().to_owned();
+        let admin = sqlx::PgPool::connect(&server)
+            .await
+            .expect("connect to the test server");
+        drop_stale_databases(&admin).await;
+        let name = format!(
+            "t_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        sqlx::query(&format!("create database {name}"))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let url = with_database(&server, &name);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(5)
+            .connect(&url)
+            .await
+            .expect("connect to the test database");
+        connectord::db::migrate(&pool).await.expect("migrate");
+        TestDb { url, pool, name }
+    }
+
+    /// Waits until `sql` (a query returning one boolean) is true, re-checking
+    /// whenever a run settles or a command is queued, and at least every
+    /// 100 ms for state no notification announces.
+    pub async fn wait_until(&self, sql: &str) {
+        let mut listener = PgListener::connect_with(&self.pool)
+            .await
+            .expect("listener");
+        listener
+            .listen_all(["connectord_runs", "connectord_commands"])
+            .await
+            .expect("listen");
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let done: bool = sqlx::query_scalar(sql)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            if done {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("timed out waiting for: {sql}");
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), listener.recv()).await;
+        }
+    }
+
+    pub async fn scalar<T>(&self, sql: &str) -> T
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+    {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        sqlx::raw_sql(sql)
+            .execute(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+}
+
+/// Drops databases left by test processes that no longer run.
+async fn drop_stale_databases(admin: &PgPool) {
+    static DONE: OnceLock<()> = OnceLock::new();
+    if DONE.set(()).is_err() {
+        return;
+    }
+    let names: Vec<String> =
+        sqlx::query_scalar("select datname from pg_database where datname like 't\\_%\\_%'")
+            .fetch_all(admin)
+            .await
+            .unwrap_or_default();
+    for name in names {
+        let pid = name.split('_').nth(1).and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = sqlx::query(&format!("drop database if exists {name} with (force)"))
+                    .execute(admin)
+                    .await;
+            }
+        }
+    }
+}
+
+/// A scratch directory under the target dir, removed on drop.
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "scratch-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&path).expect("create scratch dir");
+        Scratch { path }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The stand-in connector script.
+pub fn stand_in() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/connectors/record-env.sh")
+        .display()
+        .to_string()
+}
+
+/// The environment a stand-in child recorded for `run_id`.
+pub fn recorded_env(dir: &Path, run_id: i64) -> BTreeMap<String, String> {
+    let path = dir.join(format!("{run_id}.env"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    bytes
+        .split(|b| *b == 0)
+        .filter(|entry| !entry.is_empty())
+        .filter_map(|entry| {
+            let text = String::from_utf8_lossy(entry);
+            let (k, v) = text.split_once('=')?;
+            Some((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+/// Run ids whose stand-in recorded an environment.
+pub fn recorded_runs(dir: &Path) -> Vec<i64> {
+    let mut ids: Vec<i64> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str()?.strip_suffix(".env")?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort_unstable();
+    ids
+}
+
+/// The daemon binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_connectord")
+}
+
+/// A running daemon process with its log captured.
+pub struct Daemon {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    pub config_path: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `connectord run` with `config` and extra host environment, and
+    /// waits until it logs that it is ready.
+    pub async fn start(db: &TestDb, dir: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let config_path = dir.join(format!("daemon-{}.toml", N.fetch_add(1, Ordering::SeqCst)));
+        std::fs::write(&config_path, config).expect("write config");
+        let mut command = Command::new(binary());
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--log-format")
+            .arg("json")
+            .arg("run")
+            .env("DATABASE_URL", &db.url)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn connectord");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut ready = Some(ready_tx);
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if line.contains("connectord ready") {
+                        if let Some(tx) = ready.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    if std::env::var_os("CONNECTORD_TEST_ECHO").is_some() {
+                        eprintln!("{line}");
+                    }
+                    let mut log = log.lock().expect("log lock");
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let daemon = Daemon {
+            child,
+            log,
+            config_path,
+        };
+        if !matches!(tokio::time::timeout(PATIENCE, ready_rx).await, Ok(Ok(()))) {
+            panic!("daemon did not become ready; log:\n{}", daemon.logs());
+        }
+        daemon
+    }
+
+    pub fn logs(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        self.child.wait().expect("wait for connectord")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the CLI to completion with `stdin` and returns (status, stdout, stderr).
+pub fn cli(
+    db: &TestDb,
+    config: Option<&Path>,
+    args: &[&str],
+    stdin: &str,
+) -> (i32, String, String) {
+    use std::io::Write;
+    let mut command = Command::new(binary());
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    let mut child = command
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn connectord");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let output = child.wait_with_output().expect("wait for connectord");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
