@@ -1,6 +1,6 @@
 //! Log output through `tracing`: human-readable on a terminal, compact
 //! lines otherwise, or one JSON object per line for journald and shippers.
-//! Filtering follows `RUST_LOG` (default `info`). Logs go to stderr so a
+//! Filtering follows `RUST_LOG` (default `info`, with sqlx's notices at `warn`). Logs go to stderr so a
 //! command's own output on stdout stays machine-readable.
 
 use std::io::IsTerminal;
@@ -17,7 +17,7 @@ pub enum LogFormat {
 }
 
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1,11 +1,13 @@
 #!/bin/sh
 # Stand-in connector for the tests. It writes the environment and argv it
 # received to $RECORD_DIR/<run id>.env (NUL-separated, written atomically),
-# then behaves as $BEHAVIOUR says.
+# then behaves as $RECORD_DIR/behaviour.<connection id> says, if that file
+# exists, else as $BEHAVIOUR says.
 set -u
 out="$RECORD_DIR/$CONNECTORD_RUN_ID"
 { env -0; printf 'ARGV=%s\0' "$*"; } > "$out.tmp" && mv "$out.tmp" "$out.env"
-case "${BEHAVIOUR:-ok}" in
+behaviour=$(cat "$RECORD_DIR/behaviour.$CONNECTORD_CONNECTION_ID" 2>/dev/null || echo "${BEHAVIOUR:-ok}")
+case "$behaviour" in
   ok) exit 0 ;;
   fail) exit "${EXIT_CODE:-7}" ;;
   fail-first) [ "$CONNECTORD_ATTEMPT" = 1 ] && exit 7; exit 0 ;;
