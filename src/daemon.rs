@@ -373,16 +373,26 @@ struct LostRun {
 /// applies the retry policy, and frees commands claimed by a daemon that
 /// died before starting them.
 async fn rescue(ctx: &Context, own_leftovers: bool) -> Result<(), sqlx::Error> {
+    // Our own live runs are never lost, even when an outage kept us from
+    // renewing their leases: their outcome is written once the database
+    // answers.
+    let live: Vec<i64> = ctx
+        .running
+        .lock()
+        .map(|set| set.iter().copied().collect())
+        .unwrap_or_default();
     let lost: Vec<LostRun> = sqlx::query_as(
         "update runs
          set status = 'failed', failure_kind = 'lost', finished_at = now(), lease_expires_at = null,
              failure_detail = 'the daemon running it (' || coalesce(instance_id, '?') || ') stopped renewing its lease'
          where status = 'running'
            and (lease_expires_at < now() or ($1 and instance_id = $2))
+           and not (id = any($3))
          returning id, command_id, connection_id, connector, schedule_id, attempt, instance_id",
     )
     .bind(own_leftovers)
     .bind(&ctx.instance_id)
+    .bind(&live)
     .fetch_all(&ctx.pool)
     .await?;
     for run in lost {

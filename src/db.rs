@@ -38,3 +38,22 @@ pub async fn migrations_current(pool: &PgPool) -> Result<bool, sqlx::Error> {
             })?;
     Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
 }
+
+/// Whether an error means the database is (for now) unreachable, as
+/// opposed to a statement that will never succeed.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => true,
+        // Class 08 is "connection exception"; 57P01–57P03 are the server
+        // shutting down or starting up.
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
+    }
+}

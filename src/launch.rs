@@ -25,6 +25,7 @@ use crate::protocol::Message;
 use crate::queue::{self, Command};
 use crate::resolver;
 use crate::runs::{Finish, Writer};
+use crate::schedule::Backoff;
 
 /// What every launch shares.
 pub struct Context {
@@ -56,6 +57,7 @@ pub async fn launch(ctx: &Context, command: Command) -> Result<(), sqlx::Error> 
         "run",
         run_id = tracing::field::Empty,
         connection = %command.connection_id,
+        connector = tracing::field::Empty,
         trigger = %command.trigger,
         attempt = command.attempt,
     );
@@ -105,6 +107,7 @@ async fn launch_inner(ctx: &Context, command: Command) -> Result<(), sqlx::Error
         )
         .await;
     };
+    tracing::Span::current().record("connector", connector_name.as_str());
     if ctx.shutdown.is_cancelled() {
         return queue::release(&ctx.pool, command.id).await;
     }
@@ -145,38 +148,39 @@ async fn run_in_slot(
     connector_name: &str,
     connector: &ConnectorConfig,
 ) -> Result<(), sqlx::Error> {
-    let writer = ctx.writer();
-    let command = command.clone();
     if let Ok(mut running) = ctx.running.lock() {
         running.insert(run_id);
     }
 
     // Credential resolution: the one seam, right before the environment.
-    let resolution = {
-        let mut db = ctx.pool.acquire().await?;
-        resolver::resolve(
-            &mut db,
-            ctx.keyring.as_deref(),
-            connector_name,
-            connector,
-            &command.connection_id,
-            host_var,
-        )
-        .await
+    let resolution = match ctx.pool.acquire().await {
+        Ok(mut db) => {
+            resolver::resolve(
+                &mut db,
+                ctx.keyring.as_deref(),
+                connector_name,
+                connector,
+                &command.connection_id,
+                host_var,
+            )
+            .await
+        }
+        Err(e) => Err(resolver::ResolveError::Database(e)),
     };
     let resolved = match resolution {
         Ok(Ok(resolved)) => resolved,
         Ok(Err(refusal)) => {
-            if matches!(
+            let operator_error = matches!(
                 refusal.kind,
                 FailureKind::CredentialUnrecoverable | FailureKind::CredentialKindMismatch
-            ) {
-                tracing::error!(event = "run.refused", run_id, failure_kind = %refusal.kind, "launch refused: {}", refusal.detail);
+            );
+            if operator_error {
+                tracing::error!(event = "run.refused", failure_kind = %refusal.kind, "launch refused: {}", refusal.detail);
             } else {
-                tracing::warn!(event = "run.refused", run_id, failure_kind = %refusal.kind, "launch refused: {}", refusal.detail);
+                tracing::warn!(event = "run.refused", failure_kind = %refusal.kind, "launch refused: {}", refusal.detail);
             }
             if refusal.kind.needs_owner() {
-                writer
+                ctx.writer()
                     .open_interaction(
                         &command.connection_id,
                         run_id,
@@ -185,33 +189,34 @@ async fn run_in_slot(
                     )
                     .await?;
             }
-            writer
-                .finish(
-                    run_id,
-                    &command,
-                    (refusal.credential_id, None),
-                    Finish {
-                        status: "refused",
-                        failure_kind: Some(refusal.kind),
-                        detail: Some(refusal.detail),
-                        exit_code: None,
-                        records: None,
-                        requeue: false,
-                        retry_after: None,
-                    },
-                )
-                .await?;
+            let finish = Finish {
+                status: "refused",
+                failure_kind: Some(refusal.kind),
+                detail: Some(refusal.detail),
+                ..Finish::default()
+            };
+            settle(ctx, run_id, command, (refusal.credential_id, None), finish).await?;
             return Ok(());
         }
         Err(resolver::ResolveError::Database(e)) => {
-            // Leave nothing half-done: end the slot and let the command be
-            // claimed again once the database answers.
-            let _ = finish_interrupted(ctx, run_id, &command, "credential store unreachable").await;
-            return Err(e);
+            // Nothing was started: give the slot back and put the command
+            // back in the queue as it was.
+            tracing::warn!(error = %e, "credential store unreachable; the command is re-queued");
+            let finish = Finish {
+                status: "failed",
+                failure_kind: Some(FailureKind::Interrupted),
+                detail: Some(
+                    "the credential store was unreachable; the command is re-queued".into(),
+                ),
+                requeue: true,
+                ..Finish::default()
+            };
+            settle(ctx, run_id, command, (None, None), finish).await?;
+            return Ok(());
         }
     };
-    let source = resolved.source;
-    let credential_id = resolved.credential_id;
+    let source = resolved.source.as_str();
+    let credential = (resolved.credential_id, Some(source));
 
     let env = ChildEnv::build(
         &ctx.config,
@@ -225,46 +230,45 @@ async fn run_in_slot(
         resolved.vars,
         host_var,
     );
-    let running = match child::spawn(connector, &env) {
+    let spawned = child::spawn(connector, &env);
+    // The plaintext leaves our memory as soon as the child has it.
+    drop(env);
+    let running = match spawned {
         Ok(running) => running,
         Err(e) => {
-            drop(env);
-            tracing::warn!(
-                event = "run.finished",
-                run_id,
-                failure_kind = "spawn_failed",
-                "{e}"
-            );
             let retry_after =
                 retry_delay(&connector.retry, command.attempt, FailureKind::SpawnFailed);
-            writer
-                .finish(
-                    run_id,
-                    &command,
-                    (credential_id, Some(source.as_str())),
-                    Finish {
-                        status: "failed",
-                        failure_kind: Some(FailureKind::SpawnFailed),
-                        detail: Some(e.to_string()),
-                        exit_code: None,
-                        records: None,
-                        requeue: false,
-                        retry_after,
-                    },
-                )
-                .await?;
+            tracing::warn!(event = "run.finished", status = "failed", failure_kind = "spawn_failed", retry_in = ?retry_after, "{e}");
+            let finish = Finish {
+                status: "failed",
+                failure_kind: Some(FailureKind::SpawnFailed),
+                detail: Some(e.to_string()),
+                retry_after,
+                ..Finish::default()
+            };
+            settle(ctx, run_id, command, credential, finish).await?;
             return Ok(());
         }
     };
-    // The plaintext leaves our memory as soon as the child has it.
-    drop(env);
     let pid = running.pid;
-    writer
-        .mark_started(run_id, pid, credential_id, source.as_str())
-        .await?;
-    tracing::info!(event = "run.started", run_id, pid, connector = %connector_name, credential_source = source.as_str(), "connector started");
+    // The child runs whether or not this write lands; the final write
+    // records the pid too.
+    if let Err(e) = ctx
+        .writer()
+        .mark_started(run_id, pid, resolved.credential_id, source)
+        .await
+    {
+        tracing::warn!(error = %e, "could not record the run's start; it is recorded when the run ends");
+    }
+    tracing::info!(
+        event = "run.started",
+        pid,
+        credential_source = source,
+        "connector started"
+    );
     let started = std::time::Instant::now();
 
+    let writer = ctx.writer();
     let mut records = None;
     let mut raised_interaction = false;
     let outcome = running
@@ -302,41 +306,74 @@ async fn run_in_slot(
         .await;
 
     let (status, kind, exit_code, detail) = classify(outcome, raised_interaction);
-    let requeue = kind == Some(FailureKind::Interrupted);
     let retry_after = kind.and_then(|k| retry_delay(&connector.retry, command.attempt, k));
     let duration_ms = started.elapsed().as_millis() as u64;
     if status == "succeeded" {
         tracing::info!(
             event = "run.finished",
-            run_id,
             status,
             duration_ms,
             records,
             "run succeeded"
         );
     } else {
-        tracing::warn!(event = "run.finished", run_id, status, failure_kind = kind.map(FailureKind::as_str), exit_code, duration_ms, retry_in = ?retry_after, "run failed: {detail}");
+        tracing::warn!(event = "run.finished", status, failure_kind = kind.map(FailureKind::as_str), exit_code, duration_ms, retry_in = ?retry_after, "run failed: {detail}");
     }
-    let still_ours = writer
-        .finish(
-            run_id,
-            &command,
-            (credential_id, Some(source.as_str())),
-            Finish {
-                status,
-                failure_kind: kind,
-                detail: (status != "succeeded").then_some(detail),
-                exit_code,
-                records,
-                requeue,
-                retry_after,
-            },
-        )
-        .await?;
-    if !still_ours {
-        tracing::warn!(run_id, "run was settled by another daemon while it ran (lease lost); its outcome here is discarded");
-    }
+    let finish = Finish {
+        status,
+        failure_kind: kind,
+        detail: (status != "succeeded").then_some(detail),
+        exit_code,
+        records,
+        pid: Some(pid),
+        requeue: kind == Some(FailureKind::Interrupted),
+        retry_after,
+    };
+    settle(ctx, run_id, command, credential, finish).await?;
     Ok(())
+}
+
+/// Writes a run's outcome, waiting out a database outage: an outcome is
+/// never dropped because PostgreSQL was briefly away. Once shutdown has
+/// begun it keeps trying for `kill_grace` more, then gives up and leaves
+/// the run to lease rescue.
+async fn settle(
+    ctx: &Context,
+    run_id: i64,
+    command: &Command,
+    credential: (Option<i64>, Option<&str>),
+    finish: Finish<'_>,
+) -> Result<(), sqlx::Error> {
+    let mut backoff = Backoff::new();
+    let mut give_up_at = None;
+    loop {
+        match ctx
+            .writer()
+            .finish(run_id, command, credential, finish.clone())
+            .await
+        {
+            Ok(true) => return Ok(()),
+            Ok(false) => {
+                tracing::warn!("the run was settled by another daemon while it ran (its lease expired); this outcome is discarded");
+                return Ok(());
+            }
+            Err(e) if crate::db::is_transient(&e) => {
+                if backoff.attempts() == 0 {
+                    tracing::warn!(error = %e, "cannot record the run's outcome; retrying until the database answers");
+                }
+                if ctx.shutdown.is_cancelled() {
+                    let deadline = *give_up_at.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + ctx.config.daemon.kill_grace
+                    });
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Maps how the child ended onto the run's status and failure kind.
@@ -409,30 +446,6 @@ async fn refuse_unadmitted(
         .await?;
     tracing::warn!(event = "run.refused", run_id, failure_kind = %kind, "launch refused: {detail}");
     Ok(())
-}
-
-async fn finish_interrupted(
-    ctx: &Context,
-    run_id: i64,
-    command: &Command,
-    detail: &str,
-) -> Result<bool, sqlx::Error> {
-    ctx.writer()
-        .finish(
-            run_id,
-            command,
-            (None, None),
-            Finish {
-                status: "failed",
-                failure_kind: Some(FailureKind::Interrupted),
-                detail: Some(detail.to_owned()),
-                exit_code: None,
-                records: None,
-                requeue: true,
-                retry_after: None,
-            },
-        )
-        .await
 }
 
 /// The delay before the next attempt, or `None` when the policy is spent

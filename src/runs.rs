@@ -22,12 +22,15 @@ pub struct Writer<'a> {
 }
 
 /// The final state of a run.
+#[derive(Debug, Clone, Default)]
 pub struct Finish<'a> {
     pub status: &'a str,
     pub failure_kind: Option<FailureKind>,
     pub detail: Option<String>,
     pub exit_code: Option<i32>,
     pub records: Option<i64>,
+    /// The child's pid, in case recording the start did not land.
+    pub pid: Option<u32>,
     /// Put the command back as it was (shutdown), instead of marking it done.
     pub requeue: bool,
     /// Delay before the retry command, when the policy grants one.
@@ -142,7 +145,8 @@ impl Writer<'_> {
                 set status = $2, failure_kind = $3, failure_detail = $4, exit_code = $5,
                     records = coalesce($6, records), finished_at = now(), lease_expires_at = null,
                     credential_id = coalesce(credential_id, $7),
-                    credential_source = coalesce(credential_source, $8)
+                    credential_source = coalesce(credential_source, $8),
+                    pid = coalesce(pid, $16), started_at = coalesce(started_at, case when $16 is not null then now() end)
                 where id = $1 and status = 'running' and instance_id = $9
                 returning id
             ), c as (
@@ -175,6 +179,7 @@ impl Writer<'_> {
         .bind(command.schedule_id)
         .bind(command.attempt + 1)
         .bind(finish.retry_after.map(|d| d.as_millis() as f64))
+        .bind(finish.pid.map(|p| p as i32))
         .fetch_one(self.pool)
         .await?;
         Ok(updated > 0)

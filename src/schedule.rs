@@ -560,6 +560,7 @@ const ON_TIME_SLACK: Duration = Duration::from_secs(1);
 /// Capped exponential backoff for reconnecting to the database.
 pub struct Backoff {
     current: Duration,
+    attempts: u32,
 }
 
 impl Backoff {
@@ -569,6 +570,7 @@ impl Backoff {
     pub fn new() -> Backoff {
         Backoff {
             current: Self::FIRST,
+            attempts: 0,
         }
     }
 
@@ -576,7 +578,13 @@ impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
         let delay = self.current;
         self.current = (self.current * 2).min(Self::MAX);
+        self.attempts += 1;
         delay
+    }
+
+    /// How many delays were handed out.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
     }
 
     pub fn peek(&self) -> Duration {

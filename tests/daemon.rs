@@ -110,7 +110,7 @@ async fn schedule_edits_take_effect_live() {
     // Edited to a far-off cron and re-enabled: next_fire_at moves to it.
     db.exec("update schedules set cron = '0 0 1 1 *', enabled = true")
         .await;
-    db.wait_until("select next_fire_at > now() + interval '1 day' from schedules")
+    db.wait_until("select coalesce(next_fire_at > now() + interval '1 day', false) from schedules")
         .await;
     // Edited back to every second: fires again.
     db.exec("update schedules set cron = '* * * * * *'").await;
