@@ -1,0 +1,461 @@
+//! Faults, each a tested behaviour: SIGTERM and `kill -9` of the daemon,
+//! PostgreSQL going away, floods of output, overlapping ticks, bad input,
+//! and several daemons racing for the same work.
+
+#![allow(clippy::type_complexity)]
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use support::{cli, recorded_env, Daemon, Scratch, TestDb};
+
+fn hostile() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/connectors/hostile.sh")
+        .display()
+        .to_string()
+}
+
+/// A config with one `hostile` connector whose behaviour is chosen per
+/// connection by a file, plus `missing` and `not-executable` connectors.
+fn config(dir: &Path, instance: &str, daemon_extra: &str) -> String {
+    let record = dir.display();
+    let script = hostile();
+    let not_executable = dir.join("not-executable");
+    std::fs::write(&not_executable, "#!/bin/sh\nexit 0\n").expect("write file");
+    format!(
+        "[keys]\ndir = \"{record}/keys\"\n\n\
+         [daemon]\ninstance_id = {instance:?}\nshutdown_grace = \"1s\"\nkill_grace = \"500ms\"\nlease = \"2s\"\n{daemon_extra}\n\n\
+         [connectors.hostile]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\ntimeout = \"2m\"\n\
+         retry = {{ max_attempts = 3, backoff = \"100ms\", max_backoff = \"1s\" }}\n\n\
+         [connectors.missing]\ncommand = \"/nonexistent/connector\"\nretry = {{ max_attempts = 2, backoff = \"100ms\" }}\n\n\
+         [connectors.not-executable]\ncommand = {:?}\nretry = {{ max_attempts = 1 }}\n",
+        not_executable.display().to_string()
+    )
+}
+
+/// Adds a connection of the hostile connector with a behaviour.
+async fn connection(db: &TestDb, dir: &Path, id: &str, behaviour: &str) {
+    db.exec(&format!(
+        "insert into connections (id, connector) values ('{id}', 'hostile')"
+    ))
+    .await;
+    behave(dir, id, behaviour);
+}
+
+fn behave(dir: &Path, id: &str, behaviour: &str) {
+    std::fs::write(dir.join(format!("behaviour.{id}")), behaviour).expect("write behaviour");
+}
+
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // An orphan killed after its parent died may stay a zombie where the
+        // machine's init does not reap; it runs no code.
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+async fn wait_for_gone(pid: i32) {
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    while !process_gone(pid) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "process {pid} still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn child_pid(dir: &Path, run_id: i64) -> i32 {
+    recorded_env(dir, run_id)["PID"].parse().expect("pid")
+}
+
+async fn wait_for_child(db: &TestDb, dir: &Path, connection: &str) -> (i64, i32) {
+    db.wait_until(&format!(
+        "select count(*) = 1 from runs where connection_id = '{connection}' and status = 'running' and pid is not null"
+    ))
+    .await;
+    let run_id: i64 = db
+        .scalar(&format!(
+            "select id from runs where connection_id = '{connection}' and status = 'running'"
+        ))
+        .await;
+    let path = dir.join(format!("{run_id}.env"));
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    while !path.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "child never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (run_id, child_pid(dir, run_id))
+}
+
+/// SIGTERM mid-run: claiming stops, the child gets `shutdown_grace`, then
+/// SIGTERM; the run is `interrupted`, its command re-queued without using
+/// an attempt, and the daemon exits 0. A second daemon runs the command.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_interrupts_and_requeues() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    connection(&db, &dir.path, "hung", "hang").await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    db.exec("insert into run_commands (connection_id) values ('hung')")
+        .await;
+    let (run_id, pid) = wait_for_child(&db, &dir.path, "hung").await;
+    let status = daemon.stop();
+    assert!(status.success(), "exit status {status:?}");
+    wait_for_gone(pid).await;
+    let (run_status, kind): (String, Option<String>) = sqlx::query_as(&format!(
+        "select status, failure_kind from runs where id = {run_id}"
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .expect("run");
+    assert_eq!(
+        (run_status.as_str(), kind.as_deref()),
+        ("failed", Some("interrupted"))
+    );
+    let (command_status, attempt, commands): (String, i32, i64) =
+        sqlx::query_as("select status, attempt, count(*) over () from run_commands")
+            .fetch_one(&db.pool)
+            .await
+            .expect("command");
+    assert_eq!(
+        (command_status.as_str(), attempt, commands),
+        ("pending", 1, 1)
+    );
+
+    behave(&dir.path, "hung", "ok");
+    let _next = Daemon::start(&db, &dir.path, &config(&dir.path, "b", ""), &[]).await;
+    db.wait_until("select count(*) = 1 from runs where status = 'succeeded' and attempt = 1 and instance_id = 'b'")
+        .await;
+}
+
+/// A child that finishes inside `shutdown_grace` is let finish.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_a_running_child_finish_within_grace() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    connection(&db, &dir.path, "held", "hold").await;
+    let hold = dir.path.join("hold.held");
+    std::fs::write(&hold, "").expect("hold file");
+    let daemon = Daemon::start(
+        &db,
+        &dir.path,
+        &config(&dir.path, "a", "").replace("shutdown_grace = \"1s\"", "shutdown_grace = \"1m\""),
+        &[],
+    )
+    .await;
+    db.exec("insert into run_commands (connection_id) values ('held')")
+        .await;
+    wait_for_child(&db, &dir.path, "held").await;
+    // SIGTERM while the child runs, then let the child finish.
+    // SAFETY: kill(2) on the daemon we started.
+    unsafe {
+        libc::kill(daemon.pid() as i32, libc::SIGTERM);
+    }
+    std::fs::remove_file(&hold).expect("release the child");
+    assert!(daemon.stop().success());
+    let status: String = db.scalar("select status from runs").await;
+    assert_eq!(status, "succeeded");
+}
+
+/// `kill -9` of the daemon: its child dies with it, and another daemon
+/// marks the run `lost` once the lease expires and retries it.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_loses_the_run_and_another_daemon_retries_it() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    connection(&db, &dir.path, "victim", "hang").await;
+    let a = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    db.exec("insert into run_commands (connection_id) values ('victim')")
+        .await;
+    let (run_id, pid) = wait_for_child(&db, &dir.path, "victim").await;
+    // SAFETY: kill(2) on the daemon we started.
+    unsafe {
+        libc::kill(a.pid() as i32, libc::SIGKILL);
+    }
+    wait_for_gone(pid).await;
+    drop(a);
+
+    behave(&dir.path, "victim", "ok");
+    let b = Daemon::start(&db, &dir.path, &config(&dir.path, "b", ""), &[]).await;
+    db.wait_until(&format!(
+        "select status = 'failed' and failure_kind = 'lost' from runs where id = {run_id}"
+    ))
+    .await;
+    db.wait_until(
+        "select count(*) = 1 from runs where status = 'succeeded' and attempt = 2 and trigger = 'retry' and instance_id = 'b'",
+    )
+    .await;
+    let parent: i64 = db
+        .scalar("select parent_run_id from run_commands where trigger = 'retry'")
+        .await;
+    assert_eq!(parent, run_id);
+    assert!(b.logs().contains("run.lost"));
+}
+
+/// Floods of output: 200 MiB without a newline, a million lines and
+/// invalid UTF-8 leave the daemon's peak memory where it was, and the log
+/// is rate-limited with a count of what was dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn output_floods_do_not_grow_memory() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    connection(&db, &dir.path, "bytes", "flood-bytes").await;
+    connection(&db, &dir.path, "lines", "flood-lines").await;
+    connection(&db, &dir.path, "utf8", "invalid-utf8").await;
+    connection(&db, &dir.path, "chatty", "chatty").await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    // Warm up with one ordinary run so the baseline includes a launch.
+    db.exec("insert into run_commands (connection_id) values ('utf8'), ('chatty')")
+        .await;
+    db.wait_until("select count(*) = 2 from runs where status = 'succeeded'")
+        .await;
+    let before = peak_rss_kib(daemon.pid());
+    db.exec("insert into run_commands (connection_id) values ('bytes'), ('lines')")
+        .await;
+    db.wait_until("select count(*) = 4 from runs where status = 'succeeded'")
+        .await;
+    let after = peak_rss_kib(daemon.pid());
+    assert!(
+        after <= before + 8 * 1024,
+        "peak RSS grew from {before} KiB to {after} KiB"
+    );
+    let logs = daemon.logs();
+    let flood_lines = logs
+        .lines()
+        .filter(|l| l.contains("a line of output"))
+        .count();
+    assert!(flood_lines < 2_000, "{flood_lines} flood lines were logged");
+    assert!(
+        logs.contains("dropped by the log rate limit"),
+        "drops are counted"
+    );
+    assert!(logs.contains("bad"), "invalid UTF-8 is logged lossily");
+    let records: Option<i64> = db
+        .scalar("select records from runs where connection_id = 'chatty'")
+        .await;
+    assert_eq!(
+        records,
+        Some(42),
+        "a malformed progress line does not overwrite the count"
+    );
+    assert!(
+        logs.contains("wrong shape"),
+        "malformed messages are reported"
+    );
+    assert!(logs.contains("from the connector"));
+    assert!(logs.contains("to stderr"));
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// `overlap = 'skip'` records skipped runs while a run is going;
+/// `overlap = 'queue'` waits its turn; runs of one connection never overlap.
+#[tokio::test(flavor = "multi_thread")]
+async fn overlap_skip_and_queue() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    connection(&db, &dir.path, "skipper", "hold").await;
+    connection(&db, &dir.path, "queuer", "hold").await;
+    std::fs::write(dir.path.join("hold.skipper"), "").expect("hold");
+    std::fs::write(dir.path.join("hold.queuer"), "").expect("hold");
+    db.exec(
+        "insert into schedules (connection_id, cron, overlap) values
+            ('skipper', '* * * * * *', 'skip'), ('queuer', '* * * * * *', 'queue')",
+    )
+    .await;
+    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    db.wait_until(
+        "select count(*) >= 2 from runs where connection_id = 'skipper' and status = 'skipped' and failure_kind = 'overlap'",
+    )
+    .await;
+    db.wait_until("select count(*) >= 2 from run_commands where connection_id = 'queuer' and status = 'pending'")
+        .await;
+    let skipped_spawned: i64 = db
+        .scalar("select count(*) from runs where status = 'skipped' and (pid is not null or started_at is not null)")
+        .await;
+    assert_eq!(skipped_spawned, 0);
+    let queuer_runs: i64 = db
+        .scalar("select count(*) from runs where connection_id = 'queuer'")
+        .await;
+    assert_eq!(
+        queuer_runs, 1,
+        "queued ticks wait instead of running or skipping"
+    );
+    // Let the children go: queued ticks then run one after another.
+    std::fs::remove_file(dir.path.join("hold.queuer")).expect("release");
+    std::fs::remove_file(dir.path.join("hold.skipper")).expect("release");
+    db.wait_until(
+        "select count(*) >= 3 from runs where connection_id = 'queuer' and status = 'succeeded'",
+    )
+    .await;
+    let overlapping: i64 = db
+        .scalar(
+            "select count(*) from runs a join runs b
+               on a.connection_id = b.connection_id and a.id < b.id
+              and a.started_at < coalesce(b.finished_at, now()) and b.started_at < coalesce(a.finished_at, now())",
+        )
+        .await;
+    assert_eq!(overlapping, 0);
+}
+
+/// Each bad input gets a clear, typed outcome while everyone else is
+/// served: a missing program and a non-executable one (`spawn_failed`,
+/// retried), a connection deleted while its command waits
+/// (`connection_missing`), and config errors naming file and line.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_typed_outcomes() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    db.exec(
+        "insert into connections (id, connector) values ('gone', 'missing'), ('noexec', 'not-executable')",
+    )
+    .await;
+    connection(&db, &dir.path, "fine", "ok").await;
+    connection(&db, &dir.path, "doomed", "ok").await;
+    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    // A command for a connection that is deleted before it is claimed: hold
+    // it back with not_before, delete the connection, then release it.
+    db.exec(
+        "insert into run_commands (connection_id, not_before) values ('doomed', now() + interval '1 hour');
+         delete from connections where id = 'doomed';
+         update run_commands set not_before = now() where connection_id = 'doomed';
+         insert into run_commands (connection_id) values ('gone'), ('noexec'), ('fine');",
+    )
+    .await;
+    db.wait_until(
+        "select count(*) = 1 from runs where connection_id = 'fine' and status = 'succeeded'",
+    )
+    .await;
+    db.wait_until("select count(*) = 2 from runs where connection_id = 'gone'")
+        .await;
+    let gone: Vec<(String, Option<String>, Option<String>, i32)> = sqlx::query_as(
+        "select status, failure_kind, failure_detail, attempt from runs where connection_id = 'gone' order by id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("runs");
+    for (i, (status, kind, detail, attempt)) in gone.iter().enumerate() {
+        assert_eq!(
+            (status.as_str(), kind.as_deref()),
+            ("failed", Some("spawn_failed"))
+        );
+        assert!(
+            detail
+                .as_deref()
+                .is_some_and(|d| d.contains("/nonexistent/connector")),
+            "{detail:?}"
+        );
+        assert_eq!(*attempt, i as i32 + 1);
+    }
+    db.wait_until("select count(*) = 1 from runs where connection_id = 'noexec' and failure_kind = 'spawn_failed'")
+        .await;
+    db.wait_until(
+        "select count(*) = 1 from runs where connection_id = 'doomed' and status = 'refused' and failure_kind = 'connection_missing'",
+    )
+    .await;
+
+    let bad = dir.path.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[daemon]\nlease = \"30s\"\nmax_concurrent_runs = \"many\"\n",
+    )
+    .expect("write");
+    let (code, _, stderr) = cli(&db, Some(&bad), &["check"], "");
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("line 3"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = cli(&db, Some(&bad), &["run"], "");
+    assert_eq!(code, 1, "the daemon refuses a bad config: {stderr}");
+}
+
+/// A key file of the wrong length stops start-up with a clear error.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_key_file_stops_start_up() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    let keys = dir.path.join("keys");
+    std::fs::create_dir_all(&keys).expect("keys dir");
+    let key = keys.join("k1.key");
+    std::fs::write(&key, [7u8; 17]).expect("write key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let config_path = dir.path.join("c.toml");
+    std::fs::write(&config_path, config(&dir.path, "a", "")).expect("write config");
+    let (code, _, stderr) = cli(&db, Some(&config_path), &["run"], "");
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("k1.key") && stderr.contains("17 bytes"),
+        "{stderr}"
+    );
+}
+
+/// Three daemons on one database, 30 every-second schedules: no tick fires
+/// twice, none is missed, and runs of one connection never overlap.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_daemons_race_without_duplicates_or_gaps() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    for i in 0..30 {
+        connection(&db, &dir.path, &format!("c{i:02}"), "ok").await;
+    }
+    db.exec("insert into schedules (connection_id, cron, overlap) select id, '* * * * * *', 'queue' from connections")
+        .await;
+    let daemons = [
+        Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await,
+        Daemon::start(&db, &dir.path, &config(&dir.path, "b", ""), &[]).await,
+        Daemon::start(&db, &dir.path, &config(&dir.path, "c", ""), &[]).await,
+    ];
+    // Let every schedule fire at least six times while all three run.
+    db.wait_until("select coalesce(min(n) >= 6 and count(*) = 30, false) from (select count(*) n from run_commands group by schedule_id) t")
+        .await;
+    for daemon in daemons {
+        assert!(daemon.stop().success());
+    }
+    let duplicates: i64 = db
+        .scalar("select count(*) from (select 1 from runs group by schedule_id, scheduled_for having count(*) > 1) d")
+        .await;
+    assert_eq!(duplicates, 0, "a tick ran twice");
+    let gaps: i64 = db
+        .scalar(
+            "select count(*) from (
+                select schedule_id,
+                       extract(epoch from max(scheduled_for) - min(scheduled_for))::bigint + 1 as span,
+                       count(distinct scheduled_for) as fired
+                from run_commands group by schedule_id) t
+             where fired <> span",
+        )
+        .await;
+    assert_eq!(gaps, 0, "a tick was missed");
+    let overlapping: i64 = db
+        .scalar(
+            "select count(*) from runs a join runs b
+               on a.connection_id = b.connection_id and a.id < b.id
+              and a.started_at < b.finished_at and b.started_at < a.finished_at",
+        )
+        .await;
+    assert_eq!(overlapping, 0);
+    let instances: i64 = db
+        .scalar("select count(distinct instance_id) from runs")
+        .await;
+    assert!(instances >= 2, "work is shared between daemons");
+}
