@@ -90,6 +90,9 @@ pub enum Command {
         connection: Option<String>,
         #[arg(long)]
         status: Option<String>,
+        /// Only runs created since this long ago ("1h") or this RFC 3339 time.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<DateTime<Utc>>,
         #[arg(long, default_value_t = 20)]
         limit: i64,
         #[arg(long)]
@@ -254,9 +257,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Runs {
             connection,
             status,
+            since,
             limit,
             json,
-        } => runs(&config, connection, status, limit, json).await,
+        } => {
+            runs(
+                &config,
+                RunFilter {
+                    connection,
+                    status,
+                    since,
+                    limit,
+                },
+                json,
+            )
+            .await
+        }
         Command::Interactions { open, json } => interactions(&config, open, json).await,
     }
 }
@@ -672,13 +688,26 @@ async fn trigger(config: &Config, connection: &str, wait: bool) -> anyhow::Resul
     }
 }
 
-async fn runs(
-    config: &Config,
+/// `--since`: a duration back from now, or an RFC 3339 instant.
+fn parse_since(text: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(duration) = humantime::parse_duration(text) {
+        let duration = chrono::Duration::from_std(duration).map_err(|e| e.to_string())?;
+        return Ok(Utc::now() - duration);
+    }
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| format!("{text:?} is neither a duration like \"1h\" nor an RFC 3339 time"))
+}
+
+/// Which runs `runs` lists.
+struct RunFilter {
     connection: Option<String>,
     status: Option<String>,
+    since: Option<DateTime<Utc>>,
     limit: i64,
-    json: bool,
-) -> anyhow::Result<u8> {
+}
+
+async fn runs(config: &Config, filter: RunFilter, json: bool) -> anyhow::Result<u8> {
     let pool = pool(config).await?;
     #[derive(sqlx::FromRow)]
     struct Row {
@@ -701,11 +730,13 @@ async fn runs(
                 credential_source, exit_code, created_at, started_at, finished_at
          from runs
          where ($1::text is null or connection_id = $1) and ($2::text is null or status = $2)
+           and ($4::timestamptz is null or created_at >= $4)
          order by id desc limit $3",
     )
-    .bind(connection)
-    .bind(status)
-    .bind(limit)
+    .bind(filter.connection)
+    .bind(filter.status)
+    .bind(filter.limit)
+    .bind(filter.since)
     .fetch_all(&pool)
     .await?;
     if !json {

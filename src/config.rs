@@ -21,6 +21,8 @@ pub struct Config {
     #[serde(default)]
     pub daemon: DaemonConfig,
     #[serde(default)]
+    pub retention: RetentionConfig,
+    #[serde(default)]
     pub child_env: ChildEnvConfig,
     /// The runtime registry: one entry per connector, keyed by its name.
     #[serde(default)]
@@ -127,6 +129,35 @@ impl DaemonConfig {
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|_| "localhost".to_owned());
         format!("{host}:{}", std::process::id())
+    }
+}
+
+/// How long finished history is kept; `"0s"` keeps everything of a kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    #[serde(with = "duration")]
+    pub runs: Duration,
+    #[serde(with = "duration")]
+    pub commands: Duration,
+    #[serde(with = "duration")]
+    pub interactions: Duration,
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    #[serde(deserialize_with = "positive_u32")]
+    pub batch: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        const DAY: u64 = 24 * 3600;
+        RetentionConfig {
+            runs: Duration::from_secs(90 * DAY),
+            commands: Duration::from_secs(30 * DAY),
+            interactions: Duration::from_secs(90 * DAY),
+            interval: Duration::from_secs(600),
+            batch: 1000,
+        }
     }
 }
 
@@ -483,6 +514,29 @@ mod tests {
         check(
             "[connectors.x]\ncommand = \"/bin/true\"\ncredential = { kind = \"static_secret\", env = \"A B\" }\n",
             &["connectors.x", "A B"],
+        );
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let config = Config::parse(include_str!("../config/connectors.example.toml"))
+            .expect("config/connectors.example.toml parses");
+        for browser in ["amazon", "chase", "reddit", "usaa"] {
+            let upper = browser.to_uppercase();
+            assert_eq!(
+                config.connectors[browser].credential,
+                Some(CredentialSpec::UsernamePassword {
+                    username_env: format!("{upper}_USERNAME"),
+                    password_env: format!("{upper}_PASSWORD"),
+                })
+            );
+        }
+        assert_eq!(
+            config.connectors["github"]
+                .credential
+                .as_ref()
+                .map(CredentialSpec::kind),
+            Some("static_secret")
         );
     }
 

@@ -23,6 +23,7 @@ use crate::keys::Keyring;
 use crate::launch::{self, retry_delay, Context};
 use crate::queue;
 use crate::schedule::{Backoff, Edit, Engine};
+use crate::systemd::{watchdog_interval, Heartbeats, Notifier};
 
 /// Channels the daemon listens on.
 const SCHEDULES_CHANNEL: &str = "connectord_schedules";
@@ -89,6 +90,8 @@ pub async fn run(
         .await
         .context("settling runs left by a previous start")?;
 
+    let notifier = Arc::new(Notifier::from_env());
+    let heartbeats = Arc::new(Heartbeats::new());
     let wake = Arc::new(Notify::new());
     let (edits_tx, edits_rx) = mpsc::channel(4096);
     let stop_loops = CancellationToken::new();
@@ -106,22 +109,38 @@ pub async fn run(
                 ctx.config.daemon.reconcile_interval,
                 stop_loops.clone(),
                 ready_tx,
+                heartbeats.clone(),
             )
             .in_current_span(),
     );
     loops.spawn(lease_keeper(ctx.clone(), stop_loops.clone()).in_current_span());
-    let queue_task = tokio::spawn(queue_loop(ctx.clone(), wake).in_current_span());
+    loops.spawn(
+        crate::retention::run(
+            pool.clone(),
+            ctx.config.retention.clone(),
+            stop_loops.clone(),
+        )
+        .in_current_span(),
+    );
+    let queue_task =
+        tokio::spawn(queue_loop(ctx.clone(), wake, heartbeats.clone()).in_current_span());
 
     tokio::select! {
         loaded = ready_rx => {
             let schedules = loaded.unwrap_or(0);
             tracing::info!(schedules, "connectord ready");
+            notifier.notify("READY=1");
+            loops.spawn(
+                supervisor_link(ctx.clone(), notifier.clone(), heartbeats, stop_loops.clone())
+                    .in_current_span(),
+            );
             on_ready(schedules);
         }
         () = shutdown.cancelled() => {}
     }
 
     shutdown.cancelled().await;
+    notifier.notify("STOPPING=1");
     tracing::info!("shutting down: no new runs are claimed; running connectors may finish");
     // The queue loop returns once every launch has settled its run.
     if let Err(e) = queue_task.await {
@@ -217,7 +236,7 @@ async fn listen(
 
 /// Claims commands while there is capacity and launches each one; waits
 /// for a notification, a finished run or the poll interval otherwise.
-async fn queue_loop(ctx: Arc<Context>, wake: Arc<Notify>) {
+async fn queue_loop(ctx: Arc<Context>, wake: Arc<Notify>, heartbeats: Arc<Heartbeats>) {
     let max = ctx.config.daemon.max_concurrent_runs as usize;
     let global = Arc::new(Semaphore::new(max));
     let per_connector: HashMap<String, Arc<Semaphore>> = ctx
@@ -238,6 +257,7 @@ async fn queue_loop(ctx: Arc<Context>, wake: Arc<Notify>) {
         if ctx.shutdown.is_cancelled() {
             break;
         }
+        heartbeats.queue_alive();
         let mut delay = ctx.config.daemon.poll_interval;
         match claim_and_launch(&ctx, &global, &per_connector, &mut tasks).await {
             Ok(claimed) => {
@@ -439,4 +459,53 @@ async fn rescue(ctx: &Context, own_leftovers: bool) -> Result<(), sqlx::Error> {
     .execute(&ctx.pool)
     .await?;
     Ok(())
+}
+
+/// Keeps systemd informed: `WATCHDOG=1` at half the watchdog interval
+/// while the timer and queue loops make progress, and `STATUS=` with the
+/// running and queued counts.
+async fn supervisor_link(
+    ctx: Arc<Context>,
+    notifier: Arc<Notifier>,
+    heartbeats: Arc<Heartbeats>,
+    stop: CancellationToken,
+) {
+    if !notifier.is_enabled() {
+        return;
+    }
+    let watchdog = watchdog_interval();
+    let period = watchdog
+        .map(|w| w / 2)
+        .unwrap_or(std::time::Duration::from_secs(10))
+        .min(std::time::Duration::from_secs(10));
+    // Both loops wake at least every few seconds; a loop silent for longer
+    // than this is stuck.
+    let stall = std::time::Duration::from_secs(3)
+        .max(ctx.config.daemon.poll_interval * 3)
+        .max(period);
+    let mut ticker = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        if watchdog.is_some() {
+            if heartbeats.healthy(stall) {
+                notifier.notify("WATCHDOG=1");
+            } else {
+                tracing::error!(
+                    "a daemon loop stopped making progress; withholding the watchdog ping"
+                );
+            }
+        }
+        let running = ctx.running.lock().map(|set| set.len()).unwrap_or(0);
+        let queued: Option<i64> = sqlx::query_scalar(
+            "select count(*) from run_commands where status = 'pending' and not_before <= now()",
+        )
+        .fetch_one(&ctx.pool)
+        .await
+        .ok();
+        let queued = queued.map_or("unknown".to_owned(), |q| q.to_string());
+        notifier.notify(&format!("STATUS=running {running}, queued {queued}"));
+    }
 }

@@ -23,8 +23,8 @@
 //! - [`store`]: writing credentials (set, revoke, delete, rotate).
 //! - [`child_env`], [`child`], [`protocol`]: the child's environment, its
 //!   supervision, and what it may print.
-//! - [`runs`]: writes to `runs` and `interactions`.
-//! - [`daemon`]: wiring and shutdown.
+//! - [`runs`]: writes to `runs` and `interactions`; [`retention`]: pruning.
+//! - [`daemon`]: wiring and shutdown; [`systemd`]: the notify protocol.
 //! - [`cli`], [`dev`], [`pgcluster`], [`logging`]: the command line.
 
 pub mod check;
@@ -44,7 +44,9 @@ pub mod pgcluster;
 pub mod protocol;
 pub mod queue;
 pub mod resolver;
+pub mod retention;
 pub mod runs;
 pub mod schedule;
 pub mod secret;
 pub mod store;
+pub mod systemd;

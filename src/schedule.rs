@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cron::{self, CronExpr, FireRule};
+use crate::systemd::Heartbeats;
 
 /// What the listener tells the engine.
 #[derive(Debug)]
@@ -467,6 +468,7 @@ impl Engine {
         reconcile_interval: Duration,
         shutdown: CancellationToken,
         ready: tokio::sync::oneshot::Sender<usize>,
+        heartbeats: Arc<Heartbeats>,
     ) {
         let mut backoff = Backoff::new();
         while let Err(e) = self.load_all().await {
@@ -483,6 +485,7 @@ impl Engine {
         reconcile.reset();
         let mut failing = false;
         loop {
+            heartbeats.engine_alive();
             let sleep_for = self
                 .next_wake()
                 .map(|at| (at - Utc::now()).to_std().unwrap_or(Duration::ZERO))

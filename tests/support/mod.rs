@@ -226,8 +226,19 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts `connectord run` with `config` and extra host environment, and
-    /// waits until it logs that it is ready.
+    /// waits until it logs that it is ready. Logs are JSON lines.
     pub async fn start(db: &TestDb, dir: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with_format(db, dir, config, env, "json").await
+    }
+
+    /// As `start`, with the given `--log-format`.
+    pub async fn start_with_format(
+        db: &TestDb,
+        dir: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+        log_format: &str,
+    ) -> Daemon {
         static N: AtomicU32 = AtomicU32::new(0);
         let config_path = dir.join(format!("daemon-{}.toml", N.fetch_add(1, Ordering::SeqCst)));
         std::fs::write(&config_path, config).expect("write config");
@@ -236,7 +247,7 @@ impl Daemon {
             .arg("--config")
             .arg(&config_path)
             .arg("--log-format")
-            .arg("json")
+            .arg(log_format)
             .arg("run")
             .env("DATABASE_URL", &db.url)
             .env("RUST_LOG", "info")

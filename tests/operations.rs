@@ -1,0 +1,575 @@
+//! What operators rely on: the systemd notify protocol and unit, log
+//! formats that never carry a secret, key rotation end to end, retention,
+//! `check`, and the listing commands.
+
+#![allow(clippy::type_complexity)]
+
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+
+use support::{cli, recorded_env, stand_in, Daemon, Scratch, TestDb};
+
+/// A registry with a token connector and a browser connector, keys in the
+/// scratch dir under `primary`.
+fn config(dir: &Path, primary: &str, extra: &str) -> String {
+    let script = stand_in();
+    let record = dir.display();
+    format!(
+        "[keys]\ndir = \"{record}/keys\"\nprimary = {primary:?}\n\n\
+         [daemon]\ninstance_id = \"ops\"\nshutdown_grace = \"1s\"\nkill_grace = \"500ms\"\nlease = \"3s\"\n\n{extra}\n\
+         [connectors.github]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\n\
+         credential = {{ kind = \"static_secret\", env = \"GITHUB_TOKEN\" }}\n\n\
+         [connectors.chase]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\n\
+         credential = {{ kind = \"username_password\", username_env = \"CHASE_USERNAME\", password_env = \"CHASE_PASSWORD\" }}\n"
+    )
+}
+
+fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn generate_key(db: &TestDb, dir: &Path, id: &str) {
+    let keys = dir.join("keys");
+    let (code, out, err) = cli(
+        db,
+        None,
+        &[
+            "keys",
+            "generate",
+            "--id",
+            id,
+            "--dir",
+            keys.to_str().expect("utf-8"),
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+fn run_ok(db: &TestDb, config: &Path, args: &[&str], stdin: &str) -> String {
+    let (code, out, err) = cli(db, Some(config), args, stdin);
+    assert_eq!(code, 0, "{args:?}: {out}{err}");
+    out
+}
+
+/// The daemon speaks systemd's notify protocol: READY=1 after loading,
+/// STATUS= lines, WATCHDOG=1 pings, STOPPING=1 on SIGTERM.
+#[tokio::test(flavor = "multi_thread")]
+async fn notify_protocol() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    let socket_path = dir.path.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
+    socket
+        .set_read_timeout(Some(support::PATIENCE))
+        .expect("timeout");
+    let daemon = Daemon::start(
+        &db,
+        &dir.path,
+        &config(&dir.path, "k1", ""),
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().expect("utf-8")),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    )
+    .await;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    while !(seen.iter().any(|m: &String| m == "READY=1")
+        && seen
+            .iter()
+            .any(|m| m.starts_with("STATUS=running 0, queued"))
+        && seen.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2)
+    {
+        let n = socket.recv(&mut buf).expect("a notification");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert_eq!(seen[0], "READY=1", "READY comes first: {seen:?}");
+    // SAFETY: kill(2) on the daemon we started.
+    unsafe {
+        libc::kill(daemon.pid() as i32, libc::SIGTERM);
+    }
+    loop {
+        let n = socket.recv(&mut buf).expect("a notification");
+        if &buf[..n] == b"STOPPING=1" {
+            break;
+        }
+    }
+    assert!(daemon.stop().success());
+}
+
+/// The shipped unit passes `systemd-analyze verify` (pointed at this
+/// build's binary) and carries the settings the daemon's shutdown relies on.
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/connectord.service"),
+    )
+    .expect("read unit");
+    for needed in [
+        "Type=notify",
+        "WatchdogSec=",
+        "KillMode=mixed",
+        "TimeoutStopSec=60s",
+        "LoadCredential=",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "StateDirectory=",
+        "RuntimeDirectory=",
+        "PrivateTmp=yes",
+        "ProtectHome=yes",
+        "RestrictAddressFamilies=",
+        "LimitCORE=0",
+    ] {
+        assert!(unit.contains(needed), "the unit lacks {needed}");
+    }
+    let analyze = Path::new("/usr/bin/systemd-analyze");
+    if !analyze.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI installs systemd; systemd-analyze is missing"
+        );
+        eprintln!("systemd-analyze is not installed; skipping `verify`");
+        return;
+    }
+    let dir = Scratch::new();
+    let path = dir.path.join("connectord.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/connectord", support::binary()),
+    )
+    .expect("write unit");
+    let output = std::process::Command::new(analyze)
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("run systemd-analyze");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("connectord.service:"),
+        "warnings about the unit: {stderr}"
+    );
+}
+
+/// Every log format carries the run lifecycle events, and none carries a
+/// secret.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_log_format_carries_a_secret() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    generate_key(&db, &dir.path, "k1");
+    let config_text = config(&dir.path, "k1", "");
+    let config_path = write_config(&dir.path, "c.toml", &config_text);
+    db.exec("insert into connections (id, connector) values ('alice-chase', 'chase'), ('bob-github', 'github'), ('carol-github', 'github')")
+        .await;
+    run_ok(
+        &db,
+        &config_path,
+        &[
+            "credentials",
+            "set",
+            "alice-chase",
+            "--kind",
+            "username_password",
+            "--username",
+            "alice.user-7731",
+        ],
+        "hunter2-chase-pw\n",
+    );
+    run_ok(
+        &db,
+        &config_path,
+        &[
+            "credentials",
+            "set",
+            "bob-github",
+            "--kind",
+            "static_secret",
+        ],
+        "ghp_tokenBOB4242\n",
+    );
+    let secrets = ["alice.user-7731", "hunter2-chase-pw", "ghp_tokenBOB4242"];
+    for (i, format) in ["json", "compact", "pretty"].into_iter().enumerate() {
+        let daemon = Daemon::start_with_format(
+            &db,
+            &dir.path,
+            &config_text,
+            &[("GITHUB_TOKEN", "")],
+            format,
+        )
+        .await;
+        db.exec("insert into run_commands (connection_id) values ('alice-chase'), ('bob-github'), ('carol-github')")
+            .await;
+        db.wait_until(&format!(
+            "select count(*) = {} from runs where status <> 'running'",
+            3 * (i + 1)
+        ))
+        .await;
+        let logs = daemon.logs();
+        assert!(daemon.stop().success());
+        for secret in secrets {
+            assert!(
+                !logs.contains(secret),
+                "{format} log leaks a secret:\n{logs}"
+            );
+        }
+        for event in ["run.started", "run.finished", "run.refused"] {
+            assert!(logs.contains(event), "{format} log lacks {event}:\n{logs}");
+        }
+        if format == "json" {
+            let started = logs
+                .lines()
+                .find(|l| l.contains("run.started"))
+                .expect("a run.started line");
+            let line: serde_json::Value =
+                serde_json::from_str(started).expect("one JSON object per line");
+            let span = &line["span"];
+            for field in ["run_id", "connection", "connector", "trigger", "attempt"] {
+                assert!(
+                    !span[field].is_null(),
+                    "run.started lacks {field}: {started}"
+                );
+            }
+        }
+    }
+}
+
+/// Key rotation end to end: generate k2, make it primary, rotate, remove
+/// k1, and runs still get their credential.
+#[tokio::test(flavor = "multi_thread")]
+async fn key_rotation_end_to_end() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    generate_key(&db, &dir.path, "k1");
+    let k1 = write_config(&dir.path, "k1.toml", &config(&dir.path, "k1", ""));
+    db.exec("insert into connections (id, connector) values ('alice-chase', 'chase'), ('bob-github', 'github')")
+        .await;
+    run_ok(
+        &db,
+        &k1,
+        &[
+            "credentials",
+            "set",
+            "alice-chase",
+            "--kind",
+            "username_password",
+            "--username",
+            "alice",
+        ],
+        "pw-alice\n",
+    );
+    run_ok(
+        &db,
+        &k1,
+        &[
+            "credentials",
+            "set",
+            "bob-github",
+            "--kind",
+            "static_secret",
+        ],
+        "tok-bob\n",
+    );
+
+    generate_key(&db, &dir.path, "k2");
+    let k2_text = config(&dir.path, "k2", "");
+    let k2 = write_config(&dir.path, "k2.toml", &k2_text);
+    let out = run_ok(&db, &k2, &["credentials", "rotate"], "");
+    assert!(out.contains("re-encrypted 2"), "{out}");
+    let keys: Vec<String> = sqlx::query_scalar("select distinct key_id from credentials")
+        .fetch_all(&db.pool)
+        .await
+        .expect("key ids");
+    assert_eq!(keys, ["k2"]);
+    std::fs::remove_file(dir.path.join("keys/k1.key")).expect("retire k1");
+    let out = run_ok(&db, &k2, &["check"], "");
+    assert!(out.contains("0 defect(s)"), "{out}");
+
+    let _daemon = Daemon::start(&db, &dir.path, &k2_text, &[]).await;
+    db.exec("insert into run_commands (connection_id) values ('alice-chase'), ('bob-github')")
+        .await;
+    db.wait_until("select count(*) = 2 from runs where status = 'succeeded'")
+        .await;
+    let runs: Vec<(i64, String)> =
+        sqlx::query_as("select id, connection_id from runs order by connection_id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("runs");
+    let chase = recorded_env(&dir.path, runs[0].0);
+    assert_eq!(
+        (
+            chase["CHASE_USERNAME"].as_str(),
+            chase["CHASE_PASSWORD"].as_str()
+        ),
+        ("alice", "pw-alice")
+    );
+    assert_eq!(
+        recorded_env(&dir.path, runs[1].0)["GITHUB_TOKEN"],
+        "tok-bob"
+    );
+}
+
+/// Old history is pruned in the background; the last success and the last
+/// failure of every connection, and open interactions, are kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_keeps_what_matters() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    db.exec(
+        "insert into connections (id, connector) values ('old', 'github');
+         insert into runs (connection_id, trigger, status, failure_kind, created_at, finished_at)
+         select 'old', 'scheduled', s, case when s = 'failed' then 'exit_nonzero' end,
+                now() - (n || ' days')::interval, now() - (n || ' days')::interval
+         from (values (40, 'succeeded'), (39, 'failed'), (38, 'succeeded'), (37, 'failed'), (36, 'refused')) v(n, s);
+         insert into runs (connection_id, trigger, status, created_at, finished_at)
+         values ('old', 'manual', 'succeeded', now() - interval '1 hour', now() - interval '1 hour');
+         insert into run_commands (connection_id, status, created_at, not_before)
+         values ('old', 'done', now() - interval '40 days', now() - interval '40 days'),
+                ('old', 'pending', now() - interval '40 days', now() + interval '1 day');
+         insert into interactions (connection_id, kind, status, created_at, resolved_at)
+         values ('old', 'credentials_required', 'resolved', now() - interval '40 days', now() - interval '40 days'),
+                ('old', 'credentials_required', 'open', now() - interval '40 days', null);",
+    )
+    .await;
+    let _daemon = Daemon::start(
+        &db,
+        &dir.path,
+        &config(
+            &dir.path,
+            "k1",
+            "[retention]\nruns = \"7d\"\ncommands = \"7d\"\ninteractions = \"7d\"\nbatch = 1\n",
+        ),
+        &[],
+    )
+    .await;
+    db.wait_until("select count(*) = 0 from interactions where status = 'resolved'")
+        .await;
+    db.wait_until("select count(*) = 2 from runs").await;
+    let kept: Vec<(String, i32)> = sqlx::query_as(
+        "select status, extract(day from now() - created_at)::int from runs order by created_at",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("runs");
+    // The newest of each class stays: the refused run (36 days) for
+    // failures, the recent run for successes.
+    assert_eq!(
+        kept,
+        [("refused".to_owned(), 36), ("succeeded".to_owned(), 0)]
+    );
+    let commands: Vec<String> = sqlx::query_scalar("select status from run_commands")
+        .fetch_all(&db.pool)
+        .await
+        .expect("commands");
+    assert_eq!(commands, ["pending"]);
+    let open: i64 = db
+        .scalar("select count(*) from interactions where status = 'open'")
+        .await;
+    assert_eq!(open, 1);
+}
+
+/// `check` passes a sound set-up and reports each defect with a non-zero
+/// exit: a missing program, a bad schedule row, a credential under a key
+/// that is gone; `--json` gives one object per finding.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_defects() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    generate_key(&db, &dir.path, "k1");
+    let good = write_config(&dir.path, "good.toml", &config(&dir.path, "k1", ""));
+    db.exec("insert into connections (id, connector) values ('bob-github', 'github');
+             insert into schedules (connection_id, cron, timezone) values ('bob-github', '0 9 * * 1-5', 'Europe/Berlin');")
+        .await;
+    run_ok(
+        &db,
+        &good,
+        &[
+            "credentials",
+            "set",
+            "bob-github",
+            "--kind",
+            "static_secret",
+        ],
+        "tok\n",
+    );
+    let out = run_ok(&db, &good, &["check"], "");
+    assert!(out.contains("0 defect(s)"), "{out}");
+    assert!(
+        out.contains("0 9 * * 1-5") && out.matches("T0").count() >= 3,
+        "next three fire times: {out}"
+    );
+
+    db.exec(
+        "insert into schedules (connection_id, cron) values ('bob-github', '61 * * * *');
+             update credentials set key_id = 'k7';",
+    )
+    .await;
+    let broken = write_config(
+        &dir.path,
+        "broken.toml",
+        &config(&dir.path, "k1", "").replace(&stand_in(), "/nonexistent/github"),
+    );
+    let (code, out, _) = cli(&db, Some(&broken), &["check", "--json"], "");
+    assert_eq!(code, 1, "{out}");
+    let findings: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let defects: Vec<&str> = findings
+        .iter()
+        .filter(|f| f["ok"] == false)
+        .map(|f| f["message"].as_str().expect("message"))
+        .collect();
+    assert!(
+        defects.iter().any(|d| d.contains("/nonexistent/github")),
+        "{defects:?}"
+    );
+    assert!(
+        defects.iter().any(|d| d.contains("61 * * * *")),
+        "{defects:?}"
+    );
+    assert!(defects.iter().any(|d| d.contains("\"k7\"")), "{defects:?}");
+}
+
+/// The listing and steering commands an operator uses day to day.
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_commands() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    generate_key(&db, &dir.path, "k1");
+    let config_text = config(&dir.path, "k1", "");
+    let path = write_config(&dir.path, "c.toml", &config_text);
+    run_ok(
+        &db,
+        &path,
+        &[
+            "connections",
+            "add",
+            "alice-chase",
+            "--connector",
+            "chase",
+            "--owner",
+            "alice",
+        ],
+        "",
+    );
+    let (code, _, err) = cli(
+        &db,
+        Some(&path),
+        &["connections", "add", "alice-chase", "--connector", "chase"],
+        "",
+    );
+    assert_eq!(code, 1, "a duplicate is refused: {err}");
+    let out = run_ok(&db, &path, &["connections", "list"], "");
+    assert!(
+        out.contains("alice-chase") && out.contains("chase") && out.contains("alice"),
+        "{out}"
+    );
+
+    let (code, _, err) = cli(
+        &db,
+        Some(&path),
+        &["schedules", "set", "alice-chase", "every day"],
+        "",
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("every day"), "{err}");
+    run_ok(
+        &db,
+        &path,
+        &[
+            "schedules",
+            "set",
+            "alice-chase",
+            "30 2 * * *",
+            "--tz",
+            "Europe/Berlin",
+            "--overlap",
+            "queue",
+        ],
+        "",
+    );
+    run_ok(
+        &db,
+        &path,
+        &[
+            "schedules",
+            "set",
+            "alice-chase",
+            "0 3 * * *",
+            "--tz",
+            "Europe/Berlin",
+        ],
+        "",
+    );
+    let count: i64 = db.scalar("select count(*) from schedules").await;
+    assert_eq!(count, 1, "set replaces the connection's schedule");
+    let out = run_ok(&db, &path, &["schedules", "list", "--json"], "");
+    let row: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(row["cron"], "0 3 * * *");
+    assert!(
+        row["next_fire_at"]
+            .as_str()
+            .is_some_and(|t| t.contains("T01:00:00") || t.contains("T02:00:00")),
+        "{row}"
+    );
+    run_ok(&db, &path, &["schedules", "pause", "alice-chase"], "");
+    let enabled: bool = db.scalar("select enabled from schedules").await;
+    assert!(!enabled);
+    run_ok(&db, &path, &["schedules", "resume", "alice-chase"], "");
+    let enabled: bool = db.scalar("select enabled from schedules").await;
+    assert!(enabled);
+
+    // A refused run (no credential) and its interaction, seen through the CLI.
+    let _daemon = Daemon::start(&db, &dir.path, &config_text, &[]).await;
+    let (code, out, _) = cli(&db, Some(&path), &["trigger", "alice-chase", "--wait"], "");
+    assert_eq!(code, 4, "{out}");
+    let out = run_ok(
+        &db,
+        &path,
+        &[
+            "runs",
+            "--connection",
+            "alice-chase",
+            "--status",
+            "refused",
+            "--since",
+            "1h",
+            "--json",
+        ],
+        "",
+    );
+    let run: serde_json::Value =
+        serde_json::from_str(out.lines().next().expect("a run")).expect("json");
+    assert_eq!(run["failure_kind"], "credential_missing");
+    let out = run_ok(&db, &path, &["runs", "--since", "2000-01-01T00:00:00Z"], "");
+    assert!(out.contains("credential_missing"), "{out}");
+    let out = run_ok(&db, &path, &["interactions", "--open"], "");
+    assert!(out.contains("credentials_required"), "{out}");
+    run_ok(
+        &db,
+        &path,
+        &[
+            "credentials",
+            "set",
+            "alice-chase",
+            "--kind",
+            "username_password",
+            "--username",
+            "alice",
+        ],
+        "pw\n",
+    );
+    let out = run_ok(&db, &path, &["interactions", "--open"], "");
+    assert!(
+        !out.contains("credentials_required"),
+        "setting a credential resolves it: {out}"
+    );
+    let (code, out, _) = cli(&db, Some(&path), &["trigger", "alice-chase", "--wait"], "");
+    assert_eq!(code, 0, "{out}");
+}
