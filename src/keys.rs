@@ -122,6 +122,15 @@ pub enum SealError {
 
 /// Why [`Keyring::open`] failed. No variant says which part of the binding
 /// was wrong, because AES-GCM cannot tell and guessing would mislead.
+/// Why `reseal` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResealError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("key {0:?} is not in the key directory")]
@@ -305,6 +314,25 @@ impl Keyring {
         // `Zeroizing` wipes spare capacity on drop in any case.
         buf.truncate(plaintext_len);
         Ok(buf)
+    }
+
+    /// Re-encrypts a sealed credential under the primary key, for key
+    /// rotation: the plaintext exists only inside this call, in a zeroizing
+    /// buffer, so rotation needs no decrypting code of its own. `binding`
+    /// names the row as it is now; the result is bound to the same row
+    /// under the primary key.
+    pub fn reseal(
+        &self,
+        binding: &Binding,
+        nonce: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Sealed, ResealError> {
+        let plaintext = self.open(binding, nonce, ciphertext)?;
+        let rebound = Binding {
+            key_id: self.primary_id(),
+            ..*binding
+        };
+        Ok(self.seal(&rebound, &plaintext)?)
     }
 
     /// The primary key, which `load` guarantees is present.

@@ -159,20 +159,13 @@ pub async fn rotate(pool: &PgPool, keyring: &Keyring) -> Result<Rotation, StoreE
             kind: &row.kind,
             key_id: &row.key_id,
         };
-        let plaintext = match keyring.open(&old, &row.nonce, &row.ciphertext) {
-            Ok(plaintext) => plaintext,
+        let sealed = match keyring.reseal(&old, &row.nonce, &row.ciphertext) {
+            Ok(sealed) => sealed,
             Err(e) => {
                 rotation.failed.push((row.id, e.to_string()));
                 continue;
             }
         };
-        let sealed = keyring.seal(
-            &Binding {
-                key_id: primary,
-                ..old
-            },
-            &plaintext,
-        )?;
         let updated = sqlx::query(
             "update credentials set key_id = $2, nonce = $3, ciphertext = $4
              where id = $1 and key_id = $5 and nonce = $6",
