@@ -410,3 +410,74 @@ async fn trigger_wait_exits_with_the_outcome() {
         .expect("refused runs");
     assert!(refused_ids.iter().all(|id| !recorded.contains(id)));
 }
+
+/// The most runs that were going at any one instant.
+async fn peak_concurrency(db: &TestDb) -> i64 {
+    db.scalar(
+        "select coalesce(max(n), 0) from (
+             select count(*) as n from runs a join runs b
+               on b.started_at <= a.started_at and a.started_at < b.finished_at
+             group by a.id) t",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrency_limits_hold() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    let hold = dir.path.join("hold");
+    std::fs::write(&hold, "").expect("hold file");
+    let mut config =
+        config(&dir.path, "a").replace("[daemon]\n", "[daemon]\nmax_concurrent_runs = 3\n");
+    config.push_str(&format!(
+        "[connectors.limited]\ncommand = {:?}\nmax_concurrency = 2\nenv = {{ RECORD_DIR = \"{}\", BEHAVIOUR = \"wait-file\" }}\n\n\
+         [connectors.wide]\ncommand = {:?}\nmax_concurrency = 10\nenv = {{ RECORD_DIR = \"{}\", BEHAVIOUR = \"wait-file\" }}\n",
+        stand_in(),
+        dir.path.display(),
+        stand_in(),
+        dir.path.display()
+    ));
+    for i in 0..4 {
+        add_connection(&db, &format!("l{i}"), "limited").await;
+        add_connection(&db, &format!("w{i}"), "wide").await;
+    }
+    let _daemon = Daemon::start(&db, &dir.path, &config, &[]).await;
+    db.exec(
+        "insert into run_commands (connection_id) select id from connections where id like 'l%'",
+    )
+    .await;
+    // Two of the limited connector run; the rest wait unclaimed.
+    db.wait_until(
+        "select (select count(*) from runs where status = 'running') = 2
+            and (select count(*) from run_commands where status = 'pending' and claimed_by is null) = 2",
+    )
+    .await;
+    // The daemon-wide limit lets one more in, from another connector.
+    db.exec(
+        "insert into run_commands (connection_id) select id from connections where id like 'w%'",
+    )
+    .await;
+    db.wait_until(
+        "select (select count(*) from runs where status = 'running') = 3
+            and (select count(*) from run_commands where status = 'pending' and claimed_by is null) = 5",
+    )
+    .await;
+    std::fs::remove_file(&hold).expect("release");
+    db.wait_until("select count(*) = 8 from runs where status = 'succeeded'")
+        .await;
+    assert!(peak_concurrency(&db).await <= 3);
+    let limited_peak: i64 = db
+        .scalar(
+            "select coalesce(max(n), 0) from (
+                 select count(*) as n from runs a join runs b
+                   on b.started_at <= a.started_at and a.started_at < b.finished_at
+                  and a.connector = 'limited' and b.connector = 'limited'
+                 group by a.id) t",
+        )
+        .await;
+    assert!(
+        limited_peak <= 2,
+        "limited connector peaked at {limited_peak}"
+    );
+}
