@@ -97,8 +97,10 @@ pub async fn run(
     let stop_loops = CancellationToken::new();
     let mut loops = JoinSet::new();
 
-    let listener = listen(pool.clone(), edits_tx, wake.clone(), stop_loops.clone());
-    loops.spawn(listener.in_current_span());
+    let Some(listener) = connect_listener(&pool, &shutdown).await else {
+        return Ok(());
+    };
+    loops.spawn(listen(listener, edits_tx, wake.clone(), stop_loops.clone()).in_current_span());
 
     let engine = Engine::new(pool.clone(), ctx.config.daemon.catchup_window);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -153,35 +155,42 @@ pub async fn run(
     Ok(())
 }
 
-/// Forwards notifications: schedule edits to the engine, new commands to
-/// the queue. A lost connection is re-established by the listener, after
-/// which everything is re-read, since notifications sent meanwhile are lost.
-async fn listen(
-    pool: PgPool,
-    edits: mpsc::Sender<Edit>,
-    wake: Arc<Notify>,
-    stop: CancellationToken,
-) {
+/// Connects the notification listener, retrying until `stop`. The daemon
+/// listens before it loads schedules, so no edit made after "ready" can be
+/// missed.
+async fn connect_listener(pool: &PgPool, stop: &CancellationToken) -> Option<PgListener> {
     let mut backoff = Backoff::new();
-    let mut listener = loop {
+    loop {
         let attempt = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
+            let mut listener = PgListener::connect_with(pool).await?;
             listener
                 .listen_all([SCHEDULES_CHANNEL, COMMANDS_CHANNEL])
                 .await?;
             Ok::<_, sqlx::Error>(listener)
         };
         match attempt.await {
-            Ok(listener) => break listener,
+            Ok(listener) => return Some(listener),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen for notifications; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(backoff.next_delay()) => {}
-                    () = stop.cancelled() => return,
+                    () = stop.cancelled() => return None,
                 }
             }
         }
-    };
+    }
+}
+
+/// Forwards notifications: schedule edits to the engine, new commands to
+/// the queue. A lost connection is re-established by the listener, after
+/// which everything is re-read, since notifications sent meanwhile are lost.
+async fn listen(
+    mut listener: PgListener,
+    edits: mpsc::Sender<Edit>,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Backoff::new();
     let mut failing = false;
     loop {
         let received = tokio::select! {
