@@ -40,6 +40,20 @@ impl Report {
     }
 }
 
+/// Where a connector's program is: as written when it names a path, else
+/// found through `PATH` as the spawn will find it.
+fn program_path(command: &std::path::Path) -> std::path::PathBuf {
+    if command.components().count() > 1 {
+        return command.to_owned();
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(command))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| command.to_owned())
+}
+
 pub async fn run(config: &Config, json: bool) -> anyhow::Result<u8> {
     let mut report = Report::default();
     report.ok(
@@ -50,7 +64,7 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<u8> {
         ),
     );
     for (name, connector) in &config.connectors {
-        match std::fs::metadata(&connector.command) {
+        match std::fs::metadata(program_path(&connector.command)) {
             Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => {}
             Ok(_) => report.defect(
                 "registry",
@@ -195,7 +209,9 @@ async fn check_database(
     .await?;
     for (id, connection, connector, kind, key_id) in credentials {
         if let Some(entry) = config.connectors.get(&connector) {
-            if entry.mapping_for(&kind).is_none() {
+            // A connector that needs no credential never reads it: no
+            // mismatch is possible.
+            if entry.credential.is_some() && entry.mapping_for(&kind).is_none() {
                 report.defect(
                     "credential",
                     format!(

@@ -38,6 +38,9 @@ pub struct Running {
     child: Child,
     pub pid: u32,
     messages: mpsc::Receiver<Message>,
+    /// The output readers, aborted if a process that escaped the group
+    /// keeps the pipes open after the child ended.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// How the child ended.
@@ -52,6 +55,8 @@ pub enum Exit {
 pub enum EndedBy {
     Timeout,
     Shutdown,
+    /// Another daemon took the run over (our lease had expired).
+    Superseded,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +71,8 @@ pub struct Limits<'a> {
     pub kill_grace: Duration,
     pub shutdown_grace: Duration,
     pub shutdown: &'a CancellationToken,
+    /// Cancelled when the run is found to belong to another daemon now.
+    pub superseded: &'a CancellationToken,
 }
 
 /// Starts the connector program with exactly `env`.
@@ -103,16 +110,20 @@ pub fn spawn(connector: &ConnectorConfig, env: &ChildEnv) -> Result<Running, Spa
     let pid = child.id().unwrap_or(0);
     let (tx, messages) = mpsc::channel(64);
     let span = tracing::Span::current();
+    let mut readers = Vec::with_capacity(2);
     if let Some(stdout) = child.stdout.take() {
-        tokio::spawn(read_stdout(stdout, tx).instrument(span.clone()));
+        readers.push(tokio::spawn(
+            read_stdout(stdout, tx).instrument(span.clone()),
+        ));
     }
     if let Some(stderr) = child.stderr.take() {
-        tokio::spawn(read_stderr(stderr).instrument(span));
+        readers.push(tokio::spawn(read_stderr(stderr).instrument(span)));
     }
     Ok(Running {
         child,
         pid,
         messages,
+        readers,
     })
 }
 
@@ -128,6 +139,11 @@ impl Running {
         let mut ended_by = None;
         let deadline = tokio::time::sleep(limits.timeout);
         tokio::pin!(deadline);
+        // Armed when shutdown begins; protocol messages keep being served
+        // meanwhile, so a chatty child is not stalled by a full pipe.
+        let grace = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(grace);
+        let mut grace_armed = false;
         let mut messages_open = true;
         let status = loop {
             tokio::select! {
@@ -143,21 +159,40 @@ impl Running {
                 }
                 () = limits.shutdown.cancelled(), if ended_by.is_none() => {
                     ended_by = Some(EndedBy::Shutdown);
-                    match tokio::time::timeout(limits.shutdown_grace, self.child.wait()).await {
-                        Ok(status) => break status,
-                        Err(_) => {
-                            tracing::warn!("shutdown grace elapsed; terminating connector");
-                            break terminate(&mut self.child, pgid, limits.kill_grace).await;
-                        }
-                    }
+                    grace.as_mut().reset(tokio::time::Instant::now() + limits.shutdown_grace);
+                    grace_armed = true;
+                }
+                () = &mut grace, if grace_armed => {
+                    tracing::warn!("shutdown grace elapsed; terminating connector");
+                    break terminate(&mut self.child, pgid, limits.kill_grace).await;
+                }
+                () = limits.superseded.cancelled(), if ended_by.is_none() => {
+                    tracing::warn!("another daemon took this run over after its lease expired; terminating connector");
+                    ended_by = Some(EndedBy::Superseded);
+                    break terminate(&mut self.child, pgid, limits.kill_grace).await;
                 }
             }
         };
         // Whatever the child left behind in its group goes with it.
         signal_group(pgid, libc::SIGKILL);
-        // Messages printed just before exit are still delivered.
-        while let Some(message) = self.messages.recv().await {
-            on_message(message).await;
+        // Messages printed just before exit are still delivered, but a
+        // process that left the group (setsid) and holds the pipes open
+        // cannot keep the run going.
+        let drain = async {
+            while let Some(message) = self.messages.recv().await {
+                on_message(message).await;
+            }
+        };
+        if tokio::time::timeout(limits.kill_grace, drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "a process the connector started still holds its output open; no longer reading it"
+            );
+        }
+        for reader in &self.readers {
+            reader.abort();
         }
         let exit = match status {
             Ok(status) => exit_of(status),

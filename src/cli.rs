@@ -167,8 +167,10 @@ pub enum SchedulesCommand {
         tz: String,
         #[arg(long, value_parser = ["skip", "queue"], default_value = "skip")]
         overlap: String,
-        #[arg(long, default_value_t = 0)]
-        jitter: i32,
+        /// Fixed per-connection offset spread over [0, N) seconds; kept
+        /// as it is when omitted.
+        #[arg(long)]
+        jitter: Option<i32>,
     },
     Pause {
         connection: String,
@@ -305,23 +307,42 @@ async fn pool(config: &Config) -> anyhow::Result<PgPool> {
     })
 }
 
-/// The URL without its password, for messages.
+/// The URL without its password (in the user part or a `password=`
+/// parameter), for messages.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut out = match (base.find("://"), base.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
+            let userinfo = &base[scheme + 3..at];
             match userinfo.find(':') {
                 Some(colon) => format!(
                     "{}{}:[redacted]{}",
-                    &url[..scheme + 3],
+                    &base[..scheme + 3],
                     &userinfo[..colon],
-                    &url[at..]
+                    &base[at..]
                 ),
-                None => url.to_owned(),
+                None => base.to_owned(),
             }
         }
-        _ => url.to_owned(),
+        _ => base.to_owned(),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                    format!("{key}=[redacted]")
+                }
+                _ => param.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 fn keyring(config: &Config) -> anyhow::Result<Keyring> {
@@ -485,13 +506,20 @@ async fn warn_on_kind_mismatch(
             .bind(connection)
             .fetch_optional(pool)
             .await?;
-    if let Some(entry) = connector.as_ref().and_then(|c| config.connectors.get(c)) {
-        if entry.mapping_for(kind).is_none() {
-            eprintln!(
-                "warning: connector {} does not accept {kind} credentials; runs of {connection} will be refused with credential_kind_mismatch",
-                connector.unwrap_or_default()
-            );
-        }
+    let Some(connector) = connector else {
+        return Ok(());
+    };
+    match config.connectors.get(&connector) {
+        None => eprintln!(
+            "warning: connector {connector:?} of {connection} is not in the registry of this config; runs will be refused with connector_unknown until it is"
+        ),
+        Some(entry) if entry.credential.is_none() => eprintln!(
+            "warning: connector {connector} needs no credential; the stored one is not used"
+        ),
+        Some(entry) if entry.mapping_for(kind).is_none() => eprintln!(
+            "warning: connector {connector} does not accept {kind} credentials; runs of {connection} will be refused with credential_kind_mismatch"
+        ),
+        Some(_) => {}
     }
     Ok(())
 }
@@ -508,7 +536,7 @@ async fn schedules(config: &Config, command: SchedulesCommand) -> anyhow::Result
         } => {
             crate::cron::parse_cron(&cron)?;
             crate::cron::parse_timezone(&tz)?;
-            if jitter < 0 {
+            if jitter.is_some_and(|j| j < 0) {
                 bail!("--jitter must not be negative");
             }
             let mut tx = pool.begin().await?;
@@ -521,7 +549,8 @@ async fn schedules(config: &Config, command: SchedulesCommand) -> anyhow::Result
                 bail!("connection {connection:?} does not exist");
             }
             let updated = sqlx::query(
-                "update schedules set cron = $2, timezone = $3, overlap = $4, jitter_seconds = $5
+                "update schedules set cron = $2, timezone = $3, overlap = $4,
+                                      jitter_seconds = coalesce($5, jitter_seconds)
                  where connection_id = $1",
             )
             .bind(&connection)
@@ -535,7 +564,7 @@ async fn schedules(config: &Config, command: SchedulesCommand) -> anyhow::Result
             if updated == 0 {
                 sqlx::query(
                     "insert into schedules (connection_id, cron, timezone, overlap, jitter_seconds)
-                     values ($1, $2, $3, $4, $5)",
+                     values ($1, $2, $3, $4, coalesce($5, 0))",
                 )
                 .bind(&connection)
                 .bind(&cron)
@@ -607,7 +636,8 @@ async fn list_schedules(pool: &PgPool, json: bool) -> anyhow::Result<()> {
                 serde_json::json!({
                     "id": row.id, "connection_id": row.connection_id, "cron": row.cron,
                     "timezone": row.timezone, "enabled": row.enabled, "overlap": row.overlap,
-                    "jitter_seconds": row.jitter_seconds, "next_fire_at": next.as_ref().ok(),
+                    "jitter_seconds": row.jitter_seconds,
+                    "next_fire_at": next.as_ref().ok().filter(|_| row.enabled),
                     "last_fired_at": row.last_fired_at, "last_error": row.last_error,
                 })
             );
@@ -707,118 +737,128 @@ struct RunFilter {
     limit: i64,
 }
 
+/// The `where` clause `runs` filters with; `$1`..`$4` are connection,
+/// status, limit and since.
+const RUNS_FILTER: &str =
+    "where ($1::text is null or connection_id = $1) and ($2::text is null or status = $2)
+       and ($4::timestamptz is null or created_at >= $4)
+     order by id desc limit $3";
+
 async fn runs(config: &Config, filter: RunFilter, json: bool) -> anyhow::Result<u8> {
     let pool = pool(config).await?;
+    if json {
+        // Every column of the row, under its table name, plus the duration.
+        let lines: Vec<String> = sqlx::query_scalar(&format!(
+            "select (to_jsonb(r) || jsonb_build_object('duration_ms',
+                     (extract(epoch from finished_at - started_at) * 1000)::bigint))::text
+             from runs r {RUNS_FILTER}"
+        ))
+        .bind(&filter.connection)
+        .bind(&filter.status)
+        .bind(filter.limit)
+        .bind(filter.since)
+        .fetch_all(&pool)
+        .await?;
+        for line in lines {
+            println!("{line}");
+        }
+        return Ok(exit::OK);
+    }
     #[derive(sqlx::FromRow)]
     struct Row {
         id: i64,
         connection_id: String,
-        connector: Option<String>,
         trigger: String,
         attempt: i32,
         status: String,
         failure_kind: Option<String>,
-        failure_detail: Option<String>,
-        credential_source: Option<String>,
-        exit_code: Option<i32>,
         created_at: DateTime<Utc>,
         started_at: Option<DateTime<Utc>>,
         finished_at: Option<DateTime<Utc>>,
     }
-    let rows: Vec<Row> = sqlx::query_as(
-        "select id, connection_id, connector, trigger, attempt, status, failure_kind, failure_detail,
-                credential_source, exit_code, created_at, started_at, finished_at
-         from runs
-         where ($1::text is null or connection_id = $1) and ($2::text is null or status = $2)
-           and ($4::timestamptz is null or created_at >= $4)
-         order by id desc limit $3",
-    )
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "select id, connection_id, trigger, attempt, status, failure_kind, created_at, started_at,
+                finished_at
+         from runs {RUNS_FILTER}"
+    ))
     .bind(filter.connection)
     .bind(filter.status)
     .bind(filter.limit)
     .bind(filter.since)
     .fetch_all(&pool)
     .await?;
-    if !json {
-        println!(
-            "{:<8} {:<20} {:<10} {:<3} {:<10} {:<26} {:<9} CREATED",
-            "ID", "CONNECTION", "TRIGGER", "ATT", "STATUS", "FAILURE", "DURATION"
-        );
-    }
+    println!(
+        "{:<8} {:<20} {:<10} {:<3} {:<10} {:<26} {:<9} CREATED",
+        "ID", "CONNECTION", "TRIGGER", "ATT", "STATUS", "FAILURE", "DURATION"
+    );
     for row in rows {
-        let duration_ms = match (row.started_at, row.finished_at) {
-            (Some(s), Some(f)) => Some((f - s).num_milliseconds()),
-            _ => None,
+        let duration = match (row.started_at, row.finished_at) {
+            (Some(s), Some(f)) => format!("{}ms", (f - s).num_milliseconds()),
+            _ => String::new(),
         };
-        if json {
-            println!(
-                "{}",
-                serde_json::json!({
-                    "id": row.id, "connection_id": row.connection_id, "connector": row.connector,
-                    "trigger": row.trigger, "attempt": row.attempt, "status": row.status,
-                    "failure_kind": row.failure_kind, "failure_detail": row.failure_detail,
-                    "credential_source": row.credential_source, "exit_code": row.exit_code,
-                    "created_at": row.created_at, "started_at": row.started_at,
-                    "finished_at": row.finished_at, "duration_ms": duration_ms,
-                })
-            );
-        } else {
-            println!(
-                "{:<8} {:<20} {:<10} {:<3} {:<10} {:<26} {:<9} {}",
-                row.id,
-                row.connection_id,
-                row.trigger,
-                row.attempt,
-                row.status,
-                row.failure_kind.unwrap_or_default(),
-                duration_ms.map(|d| format!("{d}ms")).unwrap_or_default(),
-                row.created_at.to_rfc3339()
-            );
-        }
+        println!(
+            "{:<8} {:<20} {:<10} {:<3} {:<10} {:<26} {:<9} {}",
+            row.id,
+            row.connection_id,
+            row.trigger,
+            row.attempt,
+            row.status,
+            row.failure_kind.unwrap_or_default(),
+            duration,
+            row.created_at.to_rfc3339()
+        );
     }
     Ok(exit::OK)
 }
 
-type InteractionRow = (
-    i64,
-    String,
-    Option<i64>,
-    String,
-    String,
-    Option<String>,
-    DateTime<Utc>,
-);
-
 async fn interactions(config: &Config, open: bool, json: bool) -> anyhow::Result<u8> {
     let pool = pool(config).await?;
-    let rows: Vec<InteractionRow> = sqlx::query_as(
-        "select id, connection_id, run_id, kind, status, message, created_at
-             from interactions where (not $1 or status = 'open') order by id desc",
+    let rows: Vec<(String, String, String, String, Option<String>)> = sqlx::query_as(
+        "select to_jsonb(i)::text, id::text, connection_id, kind || ' ' || status, message
+         from interactions i where (not $1 or status = 'open') order by id desc",
     )
     .bind(open)
     .fetch_all(&pool)
     .await?;
     if !json {
         println!(
-            "{:<6} {:<20} {:<22} {:<9} MESSAGE",
-            "ID", "CONNECTION", "KIND", "STATUS"
+            "{:<6} {:<20} {:<31} MESSAGE",
+            "ID", "CONNECTION", "KIND STATUS"
         );
     }
-    for (id, connection, run_id, kind, status, message, created_at) in rows {
+    for (object, id, connection, kind_status, message) in rows {
         if json {
-            println!(
-                "{}",
-                serde_json::json!({
-                    "id": id, "connection_id": connection, "run_id": run_id, "kind": kind,
-                    "status": status, "message": message, "created_at": created_at,
-                })
-            );
+            println!("{object}");
         } else {
             println!(
-                "{id:<6} {connection:<20} {kind:<22} {status:<9} {}",
+                "{id:<6} {connection:<20} {kind_status:<31} {}",
                 message.unwrap_or_default()
             );
         }
     }
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        for (url, expected) in [
+            ("postgres://u:pw@h/db", "postgres://u:[redacted]@h/db"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            (
+                "postgres://u@h/db?sslmode=require&password=qsecret",
+                "postgres://u@h/db?sslmode=require&password=[redacted]",
+            ),
+            (
+                "postgres://u:p%40ss@h:5432/db?PASSWORD=x",
+                "postgres://u:[redacted]@h:5432/db?PASSWORD=[redacted]",
+            ),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), expected, "{url}");
+        }
+    }
 }

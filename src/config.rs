@@ -30,7 +30,7 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     pub url: String,
     pub max_connections: u32,
@@ -162,7 +162,7 @@ impl Default for RetentionConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ChildEnvConfig {
     pub inherit: Vec<String>,
 }
@@ -538,6 +538,18 @@ mod tests {
                 .map(CredentialSpec::kind),
             Some("static_secret")
         );
+    }
+
+    #[test]
+    fn partial_tables_take_defaults() {
+        let config = Config::parse(
+            "[database]\nurl = \"postgres://x@db/y\"\n[child_env]\n[keys]\ndir = \"/k\"\n[daemon]\nlease = \"5s\"\n",
+        )
+        .expect("every key has a default");
+        assert_eq!(config.database.max_connections, 10);
+        assert_eq!(config.child_env.inherit.len(), 6);
+        assert_eq!(config.keys.primary, "k1");
+        assert_eq!(config.daemon.kill_grace, Duration::from_secs(10));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! finish for `shutdown_grace`, terminate the rest, record them
 //! `interrupted` and re-queue their commands.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
@@ -82,7 +82,7 @@ pub async fn run(
         keyring: keyring.map(Arc::new),
         instance_id,
         shutdown: shutdown.clone(),
-        running: Mutex::new(HashSet::new()),
+        running: Mutex::new(HashMap::new()),
     });
     // Runs this instance id left running before a restart are not ours any
     // more: settle them before renewing leases under the same name.
@@ -361,30 +361,53 @@ async fn lease_keeper(ctx: Arc<Context>, stop: CancellationToken) {
             _ = ticker.tick() => {}
             () = stop.cancelled() => return,
         }
-        let ids: Vec<i64> = ctx
-            .running
-            .lock()
-            .map(|set| set.iter().copied().collect())
-            .unwrap_or_default();
-        if !ids.is_empty() {
-            if let Err(e) = sqlx::query(
-                "update runs set lease_expires_at = now() + $3 * interval '1 millisecond'
-                 where id = any($1) and status = 'running' and instance_id = $2",
-            )
-            .bind(&ids)
-            .bind(&ctx.instance_id)
-            .bind(ctx.config.daemon.lease.as_millis() as f64)
-            .execute(&ctx.pool)
-            .await
-            {
-                tracing::debug!(error = %e, "lease renewal failed");
-                continue;
-            }
+        if let Err(e) = renew_leases(&ctx).await {
+            tracing::debug!(error = %e, "lease renewal failed");
+            continue;
         }
         if let Err(e) = rescue(&ctx, false).await {
             tracing::debug!(error = %e, "lease rescue failed");
         }
     }
+}
+
+/// Extends the leases of our running runs. A run whose lease could not be
+/// extended belongs to another daemon now (ours expired while we could not
+/// reach the database, and it was rescued): its child is stopped, so no two
+/// runs of one connection overlap.
+async fn renew_leases(ctx: &Context) -> Result<(), sqlx::Error> {
+    let ids = live_runs(ctx);
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let renewed: Vec<i64> = sqlx::query_scalar(
+        "update runs set lease_expires_at = now() + $3 * interval '1 millisecond'
+         where id = any($1) and status = 'running' and instance_id = $2
+         returning id",
+    )
+    .bind(&ids)
+    .bind(&ctx.instance_id)
+    .bind(ctx.config.daemon.lease.as_millis() as f64)
+    .fetch_all(&ctx.pool)
+    .await?;
+    if renewed.len() < ids.len() {
+        if let Ok(running) = ctx.running.lock() {
+            for (id, superseded) in running.iter() {
+                if !renewed.contains(id) {
+                    superseded.cancel();
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Ids of the runs this daemon has going.
+fn live_runs(ctx: &Context) -> Vec<i64> {
+    ctx.running
+        .lock()
+        .map(|running| running.keys().copied().collect())
+        .unwrap_or_default()
 }
 
 #[derive(sqlx::FromRow)]
@@ -405,11 +428,7 @@ async fn rescue(ctx: &Context, own_leftovers: bool) -> Result<(), sqlx::Error> {
     // Our own live runs are never lost, even when an outage kept us from
     // renewing their leases: their outcome is written once the database
     // answers.
-    let live: Vec<i64> = ctx
-        .running
-        .lock()
-        .map(|set| set.iter().copied().collect())
-        .unwrap_or_default();
+    let live = live_runs(ctx);
     let lost: Vec<LostRun> = sqlx::query_as(
         "update runs
          set status = 'failed', failure_kind = 'lost', finished_at = now(), lease_expires_at = null,
@@ -437,7 +456,7 @@ async fn rescue(ctx: &Context, own_leftovers: bool) -> Result<(), sqlx::Error> {
             run_id = run.id,
             connection = %run.connection_id,
             owner = run.instance_id.as_deref().unwrap_or("?"),
-            retry_in = ?retry_after,
+            retry_in_ms = retry_after.map(|d| d.as_millis() as u64),
             "run lost: its daemon stopped renewing the lease"
         );
         sqlx::query(
@@ -487,11 +506,12 @@ async fn supervisor_link(
         .map(|w| w / 2)
         .unwrap_or(std::time::Duration::from_secs(10))
         .min(std::time::Duration::from_secs(10));
-    // Both loops wake at least every few seconds; a loop silent for longer
-    // than this is stuck.
-    let stall = std::time::Duration::from_secs(3)
+    // Both loops wake every few seconds, or within a pool timeout plus a
+    // capped backoff while the database is away (about 20 s); a loop silent
+    // for longer than this is stuck, not waiting out an outage.
+    let stall = std::time::Duration::from_secs(30)
         .max(ctx.config.daemon.poll_interval * 3)
-        .max(period);
+        .max(watchdog.unwrap_or_default());
     let mut ticker = tokio::time::interval(period);
     loop {
         tokio::select! {
@@ -508,13 +528,19 @@ async fn supervisor_link(
             }
         }
         let running = ctx.running.lock().map(|set| set.len()).unwrap_or(0);
-        let queued: Option<i64> = sqlx::query_scalar(
-            "select count(*) from run_commands where status = 'pending' and not_before <= now()",
+        // Bounded, so an outage never holds up the watchdog pings.
+        let queued = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from run_commands where status = 'pending' and not_before <= now()",
+            )
+            .fetch_one(&ctx.pool),
         )
-        .fetch_one(&ctx.pool)
-        .await
-        .ok();
-        let queued = queued.map_or("unknown".to_owned(), |q| q.to_string());
+        .await;
+        let queued = match queued {
+            Ok(Ok(queued)) => queued.to_string(),
+            _ => "unknown".to_owned(),
+        };
         notifier.notify(&format!("STATUS=running {running}, queued {queued}"));
     }
 }

@@ -7,7 +7,7 @@
 //! resolver, the child's environment with the credential injected last, the
 //! spawn, supervision, and the `runs` row that records the outcome.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,8 +34,9 @@ pub struct Context {
     pub keyring: Option<Arc<Keyring>>,
     pub instance_id: String,
     pub shutdown: CancellationToken,
-    /// Runs this daemon has going, whose leases it renews.
-    pub running: Mutex<HashSet<i64>>,
+    /// Runs this daemon has going, whose leases it renews, each with a
+    /// token that stops its child should another daemon take it over.
+    pub running: Mutex<HashMap<i64, CancellationToken>>,
 }
 
 impl Context {
@@ -47,6 +48,9 @@ impl Context {
         }
     }
 }
+
+/// How often a run's progress count is written while it runs.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The interaction kind that asks the owner to reconnect.
 pub const CREDENTIALS_REQUIRED: &str = "credentials_required";
@@ -92,11 +96,6 @@ async fn launch_inner(ctx: &Context, command: Command) -> Result<(), sqlx::Error
         let detail = format!(
             "connection {} names connector {connector_name:?}, which the registry lacks",
             command.connection_id
-        );
-        tracing::error!(
-            event = "run.refused",
-            failure_kind = "connector_unknown",
-            "{detail}"
         );
         return refuse_unadmitted(
             ctx,
@@ -148,8 +147,9 @@ async fn run_in_slot(
     connector_name: &str,
     connector: &ConnectorConfig,
 ) -> Result<(), sqlx::Error> {
+    let superseded = CancellationToken::new();
     if let Ok(mut running) = ctx.running.lock() {
-        running.insert(run_id);
+        running.insert(run_id, superseded.clone());
     }
 
     // Credential resolution: the one seam, right before the environment.
@@ -199,19 +199,12 @@ async fn run_in_slot(
             return Ok(());
         }
         Err(resolver::ResolveError::Database(e)) => {
-            // Nothing was started: give the slot back and put the command
-            // back in the queue as it was.
-            tracing::warn!(error = %e, "credential store unreachable; the command is re-queued");
-            let finish = Finish {
-                status: "failed",
-                failure_kind: Some(FailureKind::Interrupted),
-                detail: Some(
-                    "the credential store was unreachable; the command is re-queued".into(),
-                ),
-                requeue: true,
-                ..Finish::default()
-            };
-            settle(ctx, run_id, command, (None, None), finish).await?;
+            // Nothing was started, so nothing is recorded: the slot is given
+            // back and the command returns to the queue as it was. If the
+            // database is too far gone even for that, lease rescue settles
+            // the slot later.
+            tracing::warn!(error = %e, "credential store unreachable; the command goes back to the queue");
+            ctx.writer().abandon(run_id, command.id).await?;
             return Ok(());
         }
     };
@@ -238,7 +231,13 @@ async fn run_in_slot(
         Err(e) => {
             let retry_after =
                 retry_delay(&connector.retry, command.attempt, FailureKind::SpawnFailed);
-            tracing::warn!(event = "run.finished", status = "failed", failure_kind = "spawn_failed", retry_in = ?retry_after, "{e}");
+            tracing::warn!(
+                event = "run.finished",
+                status = "failed",
+                failure_kind = "spawn_failed",
+                retry_in_ms = retry_after.map(|d| d.as_millis() as u64),
+                "{e}"
+            );
             let finish = Finish {
                 status: "failed",
                 failure_kind: Some(FailureKind::SpawnFailed),
@@ -270,6 +269,7 @@ async fn run_in_slot(
 
     let writer = ctx.writer();
     let mut records = None;
+    let mut progress_written: Option<std::time::Instant> = None;
     let mut raised_interaction = false;
     let outcome = running
         .supervise(
@@ -278,11 +278,21 @@ async fn run_in_slot(
                 kill_grace: ctx.config.daemon.kill_grace,
                 shutdown_grace: ctx.config.daemon.shutdown_grace,
                 shutdown: &ctx.shutdown,
+                superseded: &superseded,
             },
             |message| {
                 let mut open = None;
+                let mut progress = None;
                 match message {
-                    Message::Progress { records: n } => records = Some(n),
+                    Message::Progress { records: n } => {
+                        records = Some(n);
+                        // The latest count is kept on the run while it goes,
+                        // at most once a second.
+                        if progress_written.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
+                            progress_written = Some(std::time::Instant::now());
+                            progress = Some(n);
+                        }
+                    }
                     Message::Interaction { kind, message } => {
                         raised_interaction = true;
                         open = Some((kind, message.unwrap_or_default()));
@@ -292,6 +302,11 @@ async fn run_in_slot(
                 let writer = &writer;
                 let connection_id = &command.connection_id;
                 async move {
+                    if let Some(n) = progress {
+                        if let Err(e) = writer.record_progress(run_id, n).await {
+                            tracing::debug!(error = %e, "could not record progress");
+                        }
+                    }
                     if let Some((kind, message)) = open {
                         if let Err(e) = writer
                             .open_interaction(connection_id, run_id, &kind, &message)
@@ -317,7 +332,15 @@ async fn run_in_slot(
             "run succeeded"
         );
     } else {
-        tracing::warn!(event = "run.finished", status, failure_kind = kind.map(FailureKind::as_str), exit_code, duration_ms, retry_in = ?retry_after, "run failed: {detail}");
+        tracing::warn!(
+            event = "run.finished",
+            status,
+            failure_kind = kind.map(FailureKind::as_str),
+            exit_code,
+            duration_ms,
+            retry_in_ms = retry_after.map(|d| d.as_millis() as u64),
+            "run failed: {detail}"
+        );
     }
     let finish = Finish {
         status,
@@ -395,20 +418,33 @@ fn classify(
             exit_code,
             "the daemon shut down while the connector ran; the command is re-queued".to_owned(),
         ),
+        (Some(EndedBy::Superseded), _) => (
+            "failed",
+            Some(FailureKind::Lost),
+            exit_code,
+            "another daemon took the run over after its lease expired".to_owned(),
+        ),
+        // The owner must act before another attempt can succeed, however
+        // the child then ended.
+        (ended_by, exit) if raised_interaction => (
+            "failed",
+            Some(FailureKind::InteractionRequired),
+            exit_code,
+            match ended_by {
+                Some(EndedBy::Timeout) => {
+                    "the connector asked for the owner and then ran past its timeout".to_owned()
+                }
+                _ => format!(
+                    "the connector asked for the owner and ended with {}",
+                    describe(exit)
+                ),
+            },
+        ),
         (Some(EndedBy::Timeout), _) => (
             "failed",
             Some(FailureKind::TimedOut),
             exit_code,
             "the connector ran past its timeout and was terminated".to_owned(),
-        ),
-        (None, exit) if raised_interaction => (
-            "failed",
-            Some(FailureKind::InteractionRequired),
-            exit_code,
-            format!(
-                "the connector asked for the owner and ended with {}",
-                describe(exit)
-            ),
         ),
         (None, Exit::Code(code)) => (
             "failed",
@@ -444,7 +480,12 @@ async fn refuse_unadmitted(
         .writer()
         .insert_final(command, connector, "refused", kind, detail)
         .await?;
-    tracing::warn!(event = "run.refused", run_id, failure_kind = %kind, "launch refused: {detail}");
+    if kind == FailureKind::ConnectorUnknown {
+        // A registry that lacks a connector in use is the operator's to fix.
+        tracing::error!(event = "run.refused", run_id, failure_kind = %kind, "launch refused: {detail}");
+    } else {
+        tracing::warn!(event = "run.refused", run_id, failure_kind = %kind, "launch refused: {detail}");
+    }
     Ok(())
 }
 

@@ -185,6 +185,38 @@ impl Writer<'_> {
         Ok(updated > 0)
     }
 
+    /// Keeps the latest progress count on a running run.
+    pub async fn record_progress(&self, run_id: i64, records: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "update runs set records = $2 where id = $1 and status = 'running' and instance_id = $3",
+        )
+        .bind(run_id)
+        .bind(records)
+        .bind(self.instance_id)
+        .execute(self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Gives a slot back without a trace, for a launch that stopped before
+    /// anything was decided (the database failed mid-way): the placeholder
+    /// run is removed and the command is pending again.
+    pub async fn abandon(&self, run_id: i64, command_id: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "with r as (
+                 delete from runs where id = $1 and status = 'running' and instance_id = $2
+             )
+             update run_commands set status = 'pending', claimed_by = null, claimed_at = null
+             where id = $3 and status = 'claimed'",
+        )
+        .bind(run_id)
+        .bind(self.instance_id)
+        .bind(command_id)
+        .execute(self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Opens a `credentials_required` (or other) interaction, at most one
     /// open per connection and kind.
     pub async fn open_interaction(

@@ -30,6 +30,8 @@ fn config(dir: &Path, instance: &str, daemon_extra: &str) -> String {
          [daemon]\ninstance_id = {instance:?}\nshutdown_grace = \"1s\"\nkill_grace = \"500ms\"\nlease = \"2s\"\n{daemon_extra}\n\n\
          [connectors.hostile]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\ntimeout = \"2m\"\n\
          retry = {{ max_attempts = 3, backoff = \"100ms\", max_backoff = \"1s\" }}\n\n\
+         [connectors.hasty]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\ntimeout = \"1s\"\n\
+         retry = {{ max_attempts = 3, backoff = \"100ms\", max_backoff = \"1s\" }}\n\n\
          [connectors.missing]\ncommand = \"/nonexistent/connector\"\nretry = {{ max_attempts = 2, backoff = \"100ms\" }}\n\n\
          [connectors.not-executable]\ncommand = {:?}\nretry = {{ max_attempts = 1 }}\n",
         not_executable.display().to_string()
@@ -458,4 +460,97 @@ async fn three_daemons_race_without_duplicates_or_gaps() {
         .scalar("select count(distinct instance_id) from runs")
         .await;
     assert!(instances >= 2, "work is shared between daemons");
+}
+
+/// A child that asks for the owner and then runs past its timeout is
+/// `interaction_required`, not retried: another attempt cannot succeed
+/// before the owner acts.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interaction_then_a_timeout_is_not_retried() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    db.exec("insert into connections (id, connector) values ('asker', 'hasty')")
+        .await;
+    behave(&dir.path, "asker", "ask-then-hang");
+    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    db.exec("insert into run_commands (connection_id) values ('asker')")
+        .await;
+    db.wait_until("select count(*) = 1 from runs where status = 'failed'")
+        .await;
+    let kind: String = db.scalar("select failure_kind from runs").await;
+    assert_eq!(kind, "interaction_required");
+    let retries: i64 = db
+        .scalar("select count(*) from run_commands where trigger = 'retry'")
+        .await;
+    assert_eq!(retries, 0);
+    let open: i64 = db
+        .scalar("select count(*) from interactions where status = 'open' and kind = 'credentials_required'")
+        .await;
+    assert_eq!(open, 1);
+}
+
+/// A process that escapes the child's group (a new session) and holds its
+/// output open cannot keep the run from ending.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_escaped_grandchild_does_not_hold_the_run() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    connection(&db, &dir.path, "escaper", "escape").await;
+    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    db.exec("insert into run_commands (connection_id) values ('escaper')")
+        .await;
+    db.wait_until("select count(*) = 1 from runs where status = 'succeeded'")
+        .await;
+    let escaped: i32 = std::fs::read_to_string(dir.path.join("escaped.pid"))
+        .expect("escaped pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert!(
+        !process_gone(escaped),
+        "the escaped process still runs; the run ended anyway"
+    );
+    // SAFETY: kill(2) on the stray process this test's child started.
+    unsafe {
+        libc::kill(escaped, libc::SIGKILL);
+    }
+}
+
+/// A run whose lease another daemon took over (as after a partition) has
+/// its child stopped: two runs of one connection never overlap.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_superseded_run_stops_its_child() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    connection(&db, &dir.path, "contested", "progress-hold").await;
+    std::fs::write(dir.path.join("hold.contested"), "").expect("hold");
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    db.exec("insert into run_commands (connection_id) values ('contested')")
+        .await;
+    let (run_id, pid) = wait_for_child(&db, &dir.path, "contested").await;
+    // The latest progress count is kept on the run while it goes.
+    db.wait_until(&format!("select records = 7 from runs where id = {run_id}"))
+        .await;
+    // Another daemon rescues the run, as it would after our lease expired.
+    db.exec(&format!(
+        "update runs set status = 'failed', failure_kind = 'lost', finished_at = now() where id = {run_id}"
+    ))
+    .await;
+    wait_for_gone(pid).await;
+    assert!(
+        dir.path.join("hold.contested").exists(),
+        "the child was stopped, not released"
+    );
+    let (status, kind): (String, String) = sqlx::query_as(&format!(
+        "select status, failure_kind from runs where id = {run_id}"
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .expect("run");
+    assert_eq!(
+        (status.as_str(), kind.as_str()),
+        ("failed", "lost"),
+        "the rescuer's verdict stands"
+    );
+    assert!(daemon.logs().contains("took this run over"));
 }

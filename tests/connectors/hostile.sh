@@ -25,5 +25,19 @@ case "$behaviour" in
     echo '{"type":"log","level":"warn","message":"from the connector"}'
     echo 'to stderr' >&2
     exit 0 ;;
+  # Asks for the owner, then hangs past its timeout.
+  ask-then-hang)
+    echo '{"type":"interaction","kind":"credentials_required","message":"log in again"}'
+    exec sleep 600 ;;
+  # Leaves a process in a new session holding stdout open, then exits 0.
+  escape)
+    setsid sh -c 'echo $$ > "$RECORD_DIR/escaped.pid"; exec sleep 600' &
+    while [ ! -s "$RECORD_DIR/escaped.pid" ]; do sleep 0.01; done
+    exit 0 ;;
+  # Reports progress, then runs until released.
+  progress-hold)
+    echo '{"type":"progress","records":7}'
+    while [ -e "$RECORD_DIR/hold.$CONNECTORD_CONNECTION_ID" ]; do sleep 0.05; done
+    exit 0 ;;
   *) echo "unknown behaviour $behaviour" >&2; exit 99 ;;
 esac
