@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::failure::FailureKind;
 use crate::keys::Keyring;
 use crate::launch::{self, retry_delay, Context};
-use crate::queue;
+use crate::queue::{self, Claimed};
 use crate::schedule::{Backoff, Edit, Engine};
 use crate::systemd::{watchdog_interval, Heartbeats, Notifier};
 
@@ -76,6 +76,7 @@ pub async fn run(
     let instance_id = config.daemon.resolved_instance_id();
     tracing::info!(instance_id = %instance_id, "connectord starting");
 
+    let known_connectors = config.connectors.keys().cloned().collect();
     let ctx = Arc::new(Context {
         pool: pool.clone(),
         config: Arc::new(config),
@@ -83,6 +84,7 @@ pub async fn run(
         instance_id,
         shutdown: shutdown.clone(),
         running: Mutex::new(HashMap::new()),
+        known_connectors,
     });
     // Runs this instance id left running before a restart are not ours any
     // more: settle them before renewing leases under the same name.
@@ -315,39 +317,55 @@ async fn claim_and_launch(
         .map(|(name, _)| name.clone())
         .collect();
     let limit = available.min(64) as i64;
-    let commands = queue::claim(&ctx.pool, &ctx.instance_id, limit, &full).await?;
+    let commands = queue::claim(
+        &ctx.pool,
+        &ctx.instance_id,
+        limit,
+        &full,
+        &ctx.known_connectors,
+        ctx.config.daemon.lease.as_millis() as f64,
+    )
+    .await?;
     let claimed = commands.len();
     for command in commands {
-        let Ok(global_permit) = global.clone().try_acquire_owned() else {
-            queue::release(&ctx.pool, command.id).await?;
-            continue;
-        };
-        let connector_permit: Option<OwnedSemaphorePermit> = match command
+        let connector_semaphore = command
+            .command
             .connector
             .as_ref()
-            .and_then(|c| per_connector.get(c))
-        {
-            Some(semaphore) => match semaphore.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => {
-                    // Claimed in the same batch as others of this
-                    // connector beyond its limit: leave it for later.
-                    queue::release(&ctx.pool, command.id).await?;
-                    continue;
-                }
-            },
-            None => None,
+            .and_then(|c| per_connector.get(c));
+        let permits = match (global.clone().try_acquire_owned(), connector_semaphore) {
+            (Ok(global_permit), None) => Some((global_permit, None)),
+            (Ok(global_permit), Some(semaphore)) => semaphore
+                .clone()
+                .try_acquire_owned()
+                .ok()
+                .map(|permit| (global_permit, Some(permit))),
+            (Err(_), _) => None,
+        };
+        let Some(permits) = permits else {
+            // Claimed in the same batch as others of its connector beyond
+            // the connector's limit: give it back for later.
+            give_back(ctx, &command).await?;
+            continue;
         };
         let ctx = ctx.clone();
         tasks.spawn(async move {
-            let _permits = (global_permit, connector_permit);
-            let command_id = command.id;
+            let _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>) = permits;
+            let command_id = command.command.id;
             if let Err(e) = launch::launch(&ctx, command).await {
                 tracing::error!(command_id, error = %e, "launch failed on a database error; the command will be retried by lease rescue");
             }
         });
     }
     Ok(claimed)
+}
+
+/// Returns a claimed command, and the run slot taken with it, untouched.
+async fn give_back(ctx: &Context, claimed: &Claimed) -> Result<(), sqlx::Error> {
+    match claimed.run_id {
+        Some(run_id) => ctx.writer().abandon(run_id, claimed.command.id).await,
+        None => queue::release(&ctx.pool, claimed.command.id).await,
+    }
 }
 
 /// Renews the leases of this daemon's running runs and settles runs whose

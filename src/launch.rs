@@ -22,8 +22,8 @@ use crate::config::{Config, ConnectorConfig, RetryPolicy};
 use crate::failure::FailureKind;
 use crate::keys::Keyring;
 use crate::protocol::Message;
-use crate::queue::{self, Command};
-use crate::resolver;
+use crate::queue::{self, Claimed, Command};
+use crate::resolver::{self, StoredCredential};
 use crate::runs::{Finish, Writer};
 use crate::schedule::Backoff;
 
@@ -37,10 +37,13 @@ pub struct Context {
     /// Runs this daemon has going, whose leases it renews, each with a
     /// token that stops its child should another daemon take it over.
     pub running: Mutex<HashMap<i64, CancellationToken>>,
+    /// The registry's connector names: the claim takes run slots only for
+    /// these.
+    pub known_connectors: Vec<String>,
 }
 
 impl Context {
-    fn writer(&self) -> Writer<'_> {
+    pub fn writer(&self) -> Writer<'_> {
         Writer {
             pool: &self.pool,
             instance_id: &self.instance_id,
@@ -56,7 +59,8 @@ const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 pub const CREDENTIALS_REQUIRED: &str = "credentials_required";
 
 /// Executes one claimed command to its recorded outcome.
-pub async fn launch(ctx: &Context, command: Command) -> Result<(), sqlx::Error> {
+pub async fn launch(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error> {
+    let command = &claimed.command;
     let span = tracing::info_span!(
         "run",
         run_id = tracing::field::Empty,
@@ -65,22 +69,23 @@ pub async fn launch(ctx: &Context, command: Command) -> Result<(), sqlx::Error> 
         trigger = %command.trigger,
         attempt = command.attempt,
     );
-    launch_inner(ctx, command).instrument(span).await
+    launch_inner(ctx, claimed).instrument(span).await
 }
 
-async fn launch_inner(ctx: &Context, command: Command) -> Result<(), sqlx::Error> {
-    let writer = ctx.writer();
-    // Admission, on fresh data.
-    let connection: Option<(String, bool)> =
-        sqlx::query_as("select connector, enabled from connections where id = $1")
-            .bind(&command.connection_id)
-            .fetch_optional(&ctx.pool)
-            .await?;
-    let Some((connector_name, enabled)) = connection else {
+async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error> {
+    let Claimed {
+        command,
+        enabled,
+        run_id,
+        credential,
+    } = claimed;
+    // Admission, decided on what the claim read.
+    let (Some(connector_name), Some(enabled)) = (command.connector.clone(), enabled) else {
         let detail = format!("connection {} does not exist", command.connection_id);
         return refuse_unadmitted(ctx, &command, None, FailureKind::ConnectionMissing, &detail)
             .await;
     };
+    tracing::Span::current().record("connector", connector_name.as_str());
     if !enabled {
         let detail = format!("connection {} is disabled", command.connection_id);
         return refuse_unadmitted(
@@ -106,16 +111,13 @@ async fn launch_inner(ctx: &Context, command: Command) -> Result<(), sqlx::Error
         )
         .await;
     };
-    tracing::Span::current().record("connector", connector_name.as_str());
-    if ctx.shutdown.is_cancelled() {
-        return queue::release(&ctx.pool, command.id).await;
-    }
 
-    // The connection's run slot.
-    let Some(run_id) = writer.insert_running(&command, &connector_name).await? else {
+    // The connection's run slot, taken by the claim.
+    let Some(run_id) = run_id else {
         if command.skips_on_overlap() {
             let detail = "the connection had a run going when the schedule fired";
-            let run_id = writer
+            let run_id = ctx
+                .writer()
                 .insert_final(
                     &command,
                     Some(&connector_name),
@@ -131,7 +133,24 @@ async fn launch_inner(ctx: &Context, command: Command) -> Result<(), sqlx::Error
         return queue::release(&ctx.pool, command.id).await;
     };
     tracing::Span::current().record("run_id", run_id);
-    let result = run_in_slot(ctx, &command, run_id, &connector_name, connector).await;
+    let superseded = CancellationToken::new();
+    if let Ok(mut running) = ctx.running.lock() {
+        running.insert(run_id, superseded.clone());
+    }
+    let result = if ctx.shutdown.is_cancelled() {
+        // Claimed just as shutdown began: hand the command back untouched.
+        ctx.writer().abandon(run_id, command.id).await
+    } else {
+        run_in_slot(
+            ctx,
+            &command,
+            run_id,
+            credential.as_ref(),
+            (&connector_name, connector),
+            &superseded,
+        )
+        .await
+    };
     if let Ok(mut running) = ctx.running.lock() {
         running.remove(&run_id);
     }
@@ -144,32 +163,21 @@ async fn run_in_slot(
     ctx: &Context,
     command: &Command,
     run_id: i64,
-    connector_name: &str,
-    connector: &ConnectorConfig,
+    stored: Option<&StoredCredential>,
+    (connector_name, connector): (&str, &ConnectorConfig),
+    superseded: &CancellationToken,
 ) -> Result<(), sqlx::Error> {
-    let superseded = CancellationToken::new();
-    if let Ok(mut running) = ctx.running.lock() {
-        running.insert(run_id, superseded.clone());
-    }
-
     // Credential resolution: the one seam, right before the environment.
-    let resolution = match ctx.pool.acquire().await {
-        Ok(mut db) => {
-            resolver::resolve(
-                &mut db,
-                ctx.keyring.as_deref(),
-                connector_name,
-                connector,
-                &command.connection_id,
-                host_var,
-            )
-            .await
-        }
-        Err(e) => Err(resolver::ResolveError::Database(e)),
-    };
-    let resolved = match resolution {
-        Ok(Ok(resolved)) => resolved,
-        Ok(Err(refusal)) => {
+    let resolved = match resolver::resolve(
+        stored,
+        ctx.keyring.as_deref(),
+        connector_name,
+        connector,
+        &command.connection_id,
+        host_var,
+    ) {
+        Ok(resolved) => resolved,
+        Err(refusal) => {
             let operator_error = matches!(
                 refusal.kind,
                 FailureKind::CredentialUnrecoverable | FailureKind::CredentialKindMismatch
@@ -196,15 +204,6 @@ async fn run_in_slot(
                 ..Finish::default()
             };
             settle(ctx, run_id, command, (refusal.credential_id, None), finish).await?;
-            return Ok(());
-        }
-        Err(resolver::ResolveError::Database(e)) => {
-            // Nothing was started, so nothing is recorded: the slot is given
-            // back and the command returns to the queue as it was. If the
-            // database is too far gone even for that, lease rescue settles
-            // the slot later.
-            tracing::warn!(error = %e, "credential store unreachable; the command goes back to the queue");
-            ctx.writer().abandon(run_id, command.id).await?;
             return Ok(());
         }
     };
@@ -278,7 +277,7 @@ async fn run_in_slot(
                 kill_grace: ctx.config.daemon.kill_grace,
                 shutdown_grace: ctx.config.daemon.shutdown_grace,
                 shutdown: &ctx.shutdown,
-                superseded: &superseded,
+                superseded,
             },
             |message| {
                 let mut open = None;

@@ -1,13 +1,23 @@
 //! The command queue: every trigger (schedule tick, retry, manual insert)
 //! is a `run_commands` row, claimed here with `FOR UPDATE SKIP LOCKED` so
 //! that any number of daemons can share one table without double work.
+//!
+//! One statement does everything a launch needs before its child can be
+//! built: it claims the commands, reads each one's connection, takes the
+//! connection's run slot (the partial unique index on running runs) for the
+//! admissible ones, and reads the connection's latest credential. Launch
+//! latency is then one round trip, and every decision is made on data read
+//! at the moment of the claim.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+
+use crate::resolver::StoredCredential;
 
 /// A claimed command, with the overlap policy of its schedule as of the
 /// claim.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct Command {
     pub id: i64,
     pub connection_id: String,
@@ -17,7 +27,8 @@ pub struct Command {
     pub attempt: i32,
     pub parent_run_id: Option<i64>,
     pub overlap: Option<String>,
-    /// The connection's connector as of the claim, for concurrency limits.
+    /// The connection's connector as of the claim; `None` when the
+    /// connection does not exist.
     pub connector: Option<String>,
 }
 
@@ -29,20 +40,37 @@ impl Command {
     }
 }
 
-/// Claims up to `limit` due commands for `instance_id`.
+/// What the claim found for one command.
+pub struct Claimed {
+    pub command: Command,
+    /// Whether the connection is enabled (`None`: it does not exist).
+    pub enabled: Option<bool>,
+    /// The run slot taken for it: `None` when the command is not admissible
+    /// (no connection, disabled, unknown connector) or the connection
+    /// already has a run going.
+    pub run_id: Option<i64>,
+    /// The connection's latest credential row, read with the slot.
+    pub credential: Option<StoredCredential>,
+}
+
+/// Claims up to `limit` due commands for `instance_id` and takes their run
+/// slots.
 ///
 /// A command waits (is not claimed) while its connection has a run going,
 /// unless it is a scheduled tick of an `overlap = 'skip'` schedule, which is
 /// claimed so it can be recorded as skipped. Commands of connectors in
 /// `full_connectors` (at their concurrency limit here) are left for later
-/// or for another daemon.
+/// or for another daemon. Slots are taken only for enabled connections of
+/// `known_connectors`; `lease_ms` is the new runs' first lease.
 pub async fn claim(
     pool: &PgPool,
     instance_id: &str,
     limit: i64,
     full_connectors: &[String],
-) -> Result<Vec<Command>, sqlx::Error> {
-    sqlx::query_as::<_, Command>(
+    known_connectors: &[String],
+    lease_ms: f64,
+) -> Result<Vec<Claimed>, sqlx::Error> {
+    let rows = sqlx::query(
         r#"
         with picked as (
             select rc.id
@@ -59,22 +87,83 @@ pub async fn claim(
             order by rc.not_before, rc.id
             limit $2
             for update of rc skip locked
+        ), claimed as (
+            update run_commands rc
+            set status = 'claimed', claimed_by = $1, claimed_at = now()
+            from picked
+            where rc.id = picked.id
+            returning rc.id, rc.connection_id, rc.trigger, rc.schedule_id, rc.scheduled_for,
+                      rc.attempt, rc.parent_run_id
+        ), admitted as (
+            select cl.*, c.connector, c.enabled, s.overlap
+            from claimed cl
+            left join connections c on c.id = cl.connection_id
+            left join schedules s on s.id = cl.schedule_id
+        ), slot as (
+            insert into runs (command_id, connection_id, connector, trigger, schedule_id,
+                              scheduled_for, attempt, status, instance_id, lease_expires_at)
+            select id, connection_id, connector, trigger, schedule_id, scheduled_for, attempt,
+                   'running', $1, now() + $5 * interval '1 millisecond'
+            from admitted
+            where enabled and connector = any($4)
+            order by id
+            on conflict (connection_id) where status = 'running' do nothing
+            returning id as run_id, command_id
         )
-        update run_commands rc
-        set status = 'claimed', claimed_by = $1, claimed_at = now()
-        from picked
-        where rc.id = picked.id
-        returning rc.id, rc.connection_id, rc.trigger, rc.schedule_id, rc.scheduled_for,
-                  rc.attempt, rc.parent_run_id,
-                  (select s.overlap from schedules s where s.id = rc.schedule_id) as overlap,
-                  (select c.connector from connections c where c.id = rc.connection_id) as connector
+        select a.id, a.connection_id, a.trigger, a.schedule_id, a.scheduled_for, a.attempt,
+               a.parent_run_id, a.overlap, a.connector, a.enabled, slot.run_id,
+               cred.id as credential_id, cred.kind, cred.status as credential_status,
+               cred.key_id, cred.nonce, cred.ciphertext
+        from admitted a
+        left join slot on slot.command_id = a.id
+        left join lateral (
+            select cr.id, cr.kind, cr.status, cr.key_id, cr.nonce, cr.ciphertext
+            from credentials cr
+            where cr.connection_id = a.connection_id and slot.run_id is not null
+            order by (cr.status = 'active') desc, cr.id desc
+            limit 1
+        ) cred on true
+        order by a.id
         "#,
     )
     .bind(instance_id)
     .bind(limit)
     .bind(full_connectors)
+    .bind(known_connectors)
+    .bind(lease_ms)
     .fetch_all(pool)
-    .await
+    .await?;
+    rows.iter().map(claimed_from_row).collect()
+}
+
+fn claimed_from_row(row: &PgRow) -> Result<Claimed, sqlx::Error> {
+    let credential = match row.try_get::<Option<i64>, _>("credential_id")? {
+        Some(id) => Some(StoredCredential {
+            id,
+            kind: row.try_get("kind")?,
+            status: row.try_get("credential_status")?,
+            key_id: row.try_get("key_id")?,
+            nonce: row.try_get("nonce")?,
+            ciphertext: row.try_get("ciphertext")?,
+        }),
+        None => None,
+    };
+    Ok(Claimed {
+        command: Command {
+            id: row.try_get("id")?,
+            connection_id: row.try_get("connection_id")?,
+            trigger: row.try_get("trigger")?,
+            schedule_id: row.try_get("schedule_id")?,
+            scheduled_for: row.try_get("scheduled_for")?,
+            attempt: row.try_get("attempt")?,
+            parent_run_id: row.try_get("parent_run_id")?,
+            overlap: row.try_get("overlap")?,
+            connector: row.try_get("connector")?,
+        },
+        enabled: row.try_get("enabled")?,
+        run_id: row.try_get("run_id")?,
+        credential,
+    })
 }
 
 /// Puts a claimed command back, untouched, for whoever can run it next.

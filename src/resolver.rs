@@ -2,15 +2,15 @@
 //!
 //! Architecture invariant: this is the only code that decrypts a stored
 //! credential, and `launch()` calls it for every trigger, scheduled, retry
-//! and manual alike. It reads the connection's latest credential fresh at
-//! the moment of launch and keeps no plaintext between runs. It never falls
+//! and manual alike. Its input is the connection's latest credential row as
+//! read by the claim of the very command being launched (fresh at the
+//! moment of launch, in the same statement that takes the run slot), and it
+//! keeps no plaintext between runs. It never falls
 //! back to the daemon's own environment, except in the one case a connector
 //! explicitly allows: `allow_env_fallback = true` and the connection has no
 //! credential rows at all.
 
 use std::ffi::OsString;
-
-use sqlx::PgConnection;
 
 use crate::config::{ConnectorConfig, CredentialSpec};
 use crate::failure::FailureKind;
@@ -50,71 +50,48 @@ pub struct Refusal {
     pub credential_id: Option<i64>,
 }
 
-/// A failure to read the store at all (the database), as opposed to a
-/// refusal decided from what the store holds.
-#[derive(Debug, thiserror::Error)]
-pub enum ResolveError {
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
+/// A connection's latest credential row: the active one if there is one,
+/// else the newest, whose status says whether it was revoked or deleted.
+/// Ciphertext only; nothing here is plaintext.
+pub struct StoredCredential {
+    pub id: i64,
+    pub kind: String,
+    pub status: String,
+    pub key_id: String,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
 }
 
-#[derive(sqlx::FromRow)]
-struct StoredRow {
-    id: i64,
-    kind: String,
-    status: String,
-    key_id: String,
-    nonce: Vec<u8>,
-    ciphertext: Vec<u8>,
-}
-
-/// Resolves `connection_id`'s credential for `connector`.
+/// Resolves `connection_id`'s credential for `connector` from its latest
+/// stored row (`None`: the connection has no credential rows).
 ///
 /// `keyring` is `None` when the daemon has no readable key directory;
 /// stored credentials are then unrecoverable. `host` reads the daemon's
 /// environment, consulted only for the explicit fallback.
-pub async fn resolve(
-    db: &mut PgConnection,
+pub fn resolve(
+    stored: Option<&StoredCredential>,
     keyring: Option<&Keyring>,
     connector_name: &str,
     connector: &ConnectorConfig,
     connection_id: &str,
     host: impl Fn(&str) -> Option<OsString>,
-) -> Result<Result<Resolved, Refusal>, ResolveError> {
+) -> Result<Resolved, Refusal> {
     let Some(declared) = &connector.credential else {
-        return Ok(Ok(Resolved {
+        return Ok(Resolved {
             vars: Vec::new(),
             source: CredentialSource::None,
             credential_id: None,
-        }));
+        });
     };
-    // The active credential if there is one, else the newest row: its
-    // status says whether it was revoked or deleted.
-    let row: Option<StoredRow> = sqlx::query_as(
-        "select id, kind, status, key_id, nonce, ciphertext from credentials
-         where connection_id = $1
-         order by (status = 'active') desc, id desc
-         limit 1",
-    )
-    .bind(connection_id)
-    .fetch_optional(&mut *db)
-    .await?;
-
-    let Some(row) = row else {
-        return Ok(fallback(
-            connector_name,
-            connector,
-            declared,
-            connection_id,
-            host,
-        ));
+    let Some(row) = stored else {
+        return fallback(connector_name, connector, declared, connection_id, host);
     };
     let refuse = |kind, detail: String| {
-        Ok(Err(Refusal {
+        Err(Refusal {
             kind,
             detail,
             credential_id: Some(row.id),
-        }))
+        })
     };
     match row.status.as_str() {
         "active" => {}
@@ -213,11 +190,11 @@ pub async fn resolve(
             )
         }
     };
-    Ok(Ok(Resolved {
+    Ok(Resolved {
         vars,
         source: CredentialSource::Store,
         credential_id: Some(row.id),
-    }))
+    })
 }
 
 /// The connection has no credential rows: refuse, or pass the host's values

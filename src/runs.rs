@@ -1,9 +1,10 @@
 //! Writes to the `runs` table: a run's life from its slot to its outcome.
 //!
-//! A run that may spawn a child first inserts its row as `running`; the
-//! partial unique index on `runs(connection_id) where status = 'running'`
-//! makes that insert the database's arbitration of "one run per connection
-//! at a time" across every daemon. Every write that ends a run is fenced on
+//! A run that may spawn a child has its row inserted as `running` by the
+//! claim (`queue::claim`); the partial unique index on
+//! `runs(connection_id) where status = 'running'` makes that insert the
+//! database's arbitration of "one run per connection at a time" across
+//! every daemon. Every write that ends a run is fenced on
 //! the run still being `running` under this instance, so a daemon waking
 //! from a long pause cannot overwrite what another daemon decided.
 
@@ -38,38 +39,6 @@ pub struct Finish<'a> {
 }
 
 impl Writer<'_> {
-    /// Takes the connection's run slot. `None` when another run of the
-    /// connection is going.
-    pub async fn insert_running(
-        &self,
-        command: &Command,
-        connector: &str,
-    ) -> Result<Option<i64>, sqlx::Error> {
-        let result = sqlx::query_scalar(
-            "insert into runs (command_id, connection_id, connector, trigger, schedule_id,
-                               scheduled_for, attempt, status, instance_id, lease_expires_at)
-             values ($1, $2, $3, $4, $5, $6, $7, 'running', $8,
-                     now() + $9 * interval '1 millisecond')
-             returning id",
-        )
-        .bind(command.id)
-        .bind(&command.connection_id)
-        .bind(connector)
-        .bind(&command.trigger)
-        .bind(command.schedule_id)
-        .bind(command.scheduled_for)
-        .bind(command.attempt)
-        .bind(self.instance_id)
-        .bind(self.lease.as_millis() as f64)
-        .fetch_one(self.pool)
-        .await;
-        match result {
-            Ok(id) => Ok(Some(id)),
-            Err(sqlx::Error::Database(e)) if e.constraint() == Some("runs_one_running") => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
     /// Records a run that never took the slot (refused before it, or
     /// skipped because of overlap) and marks its command done.
     pub async fn insert_final(
