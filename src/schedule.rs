@@ -74,6 +74,8 @@ pub struct Engine {
     heap: BinaryHeap<HeapKey>,
     /// One parsed expression per distinct cron string.
     exprs: HashMap<String, CronExpr>,
+    /// `next_fire_at` values computed but not yet written.
+    unwritten_next_fires: Vec<(i64, Option<DateTime<Utc>>)>,
     generation: u64,
 }
 
@@ -94,6 +96,7 @@ impl Engine {
             seen: HashMap::new(),
             heap: BinaryHeap::new(),
             exprs: HashMap::new(),
+            unwritten_next_fires: Vec::new(),
             generation: 0,
         }
     }
@@ -107,12 +110,31 @@ impl Engine {
         self.entries.is_empty()
     }
 
-    /// Reads every row; fires missed ticks inside the catch-up window.
+    /// Reads every row, a page at a time so a large table never sits in
+    /// memory whole; fires missed ticks inside the catch-up window. The new
+    /// `next_fire_at` values are left for `flush_next_fires`, so start-up
+    /// is not held up by writing them.
     pub async fn load_all(&mut self) -> Result<(), sqlx::Error> {
-        let rows: Vec<Row> = sqlx::query_as(&format!("select {ROW_COLUMNS} from schedules"))
+        const PAGE: i64 = 5_000;
+        let mut present = std::collections::HashSet::new();
+        let mut after = i64::MIN;
+        loop {
+            let rows: Vec<Row> = sqlx::query_as(&format!(
+                "select {ROW_COLUMNS} from schedules where id > $1 order by id limit $2"
+            ))
+            .bind(after)
+            .bind(PAGE)
             .fetch_all(&self.pool)
             .await?;
-        let present: std::collections::HashSet<i64> = rows.iter().map(|r| r.id).collect();
+            let Some(last) = rows.last() else { break };
+            after = last.id;
+            let full_page = rows.len() as i64 == PAGE;
+            present.extend(rows.iter().map(|r| r.id));
+            self.apply_rows(rows).await?;
+            if !full_page {
+                break;
+            }
+        }
         let gone: Vec<i64> = self
             .seen
             .keys()
@@ -122,7 +144,7 @@ impl Engine {
         for id in gone {
             self.remove(id);
         }
-        self.apply_rows(rows).await
+        Ok(())
     }
 
     /// Re-reads only the rows whose `updated_at` changed.
@@ -153,7 +175,7 @@ impl Engine {
             );
             self.reload(&changed).await?;
         }
-        Ok(())
+        self.flush_next_fires().await
     }
 
     /// Re-reads the given rows (inserted, edited or deleted).
@@ -169,7 +191,8 @@ impl Engine {
                 self.remove(*id);
             }
         }
-        self.apply_rows(rows).await
+        self.apply_rows(rows).await?;
+        self.flush_next_fires().await
     }
 
     fn remove(&mut self, id: i64) {
@@ -251,7 +274,7 @@ impl Engine {
             }
         }
         self.write_errors(&errors, &cleared).await?;
-        self.write_next_fires(&next_fires).await?;
+        self.unwritten_next_fires.extend(next_fires);
         if !catchup.is_empty() {
             self.fire(&catchup).await?;
         }
@@ -321,11 +344,11 @@ impl Engine {
         Ok(())
     }
 
-    async fn write_next_fires(
-        &self,
-        next_fires: &[(i64, Option<DateTime<Utc>>)],
-    ) -> Result<(), sqlx::Error> {
-        for chunk in next_fires.chunks(10_000) {
+    /// Writes the `next_fire_at` values computed since the last flush.
+    async fn flush_next_fires(&mut self) -> Result<(), sqlx::Error> {
+        while !self.unwritten_next_fires.is_empty() {
+            let take = self.unwritten_next_fires.len().min(10_000);
+            let chunk = &self.unwritten_next_fires[..take];
             let ids: Vec<i64> = chunk.iter().map(|f| f.0).collect();
             let nexts: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|f| f.1).collect();
             sqlx::query(
@@ -337,7 +360,10 @@ impl Engine {
             .bind(&nexts)
             .execute(&self.pool)
             .await?;
+            self.unwritten_next_fires.drain(..take);
         }
+        // The start-up batch can be large; give its memory back.
+        self.unwritten_next_fires.shrink_to_fit();
         Ok(())
     }
 
@@ -480,6 +506,10 @@ impl Engine {
         }
         tracing::info!(schedules = self.len(), "schedules loaded");
         let _ = ready.send(self.len());
+        // Written after ready: nothing waits on these but `schedules list`.
+        if let Err(e) = self.flush_next_fires().await {
+            tracing::warn!(error = %e, "writing next_fire_at failed; retrying with the next edit");
+        }
         let mut reconcile = tokio::time::interval(reconcile_interval);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         reconcile.reset();
