@@ -135,15 +135,7 @@ impl Engine {
                 break;
             }
         }
-        let gone: Vec<i64> = self
-            .seen
-            .keys()
-            .filter(|id| !present.contains(id))
-            .copied()
-            .collect();
-        for id in gone {
-            self.remove(id);
-        }
+        self.remove_absent(&present);
         Ok(())
     }
 
@@ -154,15 +146,7 @@ impl Engine {
                 .fetch_all(&self.pool)
                 .await?;
         let present: std::collections::HashSet<i64> = stamps.iter().map(|s| s.0).collect();
-        let gone: Vec<i64> = self
-            .seen
-            .keys()
-            .filter(|id| !present.contains(id))
-            .copied()
-            .collect();
-        for id in gone {
-            self.remove(id);
-        }
+        self.remove_absent(&present);
         let changed: Vec<i64> = stamps
             .into_iter()
             .filter(|(id, updated)| self.seen.get(id) != Some(updated))
@@ -193,6 +177,19 @@ impl Engine {
         }
         self.apply_rows(rows).await?;
         self.flush_next_fires().await
+    }
+
+    /// Forgets every schedule not in `present` (its row was deleted).
+    fn remove_absent(&mut self, present: &std::collections::HashSet<i64>) {
+        let gone: Vec<i64> = self
+            .seen
+            .keys()
+            .filter(|id| !present.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.remove(id);
+        }
     }
 
     fn remove(&mut self, id: i64) {
