@@ -409,9 +409,11 @@ async fn renew_leases(ctx: &Context) -> Result<(), sqlx::Error> {
     .fetch_all(&ctx.pool)
     .await?;
     if renewed.len() < ids.len() {
+        // Only runs that were asked about and not renewed are lost to us;
+        // runs that started after the snapshot were not asked about.
         if let Ok(running) = ctx.running.lock() {
-            for (id, superseded) in running.iter() {
-                if !renewed.contains(id) {
+            for id in ids.iter().filter(|id| !renewed.contains(id)) {
+                if let Some(superseded) = running.get(id) {
                     superseded.cancel();
                 }
             }
