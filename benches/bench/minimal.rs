@@ -1,0 +1,328 @@
+//! The baselines built into the bench: a minimal daemon and a spawn-only
+//! loop, each on its own two-worker tokio runtime (what connectord gets on
+//! this machine), so they do not share threads with the measuring code.
+//!
+//! The minimal daemon is the floor of "a command row becomes a child" on
+//! PostgreSQL: LISTEN on the same channel as connectord, one
+//! `FOR UPDATE SKIP LOCKED` claim per wake-up, spawn the probe, wait for it,
+//! and one statement that records the run and marks the command done. It
+//! works on the same tables (and so pays the same triggers and indexes) as
+//! connectord; the two never run at the same time. What it leaves out is
+//! what connectord adds: admission checks, the per-connection run slot,
+//! credential resolution, leases, output supervision and logging.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::PgPool;
+use tokio::io::AsyncReadExt as _;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// A two-worker multi-thread runtime, like the daemon's on a 2-core machine.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building a baseline runtime")
+}
+
+/// The minimal daemon, running on its own thread and runtime.
+pub struct Minimal {
+    stop: CancellationToken,
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Minimal {
+    /// Starts it and waits until it is listening.
+    pub async fn start(
+        url: &str,
+        probe: &Path,
+        fifo: &Path,
+        in_flight: usize,
+    ) -> anyhow::Result<Minimal> {
+        let stop = CancellationToken::new();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (url, probe, fifo) = (url.to_owned(), probe.to_owned(), fifo.to_owned());
+        let token = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("minimal-daemon".into())
+            .spawn(move || runtime()?.block_on(serve(url, probe, fifo, in_flight, token, ready_tx)))
+            .context("starting the minimal daemon thread")?;
+        ready_rx
+            .await
+            .context("the minimal daemon stopped before it was listening")?;
+        Ok(Minimal { stop, thread })
+    }
+
+    /// Stops claiming, lets running probes finish, and joins the thread.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        tokio::task::spawn_blocking(move || self.thread.join())
+            .await
+            .context("joining the minimal daemon")?
+            .map_err(|_| anyhow::anyhow!("the minimal daemon panicked"))?
+    }
+}
+
+async fn serve(
+    url: String,
+    probe: PathBuf,
+    fifo: PathBuf,
+    in_flight: usize,
+    stop: CancellationToken,
+    ready: oneshot::Sender<()>,
+) -> anyhow::Result<()> {
+    let pool = PgPoolOptions::new()
+        .max_connections(10)
+        .connect(&url)
+        .await?;
+    let mut listener = PgListener::connect_with(&pool).await?;
+    listener.listen("connectord_commands").await?;
+    let _ = ready.send(());
+    let slots = Arc::new(Semaphore::new(in_flight));
+    let probe = Arc::new((probe, fifo));
+    let mut tasks = JoinSet::new();
+    loop {
+        let free = slots.available_permits();
+        if free > 0 {
+            let claimed: Vec<(i64, String, String)> = sqlx::query_as(
+                "update run_commands set status = 'claimed', claimed_by = 'minimal', claimed_at = now()
+                 where id in (select id from run_commands
+                              where status = 'pending' and not_before <= now()
+                              order by not_before, id
+                              limit $1
+                              for update skip locked)
+                 returning id, connection_id, trigger",
+            )
+            .bind(free as i64)
+            .fetch_all(&pool)
+            .await?;
+            let full_batch = claimed.len() == free;
+            for command in claimed {
+                // Only this loop takes permits, and it counted them above.
+                let permit = slots.clone().try_acquire_owned()?;
+                let (pool, probe) = (pool.clone(), probe.clone());
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    run_one(&pool, &probe.0, &probe.1, command).await
+                });
+            }
+            if full_batch {
+                // There may be more waiting than there were slots.
+                continue;
+            }
+        }
+        tokio::select! {
+            received = listener.recv() => { received?; }
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => { done??; }
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    pool.close().await;
+    Ok(())
+}
+
+/// Spawns the probe for one command, waits for it, records the run.
+async fn run_one(
+    pool: &PgPool,
+    probe: &Path,
+    fifo: &Path,
+    (id, connection_id, trigger): (i64, String, String),
+) -> anyhow::Result<()> {
+    let spawned = tokio::process::Command::new(probe)
+        .env_clear()
+        .env("PROBE_OUT", fifo)
+        .env("CONNECTORD_RUN_ID", id.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let (status, pid, exit_code) = match spawned {
+        Ok(mut child) => {
+            let pid = child.id().map(|p| p as i32);
+            let exit = child.wait().await?;
+            let status = if exit.success() {
+                "succeeded"
+            } else {
+                "failed"
+            };
+            (status, pid, exit.code())
+        }
+        Err(_) => ("failed", None, None),
+    };
+    sqlx::query(
+        "with r as (
+             insert into runs (command_id, connection_id, trigger, status, instance_id, pid,
+                               exit_code, started_at, finished_at)
+             values ($1, $2, $3, $4, 'minimal', $5, $6, now(), now())
+         )
+         update run_commands set status = 'done' where id = $1",
+    )
+    .bind(id)
+    .bind(connection_id)
+    .bind(trigger)
+    .bind(status)
+    .bind(pid)
+    .bind(exit_code)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The programs the spawn-only loops start, and where probes report.
+#[derive(Debug, Clone)]
+pub struct Programs {
+    pub probe: PathBuf,
+    pub fifo: PathBuf,
+    /// `benches/trampoline.c`, for [`SpawnStyle::Trampoline`].
+    pub trampoline: PathBuf,
+}
+
+/// How the spawn-only loop starts each probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpawnStyle {
+    /// Null stdio and a plain environment: the ceiling.
+    Plain,
+    /// What `connectord::child::spawn` does: its own process group, a
+    /// `pre_exec` hook (`PR_SET_PDEATHSIG`), piped stdout and stderr drained
+    /// by tasks. The `pre_exec` hook keeps the standard library from using
+    /// `posix_spawn`, so this measures the cost of the fork path too.
+    LikeConnectord,
+    /// The same without the `pre_exec` hook, so `posix_spawn` is used:
+    /// what dropping the hook alone would give.
+    LikeConnectordNoHook,
+    /// The same through `benches/trampoline.c`, started with `posix_spawn`,
+    /// which sets `PR_SET_PDEATHSIG` itself and execs the probe: the hook's
+    /// guarantee without forking the daemon.
+    Trampoline,
+}
+
+/// Spawns the probe `count` times with `in_flight` at once; returns the
+/// time from the first spawn to the last exit.
+pub fn spawn_only(
+    programs: &Programs,
+    count: usize,
+    in_flight: usize,
+    style: SpawnStyle,
+) -> anyhow::Result<Duration> {
+    let programs = Arc::new(programs.clone());
+    runtime()?.block_on(async move {
+        let slots = Arc::new(Semaphore::new(in_flight));
+        let mut tasks = JoinSet::new();
+        let started = Instant::now();
+        for i in 0..count {
+            let permit = slots.clone().acquire_owned().await?;
+            let programs = programs.clone();
+            tasks.spawn(async move {
+                let _permit = permit;
+                spawn_and_wait(&programs, i as i64, style).await
+            });
+            // Reap finished tasks as we go so the set stays small.
+            while let Some(done) = tasks.try_join_next() {
+                done??;
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+        Ok(started.elapsed())
+    })
+}
+
+/// Spawns the probe `count` times, one at a time; returns each probe's id
+/// (its `CONNECTORD_RUN_ID`) with `CLOCK_REALTIME` just before its spawn,
+/// so the caller can pair them with the probes' own start times.
+pub fn spawn_one_at_a_time(
+    programs: &Programs,
+    count: usize,
+    style: SpawnStyle,
+) -> anyhow::Result<Vec<(i64, i64)>> {
+    runtime()?.block_on(async move {
+        let mut out = Vec::with_capacity(count);
+        for i in 0..count {
+            let id = 2_000_000_000 + i as i64;
+            let before = super::setup::realtime_ns();
+            spawn_and_wait(programs, id, style).await?;
+            out.push((id, before));
+        }
+        Ok(out)
+    })
+}
+
+async fn spawn_and_wait(programs: &Programs, id: i64, style: SpawnStyle) -> anyhow::Result<()> {
+    let mut command = if style == SpawnStyle::Trampoline {
+        let mut command = tokio::process::Command::new(&programs.trampoline);
+        command
+            .arg(std::process::id().to_string())
+            .arg(&programs.probe);
+        command
+    } else {
+        tokio::process::Command::new(&programs.probe)
+    };
+    command
+        .env_clear()
+        .env("PROBE_OUT", &programs.fifo)
+        .env("CONNECTORD_RUN_ID", id.to_string())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if style == SpawnStyle::Plain {
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+        let status = command.spawn()?.wait().await?;
+        anyhow::ensure!(status.success(), "probe exited with {status}");
+        return Ok(());
+    }
+    command
+        .env("PATH", "/usr/bin:/bin")
+        .env("CONNECTORD_CONNECTION_ID", "bench-0000")
+        .env("CONNECTORD_TRIGGER", "manual")
+        .env("CONNECTORD_ATTEMPT", "1")
+        .env("PROBE_TOKEN", "token")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if style == SpawnStyle::LikeConnectord {
+        // SAFETY: the hook runs in the forked child before exec and calls
+        // only prctl, which is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = command.spawn()?;
+    let mut readers = JoinSet::new();
+    if let Some(mut out) = child.stdout.take() {
+        readers.spawn(async move {
+            let mut sink = Vec::new();
+            out.read_to_end(&mut sink).await
+        });
+    }
+    if let Some(mut err) = child.stderr.take() {
+        readers.spawn(async move {
+            let mut sink = Vec::new();
+            err.read_to_end(&mut sink).await
+        });
+    }
+    let status = child.wait().await?;
+    while let Some(done) = readers.join_next().await {
+        done??;
+    }
+    anyhow::ensure!(status.success(), "probe exited with {status}");
+    Ok(())
+}

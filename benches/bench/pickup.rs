@@ -1,0 +1,271 @@
+//! P1, pickup latency: from just before a `manual` command is inserted to
+//! the probe's own clock reading at its start, one command at a time, with
+//! the stored credential in the path. Rounds alternate the real daemon and
+//! the minimal daemon, so a burst of noise from the machine's other work
+//! lands on both rather than on one.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use sqlx::postgres::PgListener;
+
+use super::daemon::{Daemon, Perf};
+use super::minimal::{spawn_one_at_a_time, Minimal, SpawnStyle};
+use super::procfs;
+use super::setup::{realtime_ns, Env, ProbeRecord};
+use super::stats::{Figure, Report, Unit};
+
+/// Samples thrown away at the start of each round (pools and caches warm up).
+const WARM_UP: usize = 10;
+
+/// What the later sections need from this one.
+pub struct Pickup {
+    pub connectord: Figure,
+    /// The daemon's RSS just after start with no schedules, in MiB.
+    pub idle_rss_mib: Option<f64>,
+}
+
+pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<Pickup> {
+    report.say("");
+    report.say("== P1 pickup latency: insert of a manual command -> probe started ==");
+    let rounds = env.mode.pickup_rounds;
+    let per_round = env.mode.pickup_samples_per_round;
+    let mut ours = Vec::with_capacity(rounds * per_round);
+    let mut floor = Vec::with_capacity(rounds * per_round);
+    let mut idle_rss_mib = None;
+    let mut phases_ours = Vec::new();
+    let mut phases_floor = Vec::new();
+    for round in 0..rounds {
+        env.wait_quiet(Duration::from_secs(30)).await?;
+        let mut daemon = Daemon::start(env, None, "info", &format!("pickup-{round}"))?;
+        daemon.wait_ready(Duration::from_secs(30)).await?;
+        if round == 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            idle_rss_mib = procfs::rss_mib(daemon.pid());
+        }
+        let perf = if round == 0 {
+            Perf::attach(env, daemon.pid(), "pickup")
+        } else {
+            Perf::attach_none()
+        };
+        let taken = sample(env, per_round, true, &mut ours).await?;
+        perf.finish();
+        phases_ours.extend(phases(env, &taken, true).await?);
+        daemon.stop().await?;
+
+        env.wait_quiet(Duration::from_secs(30)).await?;
+        let minimal = Minimal::start(&env.url, &env.probe, &env.fifo, 32).await?;
+        let taken = sample(env, per_round, false, &mut floor).await?;
+        minimal.stop().await?;
+        phases_floor.extend(phases(env, &taken, false).await?);
+    }
+    let baseline = report.add(Figure::new(
+        "pickup, minimal daemon (baseline)",
+        Unit::Millis,
+        &floor,
+    ));
+    let connectord = report.add(
+        Figure::new("pickup, connectord", Unit::Millis, &ours)
+            .against(&baseline)
+            .note("stored credential resolved on every run"),
+    );
+    report_phases(report, "minimal", &phases_floor);
+    report_phases(report, "connectord", &phases_ours);
+    let plain = spawn_latency(env, SpawnStyle::Plain).await?;
+    let plain = report.add(Figure::new(
+        "  spawn -> probe running, posix_spawn",
+        Unit::Millis,
+        &plain,
+    ));
+    let hooked = spawn_latency(env, SpawnStyle::LikeConnectord).await?;
+    report.add(
+        Figure::new(
+            "  spawn -> probe running, connectord-style",
+            Unit::Millis,
+            &hooked,
+        )
+        .against(&plain)
+        .note("pre_exec hook: fork instead of posix_spawn"),
+    );
+    let trampoline = spawn_latency(env, SpawnStyle::Trampoline).await?;
+    report.add(
+        Figure::new(
+            "  spawn -> probe running, via trampoline",
+            Unit::Millis,
+            &trampoline,
+        )
+        .against(&plain)
+        .note("posix_spawn of benches/trampoline.c, which sets PDEATHSIG and execs"),
+    );
+    if let (Some(r50), Some(r99)) = (connectord.ratio_p50(), connectord.ratio_p99()) {
+        report.check(
+            "P1 pickup p50 <= 1.3x minimal daemon",
+            format!("{r50:.2}x"),
+            Some(r50 <= 1.3),
+        );
+        report.check(
+            "P1 pickup p99 <= 2x minimal daemon",
+            format!("{r99:.2}x"),
+            Some(r99 <= 2.0),
+        );
+    }
+    Ok(Pickup {
+        connectord,
+        idle_rss_mib,
+    })
+}
+
+/// Spawn latency, one probe at a time, from this process.
+async fn spawn_latency(env: &mut Env, style: SpawnStyle) -> anyhow::Result<Vec<f64>> {
+    const COUNT: usize = 200;
+    env.records.drain();
+    let programs = env.programs();
+    let spawned = tokio::task::spawn_blocking(move || spawn_one_at_a_time(&programs, COUNT, style))
+        .await
+        .context("spawn latency thread")??;
+    let started: std::collections::HashMap<i64, i64> = env
+        .records
+        .collect(COUNT, Duration::from_secs(10))
+        .await
+        .into_iter()
+        .map(|r| (r.run_id, r.started_ns))
+        .collect();
+    Ok(spawned
+        .iter()
+        .filter_map(|(id, before)| Some((started.get(id)? - before) as f64 / 1e6))
+        .collect())
+}
+
+/// One sample: the command, when the bench began inserting it, and the
+/// probe's report.
+struct Taken {
+    command_id: i64,
+    inserted_ns: i64,
+    probe: ProbeRecord,
+}
+
+/// Takes `count` samples (plus warm-up) against whichever daemon is running.
+async fn sample(
+    env: &mut Env,
+    count: usize,
+    expect_token: bool,
+    out: &mut Vec<f64>,
+) -> anyhow::Result<Vec<Taken>> {
+    let mut taken = Vec::with_capacity(count);
+    let mut db = env.pool.acquire().await?;
+    let mut settled = PgListener::connect_with(&env.pool).await?;
+    settled.listen("connectord_runs").await?;
+    env.records.drain();
+    for i in 0..count + WARM_UP {
+        let connection = &env.connections[i % env.connections.len()];
+        let inserted_at = realtime_ns();
+        let command_id: i64 = sqlx::query_scalar(
+            "insert into run_commands (connection_id, trigger) values ($1, 'manual') returning id",
+        )
+        .bind(connection)
+        .fetch_one(&mut *db)
+        .await?;
+        let record = env
+            .records
+            .next(Duration::from_secs(10))
+            .await
+            .context("no probe started within 10 s of a manual command")?;
+        if expect_token && !record.had_token {
+            bail!("the probe started without the stored credential in PROBE_TOKEN");
+        }
+        if i >= WARM_UP {
+            out.push((record.started_ns - inserted_at) as f64 / 1e6);
+            taken.push(Taken {
+                command_id,
+                inserted_ns: inserted_at,
+                probe: record,
+            });
+        }
+        // The next command goes in only after this run is recorded, so
+        // each sample starts from an idle daemon.
+        tokio::time::timeout(Duration::from_secs(10), settled.recv())
+            .await
+            .context("the run was not recorded within 10 s of its start")??;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(taken)
+}
+
+/// Where one sample's time went, from the timestamps PostgreSQL recorded
+/// (`now()` is the start of each statement's transaction), in ms.
+struct Phases {
+    /// Bench starts the insert -> the daemon's claim statement starts:
+    /// insert and commit, NOTIFY delivery, the daemon's wake-up.
+    to_claim: f64,
+    /// Claim statement starts -> `runs` row inserted (connectord only):
+    /// the claim's round trip, the admission query, the run-slot insert.
+    claim_to_run_row: Option<f64>,
+    /// Last recorded statement -> probe running: for connectord the
+    /// run-slot insert's round trip, the resolver's query, the env build
+    /// and the spawn; for the minimal daemon the claim's round trip and
+    /// the spawn.
+    to_probe: f64,
+}
+
+async fn phases(env: &Env, taken: &[Taken], ours: bool) -> anyhow::Result<Vec<Phases>> {
+    let ids: Vec<i64> = taken.iter().map(|t| t.command_id).collect();
+    let rows: Vec<(i64, i64, Option<i64>)> = sqlx::query_as(
+        "select c.id, (extract(epoch from c.claimed_at) * 1e9)::bigint,
+                (extract(epoch from r.created_at) * 1e9)::bigint
+         from run_commands c join runs r on r.command_id = c.id
+         where c.id = any($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&env.pool)
+    .await?;
+    let by_command: std::collections::HashMap<i64, (i64, Option<i64>)> = rows
+        .into_iter()
+        .map(|(id, claimed, run)| (id, (claimed, run)))
+        .collect();
+    let ms = |from: i64, to: i64| (to - from) as f64 / 1e6;
+    Ok(taken
+        .iter()
+        .filter_map(|t| {
+            let (claimed, run_row) = *by_command.get(&t.command_id)?;
+            let last = if ours { run_row? } else { claimed };
+            Some(Phases {
+                to_claim: ms(t.inserted_ns, claimed),
+                claim_to_run_row: if ours {
+                    Some(ms(claimed, run_row?))
+                } else {
+                    None
+                },
+                to_probe: ms(last, t.probe.started_ns),
+            })
+        })
+        .collect())
+}
+
+fn report_phases(report: &mut Report, who: &str, phases: &[Phases]) {
+    let to_claim: Vec<f64> = phases.iter().map(|p| p.to_claim).collect();
+    let to_run: Vec<f64> = phases.iter().filter_map(|p| p.claim_to_run_row).collect();
+    let to_probe: Vec<f64> = phases.iter().map(|p| p.to_probe).collect();
+    report.add(Figure::new(
+        format!("  {who}: insert -> claim starts"),
+        Unit::Millis,
+        &to_claim,
+    ));
+    if !to_run.is_empty() {
+        report.add(Figure::new(
+            format!("  {who}: claim -> run row inserted"),
+            Unit::Millis,
+            &to_run,
+        ));
+        report.add(Figure::new(
+            format!("  {who}: run row -> probe running"),
+            Unit::Millis,
+            &to_probe,
+        ));
+    } else {
+        report.add(Figure::new(
+            format!("  {who}: claim -> probe running"),
+            Unit::Millis,
+            &to_probe,
+        ));
+    }
+}

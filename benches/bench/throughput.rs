@@ -1,0 +1,284 @@
+//! P2, throughput: N `manual` commands inserted in one statement, with
+//! `max_concurrent_runs = 32`; runs per second from just before the insert
+//! to the last `runs.finished_at` among them. Baselines: the minimal daemon
+//! (32 in flight) and a spawn-only loop of the probe (32 in flight), the
+//! ceiling. A second spawn-only loop spawns the way `connectord::child`
+//! does, to price that difference on its own.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use super::daemon::{Daemon, Perf};
+use super::minimal::{spawn_only, Minimal, SpawnStyle};
+use super::setup::{realtime_ns, Env};
+use super::stats::{Figure, Report, Unit};
+
+pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<()> {
+    let count = env.mode.throughput_commands;
+    report.say("");
+    report.say(&format!(
+        "== P2 throughput: {count} manual commands inserted at once, 32 in flight =="
+    ));
+    let mut ours = Vec::new();
+    let mut rss_after = Vec::new();
+    let mut ours_big_pool = Vec::new();
+    let mut ours_quiet_log = Vec::new();
+    let mut floor = Vec::new();
+    let mut ceiling = Vec::new();
+    let mut ceiling_like = Vec::new();
+    let mut ceiling_no_hook = Vec::new();
+    let mut ceiling_trampoline = Vec::new();
+    let mut ballast_like = Vec::new();
+    let mut ballast_trampoline = Vec::new();
+    let big_pool = env.config_variant("pool40", 40)?;
+    for round in 0..env.mode.throughput_rounds {
+        let mut daemon = Daemon::start(env, None, "info", &format!("throughput-{round}"))?;
+        daemon.wait_ready(Duration::from_secs(30)).await?;
+        let perf = if round == 0 {
+            Perf::attach(env, daemon.pid(), "throughput")
+        } else {
+            Perf::attach_none()
+        };
+        ours.push(once(env, report, count, true).await?);
+        perf.finish();
+        if let Some(rss) = super::procfs::rss_mib(daemon.pid()) {
+            rss_after.push(rss);
+        }
+        daemon.stop().await?;
+
+        if env.mode.full {
+            // Configuration experiments (no code change): a pool larger
+            // than the 32 runs, and the per-run log lines turned off.
+            let tag = format!("throughput-pool40-{round}");
+            let mut daemon = Daemon::start(env, Some(&big_pool), "info", &tag)?;
+            daemon.wait_ready(Duration::from_secs(30)).await?;
+            ours_big_pool.push(once(env, report, count, true).await?);
+            daemon.stop().await?;
+
+            let tag = format!("throughput-warn-{round}");
+            // The daemon module stays at info: its "ready" line is how the
+            // bench knows the daemon is up.
+            let log = "warn,connectord::daemon=info";
+            let mut daemon = Daemon::start(env, None, log, &tag)?;
+            daemon.wait_ready(Duration::from_secs(30)).await?;
+            ours_quiet_log.push(once(env, report, count, true).await?);
+            daemon.stop().await?;
+        }
+
+        let minimal = Minimal::start(&env.url, &env.probe, &env.fifo, 32).await?;
+        floor.push(once(env, report, count, false).await?);
+        minimal.stop().await?;
+
+        ceiling.push(spawn_loop(env, count, SpawnStyle::Plain).await?);
+        ceiling_like.push(spawn_loop(env, count, SpawnStyle::LikeConnectord).await?);
+        ceiling_no_hook.push(spawn_loop(env, count, SpawnStyle::LikeConnectordNoHook).await?);
+        ceiling_trampoline.push(spawn_loop(env, count, SpawnStyle::Trampoline).await?);
+        if env.mode.full {
+            // The fork path copies the page tables of the whole process
+            // and then takes copy-on-write faults, so its cost grows with
+            // the spawner's memory: repeat with 64 MiB of touched ballast,
+            // about what the daemon holds at 100k schedules.
+            let ballast = vec![1u8; 64 << 20];
+            std::hint::black_box(&ballast);
+            ballast_like.push(spawn_loop(env, count, SpawnStyle::LikeConnectord).await?);
+            ballast_trampoline.push(spawn_loop(env, count, SpawnStyle::Trampoline).await?);
+            drop(ballast);
+        }
+    }
+    let ceiling = report.add(Figure::new(
+        "throughput, spawn-only ceiling (baseline)",
+        Unit::PerSecond,
+        &ceiling,
+    ));
+    let ceiling_like = report.add(
+        Figure::new(
+            "throughput, spawn-only connectord-style",
+            Unit::PerSecond,
+            &ceiling_like,
+        )
+        .against(&ceiling)
+        .note("own pgid, pre_exec PDEATHSIG, piped stdio"),
+    );
+    report.add(
+        Figure::new(
+            "throughput, spawn-only connectord-style, no hook",
+            Unit::PerSecond,
+            &ceiling_no_hook,
+        )
+        .against(&ceiling_like)
+        .note("the same without pre_exec: posix_spawn"),
+    );
+    report.add(
+        Figure::new(
+            "throughput, spawn-only via trampoline",
+            Unit::PerSecond,
+            &ceiling_trampoline,
+        )
+        .against(&ceiling_like)
+        .note("posix_spawn + benches/trampoline.c: PDEATHSIG kept"),
+    );
+    if !ballast_like.is_empty() {
+        let like = report.add(
+            Figure::new(
+                "throughput, connectord-style, +64 MiB RSS",
+                Unit::PerSecond,
+                &ballast_like,
+            )
+            .against(&ceiling_like),
+        );
+        report.add(
+            Figure::new(
+                "throughput, via trampoline, +64 MiB RSS",
+                Unit::PerSecond,
+                &ballast_trampoline,
+            )
+            .against(&like),
+        );
+    }
+    let floor = report.add(
+        Figure::new(
+            "throughput, minimal daemon (baseline)",
+            Unit::PerSecond,
+            &floor,
+        )
+        .against(&ceiling),
+    );
+    let connectord = report.add(
+        Figure::new("throughput, connectord", Unit::PerSecond, &ours)
+            .against(&floor)
+            .note(format!(
+                "daemon RSS after the batch: {}",
+                rss_after
+                    .iter()
+                    .map(|r| format!("{r:.1} MiB"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+    );
+    if !ours_big_pool.is_empty() {
+        report.add(
+            Figure::new(
+                "throughput, connectord, pool of 40",
+                Unit::PerSecond,
+                &ours_big_pool,
+            )
+            .against(&connectord)
+            .note("[database] max_connections = 40 instead of 10"),
+        );
+    }
+    if !ours_quiet_log.is_empty() {
+        report.add(
+            Figure::new(
+                "throughput, connectord, RUST_LOG=warn",
+                Unit::PerSecond,
+                &ours_quiet_log,
+            )
+            .against(&connectord)
+            .note("no per-run log lines"),
+        );
+    }
+    report.add(Figure::new("throughput, connectord", Unit::PerSecond, &ours).against(&ceiling));
+    if let Some(ratio) = connectord.ratio_p50() {
+        report.check(
+            "P2 throughput >= 0.8x minimal daemon",
+            format!("{ratio:.2}x"),
+            Some(ratio >= 0.8),
+        );
+    }
+    Ok(())
+}
+
+/// One batch through whichever daemon is running; returns runs per second.
+async fn once(
+    env: &mut Env,
+    report: &mut Report,
+    count: usize,
+    expect_token: bool,
+) -> anyhow::Result<f64> {
+    let cancelled = env.cancel_retries().await?;
+    if cancelled > 0 {
+        report.say(&format!(
+            "(cancelled {cancelled} retry commands of lost runs before this batch)"
+        ));
+    }
+    env.wait_quiet(Duration::from_secs(60)).await?;
+    env.records.drain();
+    let started_ns = realtime_ns();
+    let (first, last): (i64, i64) = sqlx::query_as(
+        "with c as (
+             insert into run_commands (connection_id, trigger)
+             select ($1::text[])[1 + g % cardinality($1::text[])], 'manual'
+             from generate_series(0, $2 - 1) as g
+             returning id
+         )
+         select min(id), max(id) from c",
+    )
+    .bind(&env.connections)
+    .bind(count as i64)
+    .fetch_one(&env.pool)
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let done: i64 = sqlx::query_scalar(
+            "select count(*) from run_commands where id between $1 and $2 and status = 'done'",
+        )
+        .bind(first)
+        .bind(last)
+        .fetch_one(&env.pool)
+        .await?;
+        if done as usize == count {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {done} of {count} commands were done after 10 minutes");
+        }
+    }
+    let (succeeded, finished_ns): (i64, i64) = sqlx::query_as(
+        "select count(*) filter (where status = 'succeeded'),
+                (extract(epoch from max(finished_at)) * 1e9)::bigint
+         from runs where command_id between $1 and $2",
+    )
+    .bind(first)
+    .bind(last)
+    .fetch_one(&env.pool)
+    .await?;
+    if succeeded as usize != count {
+        // A daemon bug, not a bench failure: report it and go on.
+        let outcomes = env.outcomes(first, last).await?;
+        report.say(&format!(
+            "WARNING: {succeeded} of {count} runs succeeded; the others: {outcomes}"
+        ));
+        report.check(
+            "every run of a throughput batch succeeded",
+            format!("{} did not", count - succeeded as usize),
+            Some(false),
+        );
+    }
+    let records = env.records.collect(count, Duration::from_secs(10)).await;
+    if records.len() < count {
+        report.say(&format!(
+            "WARNING: {} of {count} probes reported their start",
+            records.len()
+        ));
+    }
+    if expect_token && records.iter().any(|r| !r.had_token) {
+        bail!("a probe started without the stored credential");
+    }
+    let seconds = (finished_ns - started_ns) as f64 / 1e9;
+    Ok(count as f64 / seconds)
+}
+
+async fn spawn_loop(env: &mut Env, count: usize, style: SpawnStyle) -> anyhow::Result<f64> {
+    env.records.drain();
+    let programs = env.programs();
+    let elapsed = tokio::task::spawn_blocking(move || spawn_only(&programs, count, 32, style))
+        .await
+        .context("spawn-only thread")??;
+    let records = env.records.collect(count, Duration::from_secs(10)).await;
+    if records.len() != count {
+        bail!("{} of {count} spawned probes reported", records.len());
+    }
+    Ok(count as f64 / elapsed.as_secs_f64())
+}
