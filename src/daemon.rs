@@ -264,52 +264,72 @@ async fn queue_loop(ctx: Arc<Context>, wake: Arc<Notify>, heartbeats: Arc<Heartb
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut backoff = Backoff::new();
     let mut failing = false;
+    // Whether a claim may find work: after a notification or the poll
+    // interval, and after a run ends only when the last claim was cut short
+    // by a limit. Claims that are sure to come back empty are not sent.
+    let mut claim = true;
+    let mut limited = false;
     loop {
         if ctx.shutdown.is_cancelled() {
             break;
         }
         heartbeats.queue_alive();
         let mut delay = ctx.config.daemon.poll_interval;
-        match claim_and_launch(&ctx, &global, &per_connector, &mut tasks).await {
-            Ok(claimed) => {
-                if failing {
-                    tracing::info!("command queue reached the database again");
+        if claim {
+            match claim_and_launch(&ctx, &global, &per_connector, &mut tasks).await {
+                Ok(round) => {
+                    if failing {
+                        tracing::info!("command queue reached the database again");
+                    }
+                    failing = false;
+                    backoff = Backoff::new();
+                    limited = round.limited;
+                    // A full batch may have left more behind.
+                    if round.filled && global.available_permits() > 0 {
+                        continue;
+                    }
                 }
-                failing = false;
-                backoff = Backoff::new();
-                if claimed > 0 && global.available_permits() > 0 {
-                    continue;
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "command queue cannot reach the database; retrying with backoff");
+                    }
+                    failing = true;
+                    delay = backoff.next_delay();
                 }
-            }
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(error = %e, "command queue cannot reach the database; retrying with backoff");
-                }
-                failing = true;
-                delay = backoff.next_delay();
             }
         }
-        tokio::select! {
-            () = wake.notified() => {}
-            () = tokio::time::sleep(delay) => {}
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        claim = tokio::select! {
+            () = wake.notified() => true,
+            () = tokio::time::sleep(delay) => true,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => limited,
             () = ctx.shutdown.cancelled() => break,
-        }
+        };
     }
     // Every launch watches the same token and settles its run.
     while tasks.join_next().await.is_some() {}
 }
 
-/// One claim round; returns how many commands were claimed.
+/// What one claim round found.
+struct Round {
+    /// The claim returned as many commands as it asked for.
+    filled: bool,
+    /// A daemon-wide or connector limit kept commands back.
+    limited: bool,
+}
+
+/// One claim round.
 async fn claim_and_launch(
     ctx: &Arc<Context>,
     global: &Arc<Semaphore>,
     per_connector: &HashMap<String, Arc<Semaphore>>,
     tasks: &mut JoinSet<()>,
-) -> Result<usize, sqlx::Error> {
+) -> Result<Round, sqlx::Error> {
     let available = global.available_permits();
     if available == 0 {
-        return Ok(0);
+        return Ok(Round {
+            filled: false,
+            limited: true,
+        });
     }
     let full: Vec<String> = per_connector
         .iter()
@@ -326,7 +346,10 @@ async fn claim_and_launch(
         ctx.config.daemon.lease.as_millis() as f64,
     )
     .await?;
-    let claimed = commands.len();
+    let mut round = Round {
+        filled: commands.len() as i64 == limit,
+        limited: !full.is_empty(),
+    };
     for command in commands {
         let connector_semaphore = command
             .command
@@ -346,6 +369,7 @@ async fn claim_and_launch(
             // Claimed in the same batch as others of its connector beyond
             // the connector's limit: give it back for later.
             give_back(ctx, &command).await?;
+            round.limited = true;
             continue;
         };
         let ctx = ctx.clone();
@@ -357,7 +381,8 @@ async fn claim_and_launch(
             }
         });
     }
-    Ok(claimed)
+    round.limited |= global.available_permits() == 0;
+    Ok(round)
 }
 
 /// Returns a claimed command, and the run slot taken with it, untouched.

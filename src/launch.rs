@@ -52,6 +52,9 @@ impl Context {
     }
 }
 
+/// How long a child runs before its start is written to its run row.
+const RECORD_START_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// How often a run's progress count is written while it runs.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -249,15 +252,7 @@ async fn run_in_slot(
         }
     };
     let pid = running.pid;
-    // The child runs whether or not this write lands; the final write
-    // records the pid too.
-    if let Err(e) = ctx
-        .writer()
-        .mark_started(run_id, pid, resolved.credential_id, source)
-        .await
-    {
-        tracing::warn!(error = %e, "could not record the run's start; it is recorded when the run ends");
-    }
+    let started_at = chrono::Utc::now();
     tracing::info!(
         event = "run.started",
         pid,
@@ -265,59 +260,78 @@ async fn run_in_slot(
         "connector started"
     );
     let started = std::time::Instant::now();
+    // The start is recorded once the child has run for a moment: a short
+    // run's final write records pid and start time itself, one write fewer
+    // per run. The child runs whether or not this write lands.
+    let record_start = async {
+        tokio::time::sleep(RECORD_START_AFTER).await;
+        if let Err(e) = ctx
+            .writer()
+            .mark_started(run_id, pid, started_at, resolved.credential_id, source)
+            .await
+        {
+            tracing::warn!(error = %e, "could not record the run's start; it is recorded when the run ends");
+        }
+    };
 
     let writer = ctx.writer();
     let mut records = None;
     let mut progress_written: Option<std::time::Instant> = None;
     let mut raised_interaction = false;
-    let outcome = running
-        .supervise(
-            Limits {
-                timeout: connector.timeout,
-                kill_grace: ctx.config.daemon.kill_grace,
-                shutdown_grace: ctx.config.daemon.shutdown_grace,
-                shutdown: &ctx.shutdown,
-                superseded,
-            },
-            |message| {
-                let mut open = None;
-                let mut progress = None;
-                match message {
-                    Message::Progress { records: n } => {
-                        records = Some(n);
-                        // The latest count is kept on the run while it goes,
-                        // at most once a second.
-                        if progress_written.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
-                            progress_written = Some(std::time::Instant::now());
-                            progress = Some(n);
-                        }
-                    }
-                    Message::Interaction { kind, message } => {
-                        raised_interaction = true;
-                        open = Some((kind, message.unwrap_or_default()));
-                    }
-                    Message::Log { .. } => {}
-                }
-                let writer = &writer;
-                let connection_id = &command.connection_id;
-                async move {
-                    if let Some(n) = progress {
-                        if let Err(e) = writer.record_progress(run_id, n).await {
-                            tracing::debug!(error = %e, "could not record progress");
-                        }
-                    }
-                    if let Some((kind, message)) = open {
-                        if let Err(e) = writer
-                            .open_interaction(connection_id, run_id, &kind, &message)
-                            .await
-                        {
-                            tracing::warn!(error = %e, "could not record the connector's interaction");
-                        }
+    let supervise = running.supervise(
+        Limits {
+            timeout: connector.timeout,
+            kill_grace: ctx.config.daemon.kill_grace,
+            shutdown_grace: ctx.config.daemon.shutdown_grace,
+            shutdown: &ctx.shutdown,
+            superseded,
+        },
+        |message| {
+            let mut open = None;
+            let mut progress = None;
+            match message {
+                Message::Progress { records: n } => {
+                    records = Some(n);
+                    // The latest count is kept on the run while it goes,
+                    // at most once a second.
+                    if progress_written.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
+                        progress_written = Some(std::time::Instant::now());
+                        progress = Some(n);
                     }
                 }
-            },
-        )
-        .await;
+                Message::Interaction { kind, message } => {
+                    raised_interaction = true;
+                    open = Some((kind, message.unwrap_or_default()));
+                }
+                Message::Log { .. } => {}
+            }
+            let writer = &writer;
+            let connection_id = &command.connection_id;
+            async move {
+                if let Some(n) = progress {
+                    if let Err(e) = writer.record_progress(run_id, n).await {
+                        tracing::debug!(error = %e, "could not record progress");
+                    }
+                }
+                if let Some((kind, message)) = open {
+                    if let Err(e) = writer
+                        .open_interaction(connection_id, run_id, &kind, &message)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "could not record the connector's interaction");
+                    }
+                }
+            }
+        },
+    );
+    let outcome = {
+        tokio::pin!(supervise);
+        tokio::pin!(record_start);
+        tokio::select! {
+            outcome = &mut supervise => outcome,
+            () = &mut record_start => (&mut supervise).await,
+        }
+    };
 
     let (status, kind, exit_code, detail) = classify(outcome, raised_interaction);
     let retry_after = kind.and_then(|k| retry_delay(&connector.retry, command.attempt, k));
@@ -348,6 +362,7 @@ async fn run_in_slot(
         exit_code,
         records,
         pid: Some(pid),
+        started_at: Some(started_at),
         requeue: kind == Some(FailureKind::Interrupted),
         retry_after,
     };

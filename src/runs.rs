@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use crate::failure::FailureKind;
@@ -30,8 +31,10 @@ pub struct Finish<'a> {
     pub detail: Option<String>,
     pub exit_code: Option<i32>,
     pub records: Option<i64>,
-    /// The child's pid, in case recording the start did not land.
+    /// The child's pid and start, in case recording the start did not land
+    /// (or was not needed: a short run records both here).
     pub pid: Option<u32>,
+    pub started_at: Option<DateTime<Utc>>,
     /// Put the command back as it was (shutdown), instead of marking it done.
     pub requeue: bool,
     /// Delay before the retry command, when the policy grants one.
@@ -81,11 +84,12 @@ impl Writer<'_> {
         &self,
         run_id: i64,
         pid: u32,
+        started_at: DateTime<Utc>,
         credential_id: Option<i64>,
         credential_source: &str,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "update runs set pid = $2, started_at = now(), credential_id = $3, credential_source = $4
+            "update runs set pid = $2, started_at = $6, credential_id = $3, credential_source = $4
              where id = $1 and status = 'running' and instance_id = $5",
         )
         .bind(run_id)
@@ -93,6 +97,7 @@ impl Writer<'_> {
         .bind(credential_id)
         .bind(credential_source)
         .bind(self.instance_id)
+        .bind(started_at)
         .execute(self.pool)
         .await?;
         Ok(())
@@ -115,7 +120,7 @@ impl Writer<'_> {
                     records = coalesce($6, records), finished_at = now(), lease_expires_at = null,
                     credential_id = coalesce(credential_id, $7),
                     credential_source = coalesce(credential_source, $8),
-                    pid = coalesce(pid, $16), started_at = coalesce(started_at, case when $16 is not null then now() end)
+                    pid = coalesce(pid, $16), started_at = coalesce(started_at, $17)
                 where id = $1 and status = 'running' and instance_id = $9
                 returning id
             ), c as (
@@ -149,6 +154,7 @@ impl Writer<'_> {
         .bind(command.attempt + 1)
         .bind(finish.retry_after.map(|d| d.as_millis() as f64))
         .bind(finish.pid.map(|p| p as i32))
+        .bind(finish.started_at)
         .fetch_one(self.pool)
         .await?;
         Ok(updated > 0)

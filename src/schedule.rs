@@ -507,6 +507,13 @@ impl Engine {
         if let Err(e) = self.flush_next_fires().await {
             tracing::warn!(error = %e, "writing next_fire_at failed; retrying with the next edit");
         }
+        // Loading freed the pages of every row read; give them back, so a
+        // large table does not leave its high-water mark in our RSS.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases free heap memory to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         let mut reconcile = tokio::time::interval(reconcile_interval);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         reconcile.reset();
