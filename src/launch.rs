@@ -53,10 +53,10 @@ impl Context {
 }
 
 /// How long a child runs before its start is written to its run row.
-const RECORD_START_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+const RECORD_START_AFTER: Duration = Duration::from_millis(100);
 
 /// How often a run's progress count is written while it runs.
-const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// The interaction kind that asks the owner to reconnect.
 pub const CREDENTIALS_REQUIRED: &str = "credentials_required";
