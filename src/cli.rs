@@ -83,6 +83,10 @@ pub enum Command {
         /// Wait for the run and exit with its outcome.
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up after this long ("30s", "10m") with exit
+        /// status 1; the command stays queued.
+        #[arg(long, requires = "wait", value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
     },
     /// List runs, newest first.
     Runs {
@@ -255,7 +259,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Connections(command) => connections(&config, command).await,
         Command::Credentials(command) => credentials(&config, command).await,
         Command::Schedules(command) => schedules(&config, command).await,
-        Command::Trigger { connection, wait } => trigger(&config, &connection, wait).await,
+        Command::Trigger {
+            connection,
+            wait,
+            timeout,
+        } => {
+            let wait = match (wait, timeout) {
+                (false, _) => Wait::No,
+                (true, None) => Wait::Forever,
+                (true, Some(timeout)) => Wait::Until(timeout),
+            };
+            trigger(&config, &connection, wait).await
+        }
         Command::Runs {
             connection,
             status,
@@ -672,7 +687,14 @@ fn next_fire(row: &ScheduleListRow, now: DateTime<Utc>) -> Result<Option<DateTim
     Ok(rule.next_after(now))
 }
 
-async fn trigger(config: &Config, connection: &str, wait: bool) -> anyhow::Result<u8> {
+/// Whether `trigger` waits for the run's outcome.
+enum Wait {
+    No,
+    Forever,
+    Until(std::time::Duration),
+}
+
+async fn trigger(config: &Config, connection: &str, wait: Wait) -> anyhow::Result<u8> {
     let pool = pool(config).await?;
     let exists: Option<String> = sqlx::query_scalar("select id from connections where id = $1")
         .bind(connection)
@@ -685,9 +707,11 @@ async fn trigger(config: &Config, connection: &str, wait: bool) -> anyhow::Resul
     listener.listen("connectord_runs").await?;
     let command_id = crate::queue::enqueue_manual(&pool, connection).await?;
     println!("queued manual run of {connection} (command {command_id})");
-    if !wait {
-        return Ok(exit::OK);
-    }
+    let deadline = match wait {
+        Wait::No => return Ok(exit::OK),
+        Wait::Forever => None,
+        Wait::Until(timeout) => Some(tokio::time::Instant::now() + timeout),
+    };
     loop {
         // The command is done once a run settled it; an interrupted run puts
         // it back to pending and another run follows.
@@ -712,6 +736,9 @@ async fn trigger(config: &Config, connection: &str, wait: bool) -> anyhow::Resul
                 "skipped" => exit::RUN_SKIPPED,
                 _ => exit::RUN_FAILED,
             });
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            bail!("no outcome for command {command_id} of {connection} within the timeout; it stays queued");
         }
         // Woken by any run's outcome; the timeout covers a lost connection.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), listener.recv()).await;

@@ -525,6 +525,21 @@ async fn operator_commands() {
     let enabled: bool = db.scalar("select enabled from schedules").await;
     assert!(enabled);
 
+    // With no daemon running, a bounded wait gives up and leaves the
+    // command queued.
+    let (code, _, err) = cli(
+        &db,
+        Some(&path),
+        &["trigger", "alice-chase", "--wait", "--timeout", "300ms"],
+        "",
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("within the timeout"), "{err}");
+    let pending: i64 = db
+        .scalar("select count(*) from run_commands where status = 'pending'")
+        .await;
+    assert_eq!(pending, 1);
+
     // A refused run (no credential) and its interaction, seen through the CLI.
     let _daemon = Daemon::start(&db, &dir.path, &config_text, &[]).await;
     let (code, out, _) = cli(&db, Some(&path), &["trigger", "alice-chase", "--wait"], "");
