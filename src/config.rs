@@ -87,6 +87,7 @@ impl KeysConfig {
 pub struct DaemonConfig {
     /// Names this daemon in `runs.instance_id` and `run_commands.claimed_by`.
     pub instance_id: Option<String>,
+    #[serde(deserialize_with = "positive_u32")]
     pub max_concurrent_runs: u32,
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
@@ -94,7 +95,7 @@ pub struct DaemonConfig {
     pub kill_grace: Duration,
     #[serde(with = "duration")]
     pub catchup_window: Duration,
-    #[serde(with = "duration")]
+    #[serde(deserialize_with = "lease_duration")]
     pub lease: Duration,
     /// How often the queue looks for work when no notification arrives.
     #[serde(with = "duration")]
@@ -182,6 +183,7 @@ impl Default for ChildEnvConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectorConfig {
+    #[serde(deserialize_with = "non_empty_path")]
     pub command: PathBuf,
     #[serde(default)]
     pub args: Vec<String>,
@@ -220,10 +222,13 @@ fn default_max_concurrency() -> u32 {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CredentialSpec {
     StaticSecret {
+        #[serde(deserialize_with = "env_name")]
         env: String,
     },
     UsernamePassword {
+        #[serde(deserialize_with = "env_name")]
         username_env: String,
+        #[serde(deserialize_with = "env_name")]
         password_env: String,
     },
 }
@@ -290,6 +295,34 @@ impl Default for RetryPolicy {
             max_backoff: default_max_backoff(),
         }
     }
+}
+
+/// A lease shorter than a second could not be renewed in time.
+fn lease_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let lease = duration::deserialize(d)?;
+    if lease < Duration::from_secs(1) {
+        return Err(serde::de::Error::custom("the lease must be at least 1s"));
+    }
+    Ok(lease)
+}
+
+fn non_empty_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    let path = PathBuf::deserialize(d)?;
+    if path.as_os_str().is_empty() {
+        return Err(serde::de::Error::custom("must not be empty"));
+    }
+    Ok(path)
+}
+
+/// A variable name a child's environment can hold.
+fn env_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    if !is_env_name(&name) {
+        return Err(serde::de::Error::custom(format!(
+            "{name:?} is not a valid environment variable name (letters, digits and '_', not starting with a digit)"
+        )));
+    }
+    Ok(name)
 }
 
 fn positive_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
@@ -364,16 +397,7 @@ impl Config {
 
     /// Cross-field checks the types cannot express.
     fn validate(&self) -> Result<(), String> {
-        if self.daemon.max_concurrent_runs == 0 {
-            return Err("[daemon] max_concurrent_runs must be at least 1".to_owned());
-        }
-        if self.daemon.lease < Duration::from_secs(1) {
-            return Err("[daemon] lease must be at least 1s".to_owned());
-        }
         for (name, connector) in &self.connectors {
-            if connector.command.as_os_str().is_empty() {
-                return Err(format!("[connectors.{name}] command must not be empty"));
-            }
             let mut declared = Vec::new();
             for spec in connector.credential.iter().chain(&connector.accepts) {
                 if declared.contains(&spec.kind()) {
@@ -383,13 +407,6 @@ impl Config {
                     ));
                 }
                 declared.push(spec.kind());
-                for var in spec.variables() {
-                    if !is_env_name(var) {
-                        return Err(format!(
-                            "[connectors.{name}] credential variable {var:?} is not a valid environment variable name"
-                        ));
-                    }
-                }
             }
             if !connector.accepts.is_empty() && connector.credential.is_none() {
                 return Err(format!(
@@ -513,7 +530,20 @@ mod tests {
         );
         check(
             "[connectors.x]\ncommand = \"/bin/true\"\ncredential = { kind = \"static_secret\", env = \"A B\" }\n",
-            &["connectors.x", "A B"],
+            &["line 3", "A B"],
+        );
+        check(
+            "[daemon]\nmax_concurrent_runs = 0\n",
+            &["line 2", "at least 1"],
+        );
+        check("[daemon]\nlease = \"500ms\"\n", &["line 2", "at least 1s"]);
+        check(
+            "[connectors.x]\ncommand = \"\"\n",
+            &["line 2", "must not be empty"],
+        );
+        check(
+            "[connectors.x]\ncommand = \"/bin/true\"\naccepts = [{ kind = \"static_secret\", env = \"X\" }]\n",
+            &["connectors.x", "no `credential`"],
         );
     }
 
