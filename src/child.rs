@@ -182,6 +182,10 @@ impl Running {
             while let Some(message) = self.messages.recv().await {
                 on_message(message).await;
             }
+            // The readers end at end of input; stderr may still be logging.
+            for reader in &mut self.readers {
+                let _ = reader.await;
+            }
         };
         if tokio::time::timeout(limits.kill_grace, drain)
             .await
