@@ -243,6 +243,14 @@ impl Daemon {
         let config_path = dir.join(format!("daemon-{}.toml", N.fetch_add(1, Ordering::SeqCst)));
         std::fs::write(&config_path, config).expect("write config");
         let mut command = Command::new(binary());
+        // The daemon's environment is exactly what the test says it is: a
+        // credential variable set where the tests run must not leak in.
+        command.env_clear();
+        for name in ["PATH", "HOME", "LANG", "TMPDIR"] {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
         command
             .arg("--config")
             .arg(&config_path)
@@ -331,6 +339,7 @@ pub fn cli(
     }
     let mut child = command
         .args(args)
+        .env_remove("CONNECTORD_CONFIG")
         .env("DATABASE_URL", &db.url)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::piped())
