@@ -47,7 +47,6 @@ impl Context {
         Writer {
             pool: &self.pool,
             instance_id: &self.instance_id,
-            lease: self.config.daemon.lease,
         }
     }
 }

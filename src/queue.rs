@@ -25,7 +25,6 @@ pub struct Command {
     pub schedule_id: Option<i64>,
     pub scheduled_for: Option<DateTime<Utc>>,
     pub attempt: i32,
-    pub parent_run_id: Option<i64>,
     pub overlap: Option<String>,
     /// The connection's connector as of the claim; `None` when the
     /// connection does not exist.
@@ -93,7 +92,7 @@ pub async fn claim(
             from picked
             where rc.id = picked.id
             returning rc.id, rc.connection_id, rc.trigger, rc.schedule_id, rc.scheduled_for,
-                      rc.attempt, rc.parent_run_id
+                      rc.attempt
         ), admitted as (
             select cl.*, c.connector, c.enabled, s.overlap
             from claimed cl
@@ -111,7 +110,7 @@ pub async fn claim(
             returning id as run_id, command_id
         )
         select a.id, a.connection_id, a.trigger, a.schedule_id, a.scheduled_for, a.attempt,
-               a.parent_run_id, a.overlap, a.connector, a.enabled, slot.run_id,
+               a.overlap, a.connector, a.enabled, slot.run_id,
                cred.id as credential_id, cred.kind, cred.status as credential_status,
                cred.key_id, cred.nonce, cred.ciphertext
         from admitted a
@@ -156,7 +155,6 @@ fn claimed_from_row(row: &PgRow) -> Result<Claimed, sqlx::Error> {
             schedule_id: row.try_get("schedule_id")?,
             scheduled_for: row.try_get("scheduled_for")?,
             attempt: row.try_get("attempt")?,
-            parent_run_id: row.try_get("parent_run_id")?,
             overlap: row.try_get("overlap")?,
             connector: row.try_get("connector")?,
         },

@@ -24,26 +24,23 @@ const CLASS: &str = "case status when 'succeeded' then 1 when 'skipped' then 3 e
 
 /// Prunes until nothing old is left, one batch per statement.
 pub async fn prune(pool: &PgPool, config: &RetentionConfig) -> Result<Pruned, sqlx::Error> {
-    let mut pruned = Pruned::default();
     let batch = i64::from(config.batch);
-    if !config.runs.is_zero() {
-        let sql = format!(
-            "delete from runs where id in (
-                 select r.id from runs r
-                 where r.status <> 'running'
-                   and coalesce(r.finished_at, r.created_at) < now() - $1 * interval '1 millisecond'
-                   and exists (select 1 from runs n
-                               where n.connection_id = r.connection_id and n.id > r.id
-                                 and n.status <> 'running'
-                                 and ({n}) = ({r}))
-                 limit $2)",
-            n = CLASS.replace("status", "n.status"),
-            r = CLASS.replace("status", "r.status"),
-        );
-        pruned.runs = in_batches(pool, &sql, config.runs, batch).await?;
-    }
-    if !config.commands.is_zero() {
-        pruned.commands = in_batches(
+    let runs_sql = format!(
+        "delete from runs where id in (
+             select r.id from runs r
+             where r.status <> 'running'
+               and coalesce(r.finished_at, r.created_at) < now() - $1 * interval '1 millisecond'
+               and exists (select 1 from runs n
+                           where n.connection_id = r.connection_id and n.id > r.id
+                             and n.status <> 'running'
+                             and ({n}) = ({r}))
+             limit $2)",
+        n = CLASS.replace("status", "n.status"),
+        r = CLASS.replace("status", "r.status"),
+    );
+    let pruned = Pruned {
+        runs: in_batches(pool, &runs_sql, config.runs, batch).await?,
+        commands: in_batches(
             pool,
             "delete from run_commands where id in (
                  select id from run_commands
@@ -52,10 +49,8 @@ pub async fn prune(pool: &PgPool, config: &RetentionConfig) -> Result<Pruned, sq
             config.commands,
             batch,
         )
-        .await?;
-    }
-    if !config.interactions.is_zero() {
-        pruned.interactions = in_batches(
+        .await?,
+        interactions: in_batches(
             pool,
             "delete from interactions where id in (
                  select id from interactions
@@ -64,11 +59,13 @@ pub async fn prune(pool: &PgPool, config: &RetentionConfig) -> Result<Pruned, sq
             config.interactions,
             batch,
         )
-        .await?;
-    }
+        .await?,
+    };
     Ok(pruned)
 }
 
+/// Runs a pruning `sql` (age in ms as `$1`, batch size as `$2`) until a
+/// batch comes back short; an age of zero keeps everything.
 async fn in_batches(
     pool: &PgPool,
     sql: &str,
@@ -76,6 +73,9 @@ async fn in_batches(
     batch: i64,
 ) -> Result<u64, sqlx::Error> {
     let mut total = 0;
+    if age.is_zero() {
+        return Ok(total);
+    }
     loop {
         let deleted = sqlx::query(sql)
             .bind(age.as_millis() as f64)

@@ -16,11 +16,10 @@ use sqlx::PgPool;
 use crate::failure::FailureKind;
 use crate::queue::Command;
 
-/// Who is writing: the daemon instance and its lease length.
+/// Who is writing: the daemon instance whose runs these are.
 pub struct Writer<'a> {
     pub pool: &'a PgPool,
     pub instance_id: &'a str,
-    pub lease: Duration,
 }
 
 /// The final state of a run.

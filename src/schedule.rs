@@ -102,12 +102,8 @@ impl Engine {
     }
 
     /// Number of active schedules.
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     /// Reads every row, a page at a time so a large table never sits in
