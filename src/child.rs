@@ -8,12 +8,12 @@
 //! and logging is rate-limited per stream with a count of what was dropped.
 
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -21,6 +21,7 @@ use tracing::Instrument;
 use crate::child_env::ChildEnv;
 use crate::config::ConnectorConfig;
 use crate::protocol::{self, Line, Message};
+use crate::spawn::{self, CStrings, Process};
 
 /// Longest stdout/stderr line kept; the rest of a longer line is discarded.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -35,7 +36,8 @@ pub struct SpawnError {
 
 /// A started child and the readers of its output.
 pub struct Running {
-    child: Child,
+    /// Killed if dropped before it was reaped.
+    process: Process,
     pub pid: u32,
     messages: mpsc::Receiver<Message>,
     /// The output readers, aborted if a process that escaped the group
@@ -77,50 +79,27 @@ pub struct Limits<'a> {
 
 /// Starts the connector program with exactly `env`.
 pub fn spawn(connector: &ConnectorConfig, env: &ChildEnv) -> Result<Running, SpawnError> {
-    let mut command = Command::new(&connector.command);
-    command
-        .args(&connector.args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    env.apply(&mut command);
-    let parent = std::process::id();
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (prctl, getppid, _exit).
-    unsafe {
-        command.pre_exec(move || {
-            // The child is killed when the thread that forked it dies; the
-            // runtime's worker threads live as long as the daemon does.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The daemon may have died between fork and prctl.
-            if libc::getppid() as u32 != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-    let mut child = command.spawn().map_err(|source| SpawnError {
+    let error = |source| SpawnError {
         program: connector.command.display().to_string(),
         source,
-    })?;
-    let pid = child.id().unwrap_or(0);
+    };
+    let program = spawn::find_program(&connector.command, env.plain("PATH")).map_err(error)?;
+    let program_name = connector.command.as_os_str().as_bytes();
+    let mut argv: Vec<[&[u8]; 1]> = vec![[program_name]];
+    argv.extend(connector.args.iter().map(|a| [a.as_bytes()]));
+    let argv: Vec<&[&[u8]]> = argv.iter().map(|a| &a[..]).collect();
+    let argv = CStrings::new(&argv).map_err(error)?;
+    let env = env.block().map_err(error)?;
+    let spawned = spawn::spawn(&program, &argv, &env).map_err(error)?;
+    let pid = spawned.process.pid();
     let (tx, messages) = mpsc::channel(64);
     let span = tracing::Span::current();
-    let mut readers = Vec::with_capacity(2);
-    if let Some(stdout) = child.stdout.take() {
-        readers.push(tokio::spawn(
-            read_stdout(stdout, tx).instrument(span.clone()),
-        ));
-    }
-    if let Some(stderr) = child.stderr.take() {
-        readers.push(tokio::spawn(read_stderr(stderr).instrument(span)));
-    }
+    let readers = vec![
+        tokio::spawn(read_stdout(spawned.stdout, tx).instrument(span.clone())),
+        tokio::spawn(read_stderr(spawned.stderr).instrument(span)),
+    ];
     Ok(Running {
-        child,
+        process: spawned.process,
         pid,
         messages,
         readers,
@@ -147,7 +126,7 @@ impl Running {
         let mut messages_open = true;
         let status = loop {
             tokio::select! {
-                status = self.child.wait() => break status,
+                status = self.process.wait() => break status,
                 message = self.messages.recv(), if messages_open => match message {
                     Some(message) => on_message(message).await,
                     None => messages_open = false,
@@ -155,7 +134,7 @@ impl Running {
                 () = &mut deadline, if ended_by.is_none() => {
                     tracing::warn!(timeout = ?limits.timeout, "connector timed out; terminating its process group");
                     ended_by = Some(EndedBy::Timeout);
-                    break terminate(&mut self.child, pgid, limits.kill_grace).await;
+                    break terminate(&mut self.process, pgid, limits.kill_grace).await;
                 }
                 () = limits.shutdown.cancelled(), if ended_by.is_none() => {
                     ended_by = Some(EndedBy::Shutdown);
@@ -164,12 +143,12 @@ impl Running {
                 }
                 () = &mut grace, if grace_armed => {
                     tracing::warn!("shutdown grace elapsed; terminating connector");
-                    break terminate(&mut self.child, pgid, limits.kill_grace).await;
+                    break terminate(&mut self.process, pgid, limits.kill_grace).await;
                 }
                 () = limits.superseded.cancelled(), if ended_by.is_none() => {
                     tracing::warn!("another daemon took this run over after its lease expired; terminating connector");
                     ended_by = Some(EndedBy::Superseded);
-                    break terminate(&mut self.child, pgid, limits.kill_grace).await;
+                    break terminate(&mut self.process, pgid, limits.kill_grace).await;
                 }
             }
         };
@@ -218,14 +197,18 @@ fn exit_of(status: ExitStatus) -> Exit {
 }
 
 /// SIGTERM to the group, then SIGKILL after `kill_grace`.
-async fn terminate(child: &mut Child, pgid: i32, kill_grace: Duration) -> io::Result<ExitStatus> {
+async fn terminate(
+    process: &mut Process,
+    pgid: i32,
+    kill_grace: Duration,
+) -> io::Result<ExitStatus> {
     signal_group(pgid, libc::SIGTERM);
-    match tokio::time::timeout(kill_grace, child.wait()).await {
+    match tokio::time::timeout(kill_grace, process.wait()).await {
         Ok(status) => status,
         Err(_) => {
             tracing::warn!(?kill_grace, "connector ignored SIGTERM; sending SIGKILL");
             signal_group(pgid, libc::SIGKILL);
-            child.wait().await
+            process.wait().await
         }
     }
 }

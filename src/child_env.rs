@@ -11,11 +11,13 @@
 //! 5. the resolved credential, always last.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
+use std::os::unix::ffi::OsStrExt;
 
 use crate::config::{Config, ConnectorConfig};
 use crate::secret::Secret;
+use crate::spawn::CStrings;
 
 /// One variable's value; secrets keep their redacting wrapper until the
 /// moment they are handed to the spawn call.
@@ -40,6 +42,13 @@ impl fmt::Debug for ChildEnv {
             };
         }
         map.finish()
+    }
+}
+
+fn value_bytes(value: &EnvValue) -> &[u8] {
+    match value {
+        EnvValue::Plain(v) => v.as_bytes(),
+        EnvValue::Secret(s) => s.expose().as_bytes(),
     }
 }
 
@@ -97,14 +106,23 @@ impl ChildEnv {
         self.vars.insert(name.to_owned(), value);
     }
 
-    /// Hands every variable to `command` after clearing what it inherited.
-    pub fn apply(&self, command: &mut tokio::process::Command) {
-        command.env_clear();
-        for (name, value) in &self.vars {
-            match value {
-                EnvValue::Plain(v) => command.env(name, v),
-                EnvValue::Secret(s) => command.env(name, s.expose()),
-            };
+    /// The environment as `execve` takes it, in one buffer zeroed on drop.
+    pub fn block(&self) -> std::io::Result<CStrings> {
+        let entries: Vec<[&[u8]; 3]> = self
+            .vars
+            .iter()
+            .map(|(name, value)| [name.as_bytes(), b"=", value_bytes(value)])
+            .collect();
+        let entries: Vec<&[&[u8]]> = entries.iter().map(|e| &e[..]).collect();
+        CStrings::new(&entries)
+    }
+
+    /// A plain variable's value (`PATH`, to find the program as the child
+    /// would); secrets are not handed out here.
+    pub fn plain(&self, name: &str) -> Option<&OsStr> {
+        match self.vars.get(name)? {
+            EnvValue::Plain(v) => Some(v),
+            EnvValue::Secret(_) => None,
         }
     }
 

@@ -48,5 +48,6 @@ pub mod retention;
 pub mod runs;
 pub mod schedule;
 pub mod secret;
+pub mod spawn;
 pub mod store;
 pub mod systemd;

@@ -12,6 +12,7 @@
 //! credential resolution, leases, output supervision and logging.
 
 use std::io;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -24,6 +25,8 @@ use tokio::io::AsyncReadExt as _;
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+use connectord::spawn::{self, CStrings};
 
 /// A two-worker multi-thread runtime, like the daemon's on a 2-core machine.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -187,27 +190,21 @@ async fn run_one(
 pub struct Programs {
     pub probe: PathBuf,
     pub fifo: PathBuf,
-    /// `benches/trampoline.c`, for [`SpawnStyle::Trampoline`].
-    pub trampoline: PathBuf,
 }
 
 /// How the spawn-only loop starts each probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpawnStyle {
-    /// Null stdio and a plain environment: the ceiling.
+    /// `posix_spawn` through the standard library, null stdio and a plain
+    /// environment: the ceiling.
     Plain,
-    /// What `connectord::child::spawn` does: its own process group, a
-    /// `pre_exec` hook (`PR_SET_PDEATHSIG`), piped stdout and stderr drained
-    /// by tasks. The `pre_exec` hook keeps the standard library from using
-    /// `posix_spawn`, so this measures the cost of the fork path too.
-    LikeConnectord,
-    /// The same without the `pre_exec` hook, so `posix_spawn` is used:
-    /// what dropping the hook alone would give.
-    LikeConnectordNoHook,
-    /// The same through `benches/trampoline.c`, started with `posix_spawn`,
-    /// which sets `PR_SET_PDEATHSIG` itself and execs the probe: the hook's
-    /// guarantee without forking the daemon.
-    Trampoline,
+    /// `connectord::spawn`, as `child::spawn` uses it: `clone(CLONE_VM |
+    /// CLONE_VFORK)`, `PR_SET_PDEATHSIG`, its own process group, piped
+    /// stdout and stderr drained by tasks, a pidfd to wait on.
+    Connectord,
+    /// The same guarantees the way connectord had them before: the standard
+    /// library with a `pre_exec` hook, which makes it `fork`.
+    ForkHook,
 }
 
 /// Spawns the probe `count` times with `in_flight` at once; returns the
@@ -263,19 +260,36 @@ pub fn spawn_one_at_a_time(
 }
 
 async fn spawn_and_wait(programs: &Programs, id: i64, style: SpawnStyle) -> anyhow::Result<()> {
-    let mut command = if style == SpawnStyle::Trampoline {
-        let mut command = tokio::process::Command::new(&programs.trampoline);
-        command
-            .arg(std::process::id().to_string())
-            .arg(&programs.probe);
-        command
-    } else {
-        tokio::process::Command::new(&programs.probe)
-    };
+    let id = id.to_string();
+    let fifo = programs.fifo.as_os_str().as_bytes();
+    let vars: [[&[u8]; 2]; 7] = [
+        [b"PROBE_OUT=", fifo],
+        [b"CONNECTORD_RUN_ID=", id.as_bytes()],
+        [b"PATH=", b"/usr/bin:/bin"],
+        [b"CONNECTORD_CONNECTION_ID=", b"bench-0000"],
+        [b"CONNECTORD_TRIGGER=", b"manual"],
+        [b"CONNECTORD_ATTEMPT=", b"1"],
+        [b"PROBE_TOKEN=", b"token"],
+    ];
+    if style == SpawnStyle::Connectord {
+        let entries: Vec<&[&[u8]]> = vars.iter().map(|v| &v[..]).collect();
+        let env = CStrings::new(&entries)?;
+        let argv = CStrings::new(&[&[programs.probe.as_os_str().as_bytes()]])?;
+        let mut spawned = spawn::spawn(&programs.probe, &argv, &env)?;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (stdout, stderr) = (&mut spawned.stdout, &mut spawned.stderr);
+        let (a, b) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        a?;
+        b?;
+        let status = spawned.process.wait().await?;
+        anyhow::ensure!(status.success(), "probe exited with {status}");
+        return Ok(());
+    }
+    let mut command = tokio::process::Command::new(&programs.probe);
     command
         .env_clear()
         .env("PROBE_OUT", &programs.fifo)
-        .env("CONNECTORD_RUN_ID", id.to_string())
+        .env("CONNECTORD_RUN_ID", &id)
         .stdin(Stdio::null())
         .kill_on_drop(true);
     if style == SpawnStyle::Plain {
@@ -284,26 +298,24 @@ async fn spawn_and_wait(programs: &Programs, id: i64, style: SpawnStyle) -> anyh
         anyhow::ensure!(status.success(), "probe exited with {status}");
         return Ok(());
     }
+    command.env_clear();
+    for [name, value] in &vars {
+        let name = std::str::from_utf8(name)?.trim_end_matches('=');
+        command.env(name, std::ffi::OsStr::from_bytes(value));
+    }
     command
-        .env("PATH", "/usr/bin:/bin")
-        .env("CONNECTORD_CONNECTION_ID", "bench-0000")
-        .env("CONNECTORD_TRIGGER", "manual")
-        .env("CONNECTORD_ATTEMPT", "1")
-        .env("PROBE_TOKEN", "token")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    if style == SpawnStyle::LikeConnectord {
-        // SAFETY: the hook runs in the forked child before exec and calls
-        // only prctl, which is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+    // SAFETY: the hook runs in the forked child before exec and calls only
+    // prctl, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
     let mut child = command.spawn()?;
     let mut readers = JoinSet::new();

@@ -77,25 +77,25 @@ pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<Pickup> {
         Unit::Millis,
         &plain,
     ));
-    let hooked = spawn_latency(env, SpawnStyle::LikeConnectord).await?;
+    let ours = spawn_latency(env, SpawnStyle::Connectord).await?;
     report.add(
         Figure::new(
-            "  spawn -> probe running, connectord-style",
+            "  spawn -> probe running, connectord::spawn",
             Unit::Millis,
-            &hooked,
+            &ours,
         )
         .against(&plain)
-        .note("pre_exec hook: fork instead of posix_spawn"),
+        .note("clone(CLONE_VM|CLONE_VFORK) + PDEATHSIG + own pgid + pipes"),
     );
-    let trampoline = spawn_latency(env, SpawnStyle::Trampoline).await?;
+    let fork = spawn_latency(env, SpawnStyle::ForkHook).await?;
     report.add(
         Figure::new(
-            "  spawn -> probe running, via trampoline",
+            "  spawn -> probe running, fork + pre_exec hook",
             Unit::Millis,
-            &trampoline,
+            &fork,
         )
         .against(&plain)
-        .note("posix_spawn of benches/trampoline.c, which sets PDEATHSIG and execs"),
+        .note("the same guarantees through std's fork path (before)"),
     );
     if let (Some(r50), Some(r99)) = (connectord.ratio_p50(), connectord.ratio_p99()) {
         report.check(

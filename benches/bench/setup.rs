@@ -158,7 +158,6 @@ pub struct Env {
     pub url: String,
     pub pool: PgPool,
     pub probe: PathBuf,
-    pub trampoline: PathBuf,
     pub fifo: PathBuf,
     pub records: Records,
     pub keys_dir: PathBuf,
@@ -208,7 +207,6 @@ impl Env {
             .context("migrating the bench database")?;
 
         let probe = compile(manifest, &work, "probe")?;
-        let trampoline = compile(manifest, &work, "trampoline")?;
         let fifo = work.join("probe.fifo");
         let records = open_fifo(&fifo)?;
 
@@ -237,7 +235,6 @@ impl Env {
             url,
             pool,
             probe,
-            trampoline,
             fifo,
             records,
             keys_dir,
@@ -253,7 +250,6 @@ impl Env {
         super::minimal::Programs {
             probe: self.probe.clone(),
             fifo: self.fifo.clone(),
-            trampoline: self.trampoline.clone(),
         }
     }
 

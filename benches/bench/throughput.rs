@@ -26,11 +26,10 @@ pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<()> {
     let mut ours_quiet_log = Vec::new();
     let mut floor = Vec::new();
     let mut ceiling = Vec::new();
-    let mut ceiling_like = Vec::new();
-    let mut ceiling_no_hook = Vec::new();
-    let mut ceiling_trampoline = Vec::new();
-    let mut ballast_like = Vec::new();
-    let mut ballast_trampoline = Vec::new();
+    let mut ceiling_ours = Vec::new();
+    let mut ceiling_fork = Vec::new();
+    let mut ballast_ours = Vec::new();
+    let mut ballast_fork = Vec::new();
     let big_pool = env.config_variant("pool40", 40)?;
     for round in 0..env.mode.throughput_rounds {
         let mut daemon = Daemon::start(env, None, "info", &format!("throughput-{round}"))?;
@@ -71,9 +70,8 @@ pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<()> {
         minimal.stop().await?;
 
         ceiling.push(spawn_loop(env, count, SpawnStyle::Plain).await?);
-        ceiling_like.push(spawn_loop(env, count, SpawnStyle::LikeConnectord).await?);
-        ceiling_no_hook.push(spawn_loop(env, count, SpawnStyle::LikeConnectordNoHook).await?);
-        ceiling_trampoline.push(spawn_loop(env, count, SpawnStyle::Trampoline).await?);
+        ceiling_ours.push(spawn_loop(env, count, SpawnStyle::Connectord).await?);
+        ceiling_fork.push(spawn_loop(env, count, SpawnStyle::ForkHook).await?);
         if env.mode.full {
             // The fork path copies the page tables of the whole process
             // and then takes copy-on-write faults, so its cost grows with
@@ -81,8 +79,8 @@ pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<()> {
             // about what the daemon holds at 100k schedules.
             let ballast = vec![1u8; 64 << 20];
             std::hint::black_box(&ballast);
-            ballast_like.push(spawn_loop(env, count, SpawnStyle::LikeConnectord).await?);
-            ballast_trampoline.push(spawn_loop(env, count, SpawnStyle::Trampoline).await?);
+            ballast_ours.push(spawn_loop(env, count, SpawnStyle::Connectord).await?);
+            ballast_fork.push(spawn_loop(env, count, SpawnStyle::ForkHook).await?);
             drop(ballast);
         }
     }
@@ -91,49 +89,40 @@ pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<()> {
         Unit::PerSecond,
         &ceiling,
     ));
-    let ceiling_like = report.add(
+    let ceiling_ours = report.add(
         Figure::new(
-            "throughput, spawn-only connectord-style",
+            "throughput, spawn-only, connectord::spawn",
             Unit::PerSecond,
-            &ceiling_like,
+            &ceiling_ours,
         )
         .against(&ceiling)
-        .note("own pgid, pre_exec PDEATHSIG, piped stdio"),
+        .note("clone(CLONE_VM|CLONE_VFORK), PDEATHSIG, own pgid, piped stdio"),
     );
     report.add(
         Figure::new(
-            "throughput, spawn-only connectord-style, no hook",
+            "throughput, spawn-only, fork + pre_exec hook",
             Unit::PerSecond,
-            &ceiling_no_hook,
+            &ceiling_fork,
         )
-        .against(&ceiling_like)
-        .note("the same without pre_exec: posix_spawn"),
+        .against(&ceiling_ours)
+        .note("the same guarantees through std's fork path (before)"),
     );
-    report.add(
-        Figure::new(
-            "throughput, spawn-only via trampoline",
-            Unit::PerSecond,
-            &ceiling_trampoline,
-        )
-        .against(&ceiling_like)
-        .note("posix_spawn + benches/trampoline.c: PDEATHSIG kept"),
-    );
-    if !ballast_like.is_empty() {
-        let like = report.add(
+    if !ballast_ours.is_empty() {
+        let ours = report.add(
             Figure::new(
-                "throughput, connectord-style, +64 MiB RSS",
+                "throughput, connectord::spawn, +64 MiB RSS",
                 Unit::PerSecond,
-                &ballast_like,
+                &ballast_ours,
             )
-            .against(&ceiling_like),
+            .against(&ceiling_ours),
         );
         report.add(
             Figure::new(
-                "throughput, via trampoline, +64 MiB RSS",
+                "throughput, fork + pre_exec hook, +64 MiB RSS",
                 Unit::PerSecond,
-                &ballast_trampoline,
+                &ballast_fork,
             )
-            .against(&like),
+            .against(&ours),
         );
     }
     let floor = report.add(
