@@ -55,6 +55,13 @@ pub struct Claimed {
 /// Claims up to `limit` due commands for `instance_id` and takes their run
 /// slots.
 ///
+/// The pick is written as filters with subqueries, not joins, so that the
+/// plan walks the pending index in order and stops at `limit`, whatever the
+/// statistics say. With joins, and statistics from before a backlog arrived
+/// (they estimate a handful of pending rows), the plan joined and sorted
+/// every pending command on every claim: 6.4 ms per claim at 4,000 pending
+/// against 0.9 ms now, measured with the same stale statistics.
+///
 /// A command waits (is not claimed) while its connection has a run going,
 /// unless it is a scheduled tick of an `overlap = 'skip'` schedule, which is
 /// claimed so it can be recorded as skipped. Commands of connectors in
@@ -74,12 +81,14 @@ pub async fn claim(
         with picked as (
             select rc.id
             from run_commands rc
-            left join connections c on c.id = rc.connection_id
-            left join schedules s on s.id = rc.schedule_id
             where rc.status = 'pending'
               and rc.not_before <= now()
-              and (c.connector is null or not (c.connector = any($3)))
-              and ((rc.trigger = 'scheduled' and coalesce(s.overlap, 'skip') = 'skip')
+              and (cardinality($3::text[]) = 0
+                   or not exists (select 1 from connections c
+                                  where c.id = rc.connection_id and c.connector = any($3)))
+              and ((rc.trigger = 'scheduled'
+                    and coalesce((select s.overlap from schedules s where s.id = rc.schedule_id),
+                                 'skip') = 'skip')
                    or not exists (select 1 from runs r
                                   where r.connection_id = rc.connection_id
                                     and r.status = 'running'))
