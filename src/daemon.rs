@@ -22,6 +22,7 @@ use crate::failure::FailureKind;
 use crate::keys::Keyring;
 use crate::launch::{self, retry_delay, Context};
 use crate::queue::{self, Claimed};
+use crate::runs::OutcomeWriter;
 use crate::schedule::{Backoff, Edit, Engine};
 use crate::systemd::{watchdog_interval, Heartbeats, Notifier};
 
@@ -47,7 +48,7 @@ pub fn load_keyring(config: &Config) -> anyhow::Result<Option<Keyring>> {
 pub async fn connect(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<PgPool> {
     let mut backoff = Backoff::new();
     loop {
-        match crate::db::connect(&config.database).await {
+        match crate::db::connect_daemon(&config.database).await {
             Ok(pool) => return Ok(pool),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach the database; retrying");
@@ -81,6 +82,7 @@ pub async fn run(
         pool: pool.clone(),
         config: Arc::new(config),
         keyring: keyring.map(Arc::new),
+        outcomes: OutcomeWriter::start(pool.clone(), instance_id.clone()),
         instance_id,
         shutdown: shutdown.clone(),
         running: Mutex::new(HashMap::new()),

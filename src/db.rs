@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 use crate::config::DatabaseConfig;
@@ -11,10 +11,28 @@ use crate::config::DatabaseConfig;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = config.url.parse()?;
     PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(&config.url)
+        .connect_with(options)
+        .await
+}
+
+/// The daemon's pool. Its statements are few, prepared once per connection
+/// and run thousands of times, so they use generic plans: PostgreSQL would
+/// otherwise plan the claim afresh on every run (0.35-0.45 ms of planning
+/// against 0.9 ms of execution, measured), because a custom plan never
+/// looks costlier than the generic one. Every daemon statement is a key
+/// lookup or an ordered index walk whose shape does not depend on its
+/// parameter values, so the generic plan is the custom plan.
+pub async fn connect_daemon(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = config.url.parse()?;
+    let options = options.options([("plan_cache_mode", "force_generic_plan")]);
+    PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
         .await
 }
 

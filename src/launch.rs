@@ -24,7 +24,7 @@ use crate::keys::Keyring;
 use crate::protocol::Message;
 use crate::queue::{self, Claimed, Command};
 use crate::resolver::{self, StoredCredential};
-use crate::runs::{Finish, Writer};
+use crate::runs::{Finish, Outcome, OutcomeWriter, Writer};
 use crate::schedule::Backoff;
 
 /// What every launch shares.
@@ -40,6 +40,8 @@ pub struct Context {
     /// The registry's connector names: the claim takes run slots only for
     /// these.
     pub known_connectors: Vec<String>,
+    /// Where run outcomes are written, batched.
+    pub outcomes: OutcomeWriter,
 }
 
 impl Context {
@@ -378,16 +380,13 @@ async fn settle(
     run_id: i64,
     command: &Command,
     credential: (Option<i64>, Option<&str>),
-    finish: Finish<'_>,
+    finish: Finish<'static>,
 ) -> Result<(), sqlx::Error> {
+    let outcome = Outcome::new(run_id, command, credential, finish);
     let mut backoff = Backoff::new();
     let mut give_up_at = None;
     loop {
-        match ctx
-            .writer()
-            .finish(run_id, command, credential, finish.clone())
-            .await
-        {
+        match ctx.outcomes.record(outcome.clone()).await {
             Ok(true) => return Ok(()),
             Ok(false) => {
                 tracing::warn!("the run was settled by another daemon while it ran (its lease expired); this outcome is discarded");

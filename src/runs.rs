@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::failure::FailureKind;
 use crate::queue::Command;
@@ -102,63 +103,6 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Ends a running run, settles its command and enqueues a retry, in one
-    /// statement. Returns false when the run was no longer ours (fenced).
-    pub async fn finish(
-        &self,
-        run_id: i64,
-        command: &Command,
-        credential: (Option<i64>, Option<&str>),
-        finish: Finish<'_>,
-    ) -> Result<bool, sqlx::Error> {
-        let updated: i64 = sqlx::query_scalar(
-            r#"
-            with r as (
-                update runs
-                set status = $2, failure_kind = $3, failure_detail = $4, exit_code = $5,
-                    records = coalesce($6, records), finished_at = now(), lease_expires_at = null,
-                    credential_id = coalesce(credential_id, $7),
-                    credential_source = coalesce(credential_source, $8),
-                    pid = coalesce(pid, $16), started_at = coalesce(started_at, $17)
-                where id = $1 and status = 'running' and instance_id = $9
-                returning id
-            ), c as (
-                update run_commands
-                set status = case when $10 then 'pending' else 'done' end,
-                    claimed_by = case when $10 then null else claimed_by end,
-                    claimed_at = case when $10 then null else claimed_at end
-                where id = $11 and exists (select 1 from r)
-            ), retry as (
-                insert into run_commands (connection_id, trigger, schedule_id, attempt,
-                                          parent_run_id, not_before)
-                select $12, 'retry', $13, $14, $1, now() + $15 * interval '1 millisecond'
-                where $15 is not null and exists (select 1 from r)
-            )
-            select count(*) from r
-            "#,
-        )
-        .bind(run_id)
-        .bind(finish.status)
-        .bind(finish.failure_kind.map(FailureKind::as_str))
-        .bind(finish.detail)
-        .bind(finish.exit_code)
-        .bind(finish.records)
-        .bind(credential.0)
-        .bind(credential.1)
-        .bind(self.instance_id)
-        .bind(finish.requeue)
-        .bind(command.id)
-        .bind(&command.connection_id)
-        .bind(command.schedule_id)
-        .bind(command.attempt + 1)
-        .bind(finish.retry_after.map(|d| d.as_millis() as f64))
-        .bind(finish.pid.map(|p| p as i32))
-        .bind(finish.started_at)
-        .fetch_one(self.pool)
-        .await?;
-        Ok(updated > 0)
-    }
-
     /// Keeps the latest progress count on a running run.
     pub async fn record_progress(&self, run_id: i64, records: i64) -> Result<(), sqlx::Error> {
         sqlx::query(
@@ -212,5 +156,199 @@ impl Writer<'_> {
         .execute(self.pool)
         .await?;
         Ok(())
+    }
+}
+
+/// One run's outcome, owned, as the outcome writer takes it.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub run_id: i64,
+    pub status: &'static str,
+    pub failure_kind: Option<FailureKind>,
+    pub detail: Option<String>,
+    pub exit_code: Option<i32>,
+    pub records: Option<i64>,
+    pub pid: Option<u32>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub credential_id: Option<i64>,
+    pub credential_source: Option<String>,
+    pub requeue: bool,
+    pub retry_after: Option<Duration>,
+    pub command_id: i64,
+    pub connection_id: String,
+    pub schedule_id: Option<i64>,
+    /// The retry's attempt number.
+    pub next_attempt: i32,
+}
+
+impl Outcome {
+    pub fn new(
+        run_id: i64,
+        command: &Command,
+        credential: (Option<i64>, Option<&str>),
+        finish: Finish<'static>,
+    ) -> Outcome {
+        Outcome {
+            run_id,
+            status: finish.status,
+            failure_kind: finish.failure_kind,
+            detail: finish.detail,
+            exit_code: finish.exit_code,
+            records: finish.records,
+            pid: finish.pid,
+            started_at: finish.started_at,
+            credential_id: credential.0,
+            credential_source: credential.1.map(str::to_owned),
+            requeue: finish.requeue,
+            retry_after: finish.retry_after,
+            command_id: command.id,
+            connection_id: command.connection_id.clone(),
+            schedule_id: command.schedule_id,
+            next_attempt: command.attempt + 1,
+        }
+    }
+}
+
+/// Ends running runs, settles their commands and enqueues their retries,
+/// in one statement for any number of runs. Returns the ids of the runs it
+/// ended; a run missing from it was no longer ours (fenced: not `running`
+/// under this instance any more).
+pub async fn finish_many(
+    pool: &PgPool,
+    instance_id: &str,
+    outcomes: &[Outcome],
+) -> Result<Vec<i64>, sqlx::Error> {
+    let column = |f: fn(&Outcome) -> Option<String>| outcomes.iter().map(f).collect::<Vec<_>>();
+    sqlx::query_scalar(
+        r#"
+        with input as (
+            select * from unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::int[],
+                                 $7::bigint[], $8::bigint[], $9::text[], $10::bool[],
+                                 $11::bigint[], $12::text[], $13::bigint[], $14::int[],
+                                 $15::float8[], $16::int[], $17::timestamptz[])
+                as i(run_id, status, failure_kind, detail, exit_code, records, credential_id,
+                     credential_source, requeue, command_id, connection_id, schedule_id,
+                     next_attempt, retry_ms, pid, started_at)
+        ), r as (
+            update runs
+            set status = i.status, failure_kind = i.failure_kind, failure_detail = i.detail,
+                exit_code = i.exit_code, records = coalesce(i.records, runs.records),
+                finished_at = now(), lease_expires_at = null,
+                credential_id = coalesce(runs.credential_id, i.credential_id),
+                credential_source = coalesce(runs.credential_source, i.credential_source),
+                pid = coalesce(runs.pid, i.pid), started_at = coalesce(runs.started_at, i.started_at)
+            from input i
+            where runs.id = i.run_id and runs.status = 'running' and runs.instance_id = $1
+            returning runs.id
+        ), c as (
+            update run_commands rc
+            set status = case when i.requeue then 'pending' else 'done' end,
+                claimed_by = case when i.requeue then null else rc.claimed_by end,
+                claimed_at = case when i.requeue then null else rc.claimed_at end
+            from input i join r on r.id = i.run_id
+            where rc.id = i.command_id
+        ), retry as (
+            insert into run_commands (connection_id, trigger, schedule_id, attempt,
+                                      parent_run_id, not_before)
+            select i.connection_id, 'retry', i.schedule_id, i.next_attempt, i.run_id,
+                   now() + i.retry_ms * interval '1 millisecond'
+            from input i join r on r.id = i.run_id
+            where i.retry_ms is not null
+        )
+        select id from r
+        "#,
+    )
+    .bind(instance_id)
+    .bind(outcomes.iter().map(|o| o.run_id).collect::<Vec<_>>())
+    .bind(outcomes.iter().map(|o| o.status).collect::<Vec<_>>())
+    .bind(column(|o| o.failure_kind.map(|k| k.as_str().to_owned())))
+    .bind(column(|o| o.detail.clone()))
+    .bind(outcomes.iter().map(|o| o.exit_code).collect::<Vec<_>>())
+    .bind(outcomes.iter().map(|o| o.records).collect::<Vec<_>>())
+    .bind(outcomes.iter().map(|o| o.credential_id).collect::<Vec<_>>())
+    .bind(column(|o| o.credential_source.clone()))
+    .bind(outcomes.iter().map(|o| o.requeue).collect::<Vec<_>>())
+    .bind(outcomes.iter().map(|o| o.command_id).collect::<Vec<_>>())
+    .bind(column(|o| Some(o.connection_id.clone())))
+    .bind(outcomes.iter().map(|o| o.schedule_id).collect::<Vec<_>>())
+    .bind(outcomes.iter().map(|o| o.next_attempt).collect::<Vec<_>>())
+    .bind(
+        outcomes
+            .iter()
+            .map(|o| o.retry_after.map(|d| d.as_millis() as f64))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        outcomes
+            .iter()
+            .map(|o| o.pid.map(|p| p as i32))
+            .collect::<Vec<_>>(),
+    )
+    .bind(outcomes.iter().map(|o| o.started_at).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await
+}
+
+/// Most outcomes one statement writes.
+const MAX_BATCH: usize = 64;
+
+type Request = (Outcome, oneshot::Sender<Result<bool, sqlx::Error>>);
+
+/// Writes run outcomes in batches, group-commit style: an outcome that
+/// arrives while the writer is idle goes out at once, alone; outcomes that
+/// arrive while a statement is in flight go out together in the next one.
+/// Nothing waits on a timer, so a lone run's outcome is never delayed, and
+/// under load the per-statement cost (parse, plan, commit) is shared.
+/// Measured: the single-run statement cost PostgreSQL 0.18 ms per run and
+/// was the largest per-run cost of a throughput run.
+#[derive(Clone)]
+pub struct OutcomeWriter {
+    requests: mpsc::Sender<Request>,
+}
+
+impl OutcomeWriter {
+    /// Starts the writer task; it ends when the last handle is dropped.
+    pub fn start(pool: PgPool, instance_id: String) -> OutcomeWriter {
+        let (requests, receiver) = mpsc::channel(1024);
+        tokio::spawn(write_batches(pool, instance_id, receiver));
+        OutcomeWriter { requests }
+    }
+
+    /// Records one outcome; `Ok(false)` when the run was no longer ours.
+    pub async fn record(&self, outcome: Outcome) -> Result<bool, sqlx::Error> {
+        let (reply, answer) = oneshot::channel();
+        if self.requests.send((outcome, reply)).await.is_err() {
+            return Err(sqlx::Error::PoolClosed);
+        }
+        answer.await.unwrap_or(Err(sqlx::Error::PoolClosed))
+    }
+}
+
+async fn write_batches(pool: PgPool, instance_id: String, mut requests: mpsc::Receiver<Request>) {
+    let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
+    while requests.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let outcomes: Vec<Outcome> = batch.iter().map(|(o, _)| o.clone()).collect();
+        match finish_many(&pool, &instance_id, &outcomes).await {
+            Ok(ended) => {
+                for (outcome, reply) in batch.drain(..) {
+                    let _ = reply.send(Ok(ended.contains(&outcome.run_id)));
+                }
+            }
+            // Each outcome on its own, so every caller gets its own error
+            // (and retries it, when transient) and no outcome fails for
+            // another's sake.
+            Err(_) if batch.len() > 1 => {
+                for (outcome, reply) in batch.drain(..) {
+                    let result =
+                        finish_many(&pool, &instance_id, std::slice::from_ref(&outcome)).await;
+                    let _ = reply.send(result.map(|ended| !ended.is_empty()));
+                }
+            }
+            Err(e) => {
+                if let Some((_, reply)) = batch.pop() {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
     }
 }
