@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures_util::TryStreamExt;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -121,6 +122,43 @@ impl ParsedExprs {
     }
 }
 
+/// Next fires already found for a batch of rows, by rule.
+///
+/// If a rule's first fire after `from` is `next`, its first fire after any
+/// instant in `[from, next)` is `next` too, since nothing fires in between.
+/// Rows loaded together mostly share their rule with others and were
+/// written within moments of each other, so most of a load's searches are
+/// answered here (croner's search was the largest cost of start-up).
+#[derive(Default)]
+struct KnownFires(HashMap<RuleKey, (DateTime<Utc>, Option<DateTime<Utc>>)>);
+
+/// Expression (by its interned text's address), zone, jitter.
+type RuleKey = (usize, Tz, u32);
+
+impl KnownFires {
+    fn next_after(
+        &mut self,
+        entry: &Entry,
+        rule: &FireRule,
+        after: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        // Interned texts: one pointer per distinct expression.
+        let key = (
+            Arc::as_ptr(&entry.cron).cast::<u8>() as usize,
+            entry.tz,
+            entry.jitter_seconds,
+        );
+        if let Some(&(from, next)) = self.0.get(&key) {
+            if from <= after && next.is_none_or(|next| after < next) {
+                return next;
+            }
+        }
+        let next = rule.next_after(after);
+        self.0.insert(key, (after, next));
+        next
+    }
+}
+
 /// One shared copy of each string in use (connection ids, cron texts).
 #[derive(Default)]
 struct Interner(HashSet<Arc<str>>);
@@ -193,26 +231,23 @@ impl Engine {
     /// `next_fire_at` values are left for `flush_next_fires`, so start-up
     /// is not held up by writing them.
     pub async fn load_all(&mut self) -> Result<(), sqlx::Error> {
-        const PAGE: i64 = 5_000;
+        const PAGE: usize = 5_000;
+        let pool = self.pool.clone();
+        let query = format!("select {ROW_COLUMNS} from schedules order by id");
+        // One streamed query: PostgreSQL sends the next rows while a page
+        // is being turned into entries.
+        let mut rows = sqlx::query_as::<_, Row>(&query).fetch(&pool);
         let mut present = HashSet::new();
-        let mut after = i64::MIN;
-        loop {
-            let rows: Vec<Row> = sqlx::query_as(&format!(
-                "select {ROW_COLUMNS} from schedules where id > $1 order by id limit $2"
-            ))
-            .bind(after)
-            .bind(PAGE)
-            .fetch_all(&self.pool)
-            .await?;
-            let Some(last) = rows.last() else { break };
-            after = last.id;
-            let full_page = rows.len() as i64 == PAGE;
-            present.extend(rows.iter().map(|r| r.id));
-            self.apply_rows(rows).await?;
-            if !full_page {
-                break;
+        let mut page = Vec::with_capacity(PAGE);
+        while let Some(row) = rows.try_next().await? {
+            present.insert(row.id);
+            page.push(row);
+            if page.len() == PAGE {
+                self.apply_rows(std::mem::replace(&mut page, Vec::with_capacity(PAGE)))
+                    .await?;
             }
         }
+        self.apply_rows(page).await?;
         self.remove_absent(&present);
         Ok(())
     }
@@ -285,6 +320,7 @@ impl Engine {
         let mut cleared: Vec<i64> = Vec::new();
         let mut catchup: Vec<Fire> = Vec::new();
         let mut next_fires: Vec<(i64, Option<DateTime<Utc>>)> = Vec::new();
+        let mut known = KnownFires::default();
         for row in rows {
             self.seen.insert(row.id, row.updated_at);
             self.entries.remove(&row.id);
@@ -322,7 +358,7 @@ impl Engine {
             // The first fire after `since` is usually still to come: then
             // nothing was missed and it is the next fire, found with one
             // search instead of two (the searches are most of the load).
-            let first_after_since = (since <= now).then(|| rule.next_after(since));
+            let first_after_since = (since <= now).then(|| known.next_after(&entry, &rule, since));
             let next = match first_after_since {
                 Some(first) if first.is_none_or(|t| t > now) => first,
                 _ => {
