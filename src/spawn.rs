@@ -133,7 +133,8 @@ pub struct Spawned {
 /// A child process we must reap; dropping it unreaped kills it.
 pub struct Process {
     pid: libc::pid_t,
-    waiter: Waiter,
+    /// `None` only while `spawn` is setting it up.
+    waiter: Option<Waiter>,
     reaped: bool,
 }
 
@@ -215,11 +216,13 @@ pub fn spawn(program: &Path, argv: &CStrings, env: &CStrings) -> io::Result<Spaw
     }
     // Our ends only: the child holds the write ends until it exits.
     drop((out_w, err_w, stdin));
-    let process = Process {
+    // From here on an early return drops `process`, which kills the child.
+    let mut process = Process {
         pid,
-        waiter: Waiter::new(pid)?,
+        waiter: None,
         reaped: false,
     };
+    process.waiter = Some(Waiter::new(pid)?);
     Ok(Spawned {
         process,
         stdout: pipe::Receiver::from_owned_fd(out_r)?,
@@ -329,10 +332,12 @@ impl Waiter {
                     tokio::io::Interest::READABLE,
                 )
             };
-            return Ok(Waiter::Pidfd(fd?));
+            if let Ok(fd) = fd {
+                return Ok(Waiter::Pidfd(fd));
+            }
         }
-        // Older kernels: every SIGCHLD wakes every waiter, which then asks
-        // about its own pid only.
+        // Kernels before 5.3 (or no descriptor to spare): every SIGCHLD
+        // wakes every waiter, which then asks about its own pid only.
         Ok(Waiter::Sigchld(tokio::signal::unix::signal(
             tokio::signal::unix::SignalKind::child(),
         )?))
@@ -351,10 +356,13 @@ impl Process {
                 return Ok(status);
             }
             match &mut self.waiter {
-                Waiter::Pidfd(fd) => fd.readable().await?.clear_ready(),
-                Waiter::Sigchld(signal) => {
-                    signal.recv().await;
+                Some(Waiter::Pidfd(fd)) => fd.readable().await?.clear_ready(),
+                Some(Waiter::Sigchld(signal)) => {
+                    if signal.recv().await.is_none() {
+                        return Err(io::Error::other("the runtime's signal driver is gone"));
+                    }
                 }
+                None => return Err(io::Error::other("process has no waiter")),
             }
         }
     }
@@ -390,9 +398,10 @@ impl Drop for Process {
         if self.reaped {
             return;
         }
-        // SAFETY: the pid is our unreaped child, so it cannot have been
-        // reused.
+        // SAFETY: the pid is our unreaped child, so neither it nor its
+        // process group (it leads one) can have been reused.
         unsafe {
+            libc::kill(-self.pid, libc::SIGKILL);
             libc::kill(self.pid, libc::SIGKILL);
         }
         // Reaping may take a moment after SIGKILL; not on a runtime thread.
