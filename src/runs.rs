@@ -327,6 +327,8 @@ impl OutcomeWriter {
 async fn write_batches(pool: PgPool, instance_id: String, mut requests: mpsc::Receiver<Request>) {
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
     while requests.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Rows locked in one order by every writer cannot deadlock.
+        batch.sort_unstable_by_key(|(outcome, _)| outcome.run_id);
         let outcomes: Vec<Outcome> = batch.iter().map(|(o, _)| o.clone()).collect();
         match finish_many(&pool, &instance_id, &outcomes).await {
             Ok(ended) => {
@@ -334,19 +336,20 @@ async fn write_batches(pool: PgPool, instance_id: String, mut requests: mpsc::Re
                     let _ = reply.send(Ok(ended.contains(&outcome.run_id)));
                 }
             }
-            // Each outcome on its own, so every caller gets its own error
-            // (and retries it, when transient) and no outcome fails for
-            // another's sake.
-            Err(_) if batch.len() > 1 => {
+            // The database is away: every caller retries with its backoff.
+            Err(e) if crate::db::is_transient(&e) => {
+                let reason = e.to_string();
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(sqlx::Error::Io(std::io::Error::other(reason.clone()))));
+                }
+            }
+            // Each outcome on its own, so no outcome fails for another's
+            // sake and each caller gets its own error.
+            Err(_) => {
                 for (outcome, reply) in batch.drain(..) {
                     let result =
                         finish_many(&pool, &instance_id, std::slice::from_ref(&outcome)).await;
                     let _ = reply.send(result.map(|ended| !ended.is_empty()));
-                }
-            }
-            Err(e) => {
-                if let Some((_, reply)) = batch.pop() {
-                    let _ = reply.send(Err(e));
                 }
             }
         }
