@@ -122,6 +122,15 @@ impl ParsedExprs {
     }
 }
 
+/// What turning rows into entries leaves to write.
+#[derive(Default)]
+struct Pending {
+    errors: Vec<(i64, String)>,
+    cleared: Vec<i64>,
+    catchup: Vec<Fire>,
+    known: KnownFires,
+}
+
 /// Next fires already found for a batch of rows, by rule.
 ///
 /// If a rule's first fire after `from` is `next`, its first fire after any
@@ -239,17 +248,20 @@ impl Engine {
         let mut rows = sqlx::query_as::<_, Row>(&query).fetch(&pool);
         let mut present = HashSet::new();
         let mut page = Vec::with_capacity(PAGE);
+        // Written once the stream is done and its connection is back in
+        // the pool: a pool of two (the listener holds one) must do.
+        let mut pending = Pending::default();
         while let Some(row) = rows.try_next().await? {
             present.insert(row.id);
             page.push(row);
             if page.len() == PAGE {
-                self.apply_rows(std::mem::replace(&mut page, Vec::with_capacity(PAGE)))
-                    .await?;
+                self.apply_rows(std::mem::take(&mut page), &mut pending);
             }
         }
-        self.apply_rows(page).await?;
+        drop(rows);
+        self.apply_rows(page, &mut pending);
         self.remove_absent(&present);
-        Ok(())
+        self.write_pending(pending).await
     }
 
     /// Re-reads only the rows whose `updated_at` changed.
@@ -289,7 +301,9 @@ impl Engine {
                 self.remove(*id);
             }
         }
-        self.apply_rows(rows).await?;
+        let mut pending = Pending::default();
+        self.apply_rows(rows, &mut pending);
+        self.write_pending(pending).await?;
         self.flush_next_fires().await
     }
 
@@ -314,13 +328,15 @@ impl Engine {
     }
 
     /// Turns rows into entries, records errors, and fires catch-up ticks.
-    async fn apply_rows(&mut self, rows: Vec<Row>) -> Result<(), sqlx::Error> {
+    fn apply_rows(&mut self, rows: Vec<Row>, pending: &mut Pending) {
         let now = Utc::now();
-        let mut errors: Vec<(i64, String)> = Vec::new();
-        let mut cleared: Vec<i64> = Vec::new();
-        let mut catchup: Vec<Fire> = Vec::new();
-        let mut next_fires: Vec<(i64, Option<DateTime<Utc>>)> = Vec::new();
-        let mut known = KnownFires::default();
+        let mut next_fires: Vec<(i64, Option<DateTime<Utc>>)> = Vec::with_capacity(rows.len());
+        let Pending {
+            errors,
+            cleared,
+            catchup,
+            known,
+        } = pending;
         for row in rows {
             self.seen.insert(row.id, row.updated_at);
             self.entries.remove(&row.id);
@@ -362,7 +378,7 @@ impl Engine {
             let next = match first_after_since {
                 Some(first) if first.is_none_or(|t| t > now) => first,
                 _ => {
-                    self.catch_up(&row, &entry, &rule, since, now, &mut catchup);
+                    self.catch_up(&row, &entry, &rule, since, now, catchup);
                     rule.next_after(now)
                 }
             };
@@ -371,10 +387,15 @@ impl Engine {
                 self.insert_entry(row.id, Entry { next, ..entry });
             }
         }
-        self.write_errors(&errors, &cleared).await?;
         self.unwritten_next_fires.extend(next_fires);
-        if !catchup.is_empty() {
-            self.fire(&catchup).await?;
+    }
+
+    /// Writes what `apply_rows` left: row errors, cleared errors, catch-up
+    /// ticks.
+    async fn write_pending(&mut self, pending: Pending) -> Result<(), sqlx::Error> {
+        self.write_errors(&pending.errors, &pending.cleared).await?;
+        for fires in pending.catchup.chunks(5_000) {
+            self.fire(fires).await?;
         }
         Ok(())
     }
@@ -780,6 +801,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(target_pointer_width = "64")]
     fn per_schedule_footprint() {
         // The figures the comments and docs/PERFORMANCE.md quote.
         assert_eq!(std::mem::size_of::<Entry>(), 56);

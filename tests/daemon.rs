@@ -346,17 +346,30 @@ async fn a_missed_tick_inside_the_window_fires_once_after_downtime() {
     let dir = Scratch::new();
     add_connection(&db, "minutely", "ok").await;
     add_connection(&db, "yearly", "ok").await;
+    add_connection(&db, "badcron", "ok").await;
     // Both last fired long ago, as if the daemon had been down: the minutely
     // one has a tick within the last minute (inside the 1h window); the
     // yearly one's latest tick is months old.
     db.exec(
         "insert into schedules (connection_id, cron, last_fired_at, updated_at, created_at)
          values ('minutely', '* * * * *', now() - interval '3 hours', now() - interval '3 hours', now() - interval '3 hours'),
-                ('yearly', '0 0 1 1 *', now() - interval '800 days', now() - interval '800 days', now() - interval '800 days')",
+                ('yearly', '0 0 1 1 *', now() - interval '800 days', now() - interval '800 days', now() - interval '800 days'),
+                ('badcron', 'every tuesday', null, now(), now());
+         insert into schedules (connection_id, cron, enabled)
+         select 'yearly', '0 0 1 1 *', false from generate_series(1, 6000);",
     )
     .await;
-    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
+    // The smallest pool, and more rows than one page of the load: the
+    // catch-up tick and the error, both in the first page, must be written
+    // without a connection of their own while the load reads on.
+    let config = format!(
+        "[database]\nmax_connections = 2\n\n{}",
+        config(&dir.path, "a")
+    );
+    let daemon = Daemon::start(&db, &dir.path, &config, &[]).await;
     db.wait_until("select count(*) = 1 from runs where connection_id = 'minutely'")
+        .await;
+    db.wait_until("select count(*) = 1 from schedules where last_error like '%every tuesday%'")
         .await;
     let (scheduled_for_is_minute, fired_once): (bool, bool) = sqlx::query_as(
         "select date_trunc('minute', scheduled_for) = scheduled_for, count(*) over () = 1
