@@ -21,8 +21,8 @@
 //! - [`resolver`]: the only code that decrypts a stored credential.
 //! - [`keys`], [`secret`]: key files, AES-256-GCM, redacting plaintext.
 //! - [`store`]: writing credentials (set, revoke, delete, rotate).
-//! - [`child_env`], [`child`], [`protocol`]: the child's environment, its
-//!   supervision, and what it may print.
+//! - [`child_env`], [`spawn`], [`child`], [`protocol`]: the child's
+//!   environment, starting it, its supervision, and what it may print.
 //! - [`runs`]: writes to `runs` and `interactions`; [`retention`]: pruning.
 //! - [`daemon`]: wiring and shutdown; [`systemd`]: the notify protocol.
 //! - [`cli`], [`dev`], [`pgcluster`], [`logging`]: the command line.
