@@ -65,11 +65,13 @@ pub const CREDENTIALS_REQUIRED: &str = "credentials_required";
 /// Executes one claimed command to its recorded outcome.
 pub async fn launch(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error> {
     let command = &claimed.command;
+    // Every field at creation: recording one later makes the JSON log
+    // format parse and re-serialise the span's fields, on every run.
     let span = tracing::info_span!(
         "run",
-        run_id = tracing::field::Empty,
+        run_id = claimed.run_id,
         connection = %command.connection_id,
-        connector = tracing::field::Empty,
+        connector = command.connector.as_deref(),
         trigger = %command.trigger,
         attempt = command.attempt,
     );
@@ -89,7 +91,6 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
         return refuse_unadmitted(ctx, &command, None, FailureKind::ConnectionMissing, &detail)
             .await;
     };
-    tracing::Span::current().record("connector", connector_name.as_str());
     if !enabled {
         let detail = format!("connection {} is disabled", command.connection_id);
         return refuse_unadmitted(
@@ -136,7 +137,6 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
         // Another run of this connection is going; wait for it to end.
         return queue::release(&ctx.pool, command.id).await;
     };
-    tracing::Span::current().record("run_id", run_id);
     let superseded = CancellationToken::new();
     if let Ok(mut running) = ctx.running.lock() {
         running.insert(run_id, superseded.clone());
