@@ -38,6 +38,9 @@ use zeroize::Zeroizing;
 /// The child's stack. Its code is a few frames of syscall wrappers.
 const CHILD_STACK: usize = 64 * 1024;
 
+/// The shell a script without `#!` runs under, as with `execvp`.
+const SHELL: &std::ffi::CStr = c"/bin/sh";
+
 /// glibc's `execvp` default when the environment has no `PATH`.
 const DEFAULT_PATH: &str = "/bin:/usr/bin";
 
@@ -148,6 +151,9 @@ enum Waiter {
 struct ChildArgs {
     path: *const c_char,
     argv: *const *const c_char,
+    /// `/bin/sh path argv[1..]`, for a file `execve` refuses with ENOEXEC
+    /// (a script without `#!`), as `execvp` does.
+    sh_argv: *const *const c_char,
     envp: *const *const c_char,
     stdin: c_int,
     stdout: c_int,
@@ -166,6 +172,10 @@ pub fn spawn(program: &Path, argv: &CStrings, env: &CStrings) -> io::Result<Spaw
     let path = CString::new(program.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let argv_ptrs = argv.pointers();
+    let sh_argv: Vec<*const c_char> = [SHELL.as_ptr(), path.as_ptr()]
+        .into_iter()
+        .chain(argv_ptrs.iter().skip(1).copied())
+        .collect();
     let envp_ptrs = env.pointers();
     let stdin = std::fs::File::open("/dev/null")?;
     let stdin = above_stdio(OwnedFd::from(stdin))?;
@@ -174,6 +184,7 @@ pub fn spawn(program: &Path, argv: &CStrings, env: &CStrings) -> io::Result<Spaw
     let args = ChildArgs {
         path: path.as_ptr(),
         argv: argv_ptrs.as_ptr(),
+        sh_argv: sh_argv.as_ptr(),
         envp: envp_ptrs.as_ptr(),
         stdin: stdin.as_raw_fd(),
         stdout: out_w.as_raw_fd(),
@@ -289,6 +300,10 @@ unsafe fn exec_child(args: &ChildArgs) -> c_int {
     libc::sigemptyset(&mut empty);
     libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
     libc::execve(args.path, args.argv, args.envp);
+    if errno() == libc::ENOEXEC {
+        libc::execve(SHELL.as_ptr(), args.sh_argv, args.envp);
+        return libc::ENOEXEC;
+    }
     errno()
 }
 
@@ -529,6 +544,23 @@ mod tests {
             error.expect("not executable").raw_os_error(),
             Some(libc::EACCES)
         );
+    }
+
+    #[tokio::test]
+    async fn a_script_without_shebang_runs_under_sh() {
+        let dir = std::env::temp_dir().join(format!("connectord-sh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("no-shebang");
+        std::fs::write(&script, "echo \"ran with $1\"\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let mut spawned = spawn(&script, &strings(&["no-shebang", "arg"]), &strings(&[])).unwrap();
+        let mut out = String::new();
+        spawned.stdout.read_to_string(&mut out).await.unwrap();
+        let status = spawned.process.wait().await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(status.success());
+        assert_eq!(out, "ran with arg\n");
     }
 
     #[test]
