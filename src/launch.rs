@@ -379,7 +379,7 @@ async fn settle(
     ctx: &Context,
     run_id: i64,
     command: &Command,
-    credential: (Option<i64>, Option<&str>),
+    credential: (Option<i64>, Option<&'static str>),
     finish: Finish<'static>,
 ) -> Result<(), sqlx::Error> {
     let outcome = Outcome::new(run_id, command, credential, finish);

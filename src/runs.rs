@@ -159,21 +159,13 @@ impl Writer<'_> {
     }
 }
 
-/// One run's outcome, owned, as the outcome writer takes it.
+/// One run's outcome with what the outcome writer needs of its command.
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub run_id: i64,
-    pub status: &'static str,
-    pub failure_kind: Option<FailureKind>,
-    pub detail: Option<String>,
-    pub exit_code: Option<i32>,
-    pub records: Option<i64>,
-    pub pid: Option<u32>,
-    pub started_at: Option<DateTime<Utc>>,
+    pub finish: Finish<'static>,
     pub credential_id: Option<i64>,
-    pub credential_source: Option<String>,
-    pub requeue: bool,
-    pub retry_after: Option<Duration>,
+    pub credential_source: Option<&'static str>,
     pub command_id: i64,
     pub connection_id: String,
     pub schedule_id: Option<i64>,
@@ -185,22 +177,14 @@ impl Outcome {
     pub fn new(
         run_id: i64,
         command: &Command,
-        credential: (Option<i64>, Option<&str>),
+        (credential_id, credential_source): (Option<i64>, Option<&'static str>),
         finish: Finish<'static>,
     ) -> Outcome {
         Outcome {
             run_id,
-            status: finish.status,
-            failure_kind: finish.failure_kind,
-            detail: finish.detail,
-            exit_code: finish.exit_code,
-            records: finish.records,
-            pid: finish.pid,
-            started_at: finish.started_at,
-            credential_id: credential.0,
-            credential_source: credential.1.map(str::to_owned),
-            requeue: finish.requeue,
-            retry_after: finish.retry_after,
+            finish,
+            credential_id,
+            credential_source,
             command_id: command.id,
             connection_id: command.connection_id.clone(),
             schedule_id: command.schedule_id,
@@ -218,7 +202,9 @@ pub async fn finish_many(
     instance_id: &str,
     outcomes: &[Outcome],
 ) -> Result<Vec<i64>, sqlx::Error> {
-    let column = |f: fn(&Outcome) -> Option<String>| outcomes.iter().map(f).collect::<Vec<_>>();
+    fn column<'a, T>(outcomes: &'a [Outcome], f: impl Fn(&'a Outcome) -> T) -> Vec<T> {
+        outcomes.iter().map(f).collect()
+    }
     sqlx::query_scalar(
         r#"
         with input as (
@@ -259,32 +245,24 @@ pub async fn finish_many(
         "#,
     )
     .bind(instance_id)
-    .bind(outcomes.iter().map(|o| o.run_id).collect::<Vec<_>>())
-    .bind(outcomes.iter().map(|o| o.status).collect::<Vec<_>>())
-    .bind(column(|o| o.failure_kind.map(|k| k.as_str().to_owned())))
-    .bind(column(|o| o.detail.clone()))
-    .bind(outcomes.iter().map(|o| o.exit_code).collect::<Vec<_>>())
-    .bind(outcomes.iter().map(|o| o.records).collect::<Vec<_>>())
-    .bind(outcomes.iter().map(|o| o.credential_id).collect::<Vec<_>>())
-    .bind(column(|o| o.credential_source.clone()))
-    .bind(outcomes.iter().map(|o| o.requeue).collect::<Vec<_>>())
-    .bind(outcomes.iter().map(|o| o.command_id).collect::<Vec<_>>())
-    .bind(column(|o| Some(o.connection_id.clone())))
-    .bind(outcomes.iter().map(|o| o.schedule_id).collect::<Vec<_>>())
-    .bind(outcomes.iter().map(|o| o.next_attempt).collect::<Vec<_>>())
-    .bind(
-        outcomes
-            .iter()
-            .map(|o| o.retry_after.map(|d| d.as_millis() as f64))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        outcomes
-            .iter()
-            .map(|o| o.pid.map(|p| p as i32))
-            .collect::<Vec<_>>(),
-    )
-    .bind(outcomes.iter().map(|o| o.started_at).collect::<Vec<_>>())
+    .bind(column(outcomes, |o| o.run_id))
+    .bind(column(outcomes, |o| o.finish.status))
+    .bind(column(outcomes, |o| o.finish.failure_kind.map(FailureKind::as_str)))
+    .bind(column(outcomes, |o| o.finish.detail.as_deref()))
+    .bind(column(outcomes, |o| o.finish.exit_code))
+    .bind(column(outcomes, |o| o.finish.records))
+    .bind(column(outcomes, |o| o.credential_id))
+    .bind(column(outcomes, |o| o.credential_source))
+    .bind(column(outcomes, |o| o.finish.requeue))
+    .bind(column(outcomes, |o| o.command_id))
+    .bind(column(outcomes, |o| o.connection_id.as_str()))
+    .bind(column(outcomes, |o| o.schedule_id))
+    .bind(column(outcomes, |o| o.next_attempt))
+    .bind(column(outcomes, |o| {
+        o.finish.retry_after.map(|d| d.as_millis() as f64)
+    }))
+    .bind(column(outcomes, |o| o.finish.pid.map(|p| p as i32)))
+    .bind(column(outcomes, |o| o.finish.started_at))
     .fetch_all(pool)
     .await
 }
@@ -329,26 +307,25 @@ async fn write_batches(pool: PgPool, instance_id: String, mut requests: mpsc::Re
     while requests.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // Rows locked in one order by every writer cannot deadlock.
         batch.sort_unstable_by_key(|(outcome, _)| outcome.run_id);
-        let outcomes: Vec<Outcome> = batch.iter().map(|(o, _)| o.clone()).collect();
+        let (outcomes, replies): (Vec<Outcome>, Vec<_>) = batch.drain(..).unzip();
         match finish_many(&pool, &instance_id, &outcomes).await {
             Ok(ended) => {
-                for (outcome, reply) in batch.drain(..) {
+                for (outcome, reply) in outcomes.iter().zip(replies) {
                     let _ = reply.send(Ok(ended.contains(&outcome.run_id)));
                 }
             }
             // The database is away: every caller retries with its backoff.
             Err(e) if crate::db::is_transient(&e) => {
                 let reason = e.to_string();
-                for (_, reply) in batch.drain(..) {
+                for reply in replies {
                     let _ = reply.send(Err(sqlx::Error::Io(std::io::Error::other(reason.clone()))));
                 }
             }
             // Each outcome on its own, so no outcome fails for another's
             // sake and each caller gets its own error.
             Err(_) => {
-                for (outcome, reply) in batch.drain(..) {
-                    let result =
-                        finish_many(&pool, &instance_id, std::slice::from_ref(&outcome)).await;
+                for (outcome, reply) in outcomes.chunks(1).zip(replies) {
+                    let result = finish_many(&pool, &instance_id, outcome).await;
                     let _ = reply.send(result.map(|ended| !ended.is_empty()));
                 }
             }
