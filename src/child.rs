@@ -87,7 +87,6 @@ pub fn spawn(connector: &ConnectorConfig, env: &ChildEnv) -> Result<Running, Spa
     let program_name = connector.command.as_os_str().as_bytes();
     let mut argv: Vec<[&[u8]; 1]> = vec![[program_name]];
     argv.extend(connector.args.iter().map(|a| [a.as_bytes()]));
-    let argv: Vec<&[&[u8]]> = argv.iter().map(|a| &a[..]).collect();
     let argv = CStrings::new(&argv).map_err(error)?;
     let env = env.block().map_err(error)?;
     let spawned = spawn::spawn(&program, &argv, &env).map_err(error)?;

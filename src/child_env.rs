@@ -113,7 +113,6 @@ impl ChildEnv {
             .iter()
             .map(|(name, value)| [name.as_bytes(), b"=", value_bytes(value)])
             .collect();
-        let entries: Vec<&[&[u8]]> = entries.iter().map(|e| &e[..]).collect();
         CStrings::new(&entries)
     }
 

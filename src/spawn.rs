@@ -55,14 +55,15 @@ pub struct CStrings {
 impl CStrings {
     /// One string per entry, each the concatenation of its parts. A NUL
     /// inside a part is an error, as it would silently cut the string.
-    pub fn new(entries: &[&[&[u8]]]) -> io::Result<CStrings> {
+    pub fn new<'a, E: AsRef<[&'a [u8]]>>(entries: &[E]) -> io::Result<CStrings> {
         let size = entries
             .iter()
-            .map(|parts| parts.iter().map(|p| p.len()).sum::<usize>() + 1)
+            .map(|parts| parts.as_ref().iter().map(|p| p.len()).sum::<usize>() + 1)
             .sum();
         let mut buf = Zeroizing::new(Vec::with_capacity(size));
         let mut starts = Vec::with_capacity(entries.len());
         for parts in entries {
+            let parts = parts.as_ref();
             if parts.iter().any(|p| p.contains(&0)) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -70,7 +71,7 @@ impl CStrings {
                 ));
             }
             starts.push(buf.len());
-            for part in *parts {
+            for part in parts {
                 buf.extend_from_slice(part);
             }
             buf.push(0);
@@ -222,7 +223,7 @@ pub fn spawn(program: &Path, argv: &CStrings, env: &CStrings) -> io::Result<Spaw
     let error = args.error.load(Ordering::Acquire);
     if error != 0 {
         // The child has exited (or is exiting) without exec; reap it.
-        let _ = wait_blocking(pid);
+        let _ = waitpid(pid, 0);
         return Err(io::Error::from_raw_os_error(error));
     }
     // Our ends only: the child holds the write ends until it exits.
@@ -389,22 +390,9 @@ impl Process {
                 "process already reaped",
             ));
         }
-        let mut status: c_int = 0;
-        loop {
-            // SAFETY: waitpid on our own child, status is a valid out-pointer.
-            let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-            if r == self.pid {
-                self.reaped = true;
-                return Ok(Some(ExitStatus::from_raw(status)));
-            }
-            if r == 0 {
-                return Ok(None);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        let status = waitpid(self.pid, libc::WNOHANG)?;
+        self.reaped = status.is_some();
+        Ok(status)
     }
 }
 
@@ -423,20 +411,25 @@ impl Drop for Process {
         let pid = self.pid;
         let _ = std::thread::Builder::new()
             .name("connectord-reap".into())
-            .spawn(move || wait_blocking(pid));
+            .spawn(move || waitpid(pid, 0));
     }
 }
 
-fn wait_blocking(pid: libc::pid_t) -> io::Result<ExitStatus> {
+/// Reaps our child `pid`: `None` when `flags` has WNOHANG and it has not
+/// ended yet.
+fn waitpid(pid: libc::pid_t, flags: c_int) -> io::Result<Option<ExitStatus>> {
     let mut status: c_int = 0;
     loop {
         // SAFETY: waitpid on our own child, status is a valid out-pointer.
-        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
-            return Ok(ExitStatus::from_raw(status));
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match unsafe { libc::waitpid(pid, &mut status, flags) } {
+            0 => return Ok(None),
+            r if r == pid => return Ok(Some(ExitStatus::from_raw(status))),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
         }
     }
 }
@@ -447,8 +440,7 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     fn strings(items: &[&str]) -> CStrings {
-        let parts: Vec<[&[u8]; 1]> = items.iter().map(|s| [s.as_bytes()]).collect();
-        let entries: Vec<&[&[u8]]> = parts.iter().map(|p| &p[..]).collect();
+        let entries: Vec<[&[u8]; 1]> = items.iter().map(|s| [s.as_bytes()]).collect();
         CStrings::new(&entries).unwrap()
     }
 
@@ -565,6 +557,6 @@ mod tests {
 
     #[test]
     fn nul_bytes_are_refused() {
-        assert!(CStrings::new(&[&[b"A=", b"x\0y"]]).is_err());
+        assert!(CStrings::new(&[[&b"A="[..], b"x\0y"]]).is_err());
     }
 }

@@ -262,19 +262,19 @@ pub fn spawn_one_at_a_time(
 async fn spawn_and_wait(programs: &Programs, id: i64, style: SpawnStyle) -> anyhow::Result<()> {
     let id = id.to_string();
     let fifo = programs.fifo.as_os_str().as_bytes();
-    let vars: [[&[u8]; 2]; 7] = [
-        [b"PROBE_OUT=", fifo],
-        [b"CONNECTORD_RUN_ID=", id.as_bytes()],
-        [b"PATH=", b"/usr/bin:/bin"],
-        [b"CONNECTORD_CONNECTION_ID=", b"bench-0000"],
-        [b"CONNECTORD_TRIGGER=", b"manual"],
-        [b"CONNECTORD_ATTEMPT=", b"1"],
-        [b"PROBE_TOKEN=", b"token"],
+    let vars: [(&str, &[u8]); 7] = [
+        ("PROBE_OUT", fifo),
+        ("CONNECTORD_RUN_ID", id.as_bytes()),
+        ("PATH", b"/usr/bin:/bin"),
+        ("CONNECTORD_CONNECTION_ID", b"bench-0000"),
+        ("CONNECTORD_TRIGGER", b"manual"),
+        ("CONNECTORD_ATTEMPT", b"1"),
+        ("PROBE_TOKEN", b"token"),
     ];
     if style == SpawnStyle::Connectord {
-        let entries: Vec<&[&[u8]]> = vars.iter().map(|v| &v[..]).collect();
-        let env = CStrings::new(&entries)?;
-        let argv = CStrings::new(&[&[programs.probe.as_os_str().as_bytes()]])?;
+        let env = vars.map(|(name, value)| [name.as_bytes(), b"=", value]);
+        let env = CStrings::new(&env)?;
+        let argv = CStrings::new(&[[programs.probe.as_os_str().as_bytes()]])?;
         let mut spawned = spawn::spawn(&programs.probe, &argv, &env)?;
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let (stdout, stderr) = (&mut spawned.stdout, &mut spawned.stderr);
@@ -298,9 +298,7 @@ async fn spawn_and_wait(programs: &Programs, id: i64, style: SpawnStyle) -> anyh
         anyhow::ensure!(status.success(), "probe exited with {status}");
         return Ok(());
     }
-    command.env_clear();
-    for [name, value] in &vars {
-        let name = std::str::from_utf8(name)?.trim_end_matches('=');
+    for (name, value) in vars {
         command.env(name, std::ffi::OsStr::from_bytes(value));
     }
     command
