@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{Executor as _, PgPool};
 
 use crate::config::DatabaseConfig;
@@ -11,12 +11,13 @@ use crate::config::DatabaseConfig;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
-    let options: PgConnectOptions = config.url.parse()?;
+    pool_options(config).connect(&config.url).await
+}
+
+fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
-        .await
 }
 
 /// Session settings of the daemon's connections, each with its reason.
@@ -41,10 +42,7 @@ const DAEMON_SESSION: &[&str] = &[
 
 /// The daemon's pool, with [`DAEMON_SESSION`] applied to every connection.
 pub async fn connect_daemon(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
-    let options: PgConnectOptions = config.url.parse()?;
-    PgPoolOptions::new()
-        .max_connections(config.max_connections)
-        .acquire_timeout(Duration::from_secs(10))
+    pool_options(config)
         .after_connect(|conn, _meta| {
             Box::pin(async move {
                 for setting in DAEMON_SESSION {
@@ -55,7 +53,7 @@ pub async fn connect_daemon(config: &DatabaseConfig) -> Result<PgPool, sqlx::Err
                 Ok(())
             })
         })
-        .connect_with(options)
+        .connect(&config.url)
         .await
 }
 
