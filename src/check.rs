@@ -40,20 +40,6 @@ impl Report {
     }
 }
 
-/// Where a connector's program is: as written when it names a path, else
-/// found through `PATH` as the spawn will find it.
-fn program_path(command: &std::path::Path) -> std::path::PathBuf {
-    if command.components().count() > 1 {
-        return command.to_owned();
-    }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join(command))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| command.to_owned())
-}
-
 pub async fn run(config: &Config, json: bool) -> anyhow::Result<u8> {
     let mut report = Report::default();
     report.ok(
@@ -64,19 +50,28 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<u8> {
         ),
     );
     for (name, connector) in &config.connectors {
-        match std::fs::metadata(program_path(&connector.command)) {
-            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => {}
-            Ok(_) => report.defect(
-                "registry",
-                format!(
-                    "connector {name}: {} is not an executable file",
-                    connector.command.display()
-                ),
-            ),
-            Err(e) => report.defect(
-                "registry",
-                format!("connector {name}: {}: {e}", connector.command.display()),
-            ),
+        let not_executable = || {
+            format!(
+                "connector {name}: {} is not an executable file",
+                connector.command.display()
+            )
+        };
+        // Found as the spawn finds it, through the PATH children inherit; a
+        // match without execute permission is what the search reports as
+        // EACCES.
+        let found =
+            crate::spawn::find_program(&connector.command, std::env::var_os("PATH").as_deref());
+        let problem = match found.map(std::fs::metadata) {
+            Ok(Ok(meta)) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => None,
+            Ok(Ok(_)) => Some(not_executable()),
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => Some(not_executable()),
+            Ok(Err(e)) | Err(e) => Some(format!(
+                "connector {name}: {}: {e}",
+                connector.command.display()
+            )),
+        };
+        if let Some(problem) = problem {
+            report.defect("registry", problem);
         }
     }
     let keyring = match crate::daemon::load_keyring(config) {
