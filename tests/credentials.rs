@@ -1157,11 +1157,7 @@ async fn credentials_cli_set_revoke_delete() {
         .set_credential("cli-github", "static_secret", None, "ghp-cli-second")
         .await;
     assert_ne!(first, second);
-    let rows: Vec<(i64, String, bool)> =
-        sqlx::query_as("select id, status, revoked_at is not null from credentials order by id")
-            .fetch_all(&w.db.pool)
-            .await
-            .expect("credentials");
+    let rows = credential_rows(&w, "revoked_at").await;
     assert_eq!(
         rows,
         [
@@ -1172,11 +1168,7 @@ async fn credentials_cli_set_revoke_delete() {
 
     let (code, out, err) = w.cli(&["credentials", "revoke", "cli-github"], "");
     assert_eq!(code, 0, "{out}{err}");
-    let rows: Vec<(i64, String, bool)> =
-        sqlx::query_as("select id, status, revoked_at is not null from credentials order by id")
-            .fetch_all(&w.db.pool)
-            .await
-            .expect("credentials");
+    let rows = credential_rows(&w, "revoked_at").await;
     assert_eq!(
         rows,
         [
@@ -1189,11 +1181,7 @@ async fn credentials_cli_set_revoke_delete() {
 
     let (code, out, err) = w.cli(&["credentials", "delete", "cli-github"], "");
     assert_eq!(code, 0, "{out}{err}");
-    let rows: Vec<(i64, String, bool)> =
-        sqlx::query_as("select id, status, deleted_at is not null from credentials order by id")
-            .fetch_all(&w.db.pool)
-            .await
-            .expect("credentials");
+    let rows = credential_rows(&w, "deleted_at").await;
     assert_eq!(
         rows,
         [
@@ -1203,6 +1191,17 @@ async fn credentials_cli_set_revoke_delete() {
         "delete keeps the rows"
     );
     w.assert_no_leaks("").await;
+}
+
+/// Every credential row as (id, status, whether `stamp` is set), oldest
+/// first.
+async fn credential_rows(w: &World, stamp: &str) -> Vec<(i64, String, bool)> {
+    sqlx::query_as(&format!(
+        "select id, status, {stamp} is not null from credentials order by id"
+    ))
+    .fetch_all(&w.db.pool)
+    .await
+    .expect("credentials")
 }
 
 /// Keys (SPEC §5): `keys generate` writes a 0600 file; a key directory
