@@ -91,8 +91,10 @@ type HeapKey = Reverse<(DateTime<Utc>, i64, u32)>;
 /// the engine keeps at most [`PARSED_KEPT`] parses and parses again (about
 /// 16 us) on a miss. The bulk load keeps every parse until it ends, so each
 /// distinct expression is parsed once there.
+#[derive(Default)]
 struct ParsedExprs {
     by_text: HashMap<Arc<str>, CronExpr>,
+    /// False during the bulk load, which keeps every parse.
     bounded: bool,
 }
 
@@ -220,10 +222,7 @@ impl Engine {
             entries: HashMap::new(),
             seen: HashMap::new(),
             heap: BinaryHeap::new(),
-            parsed: ParsedExprs {
-                by_text: HashMap::new(),
-                bounded: false,
-            },
+            parsed: ParsedExprs::default(),
             strings: Interner::default(),
             unwritten_next_fires: Vec::new(),
             generation: 0,
@@ -810,10 +809,7 @@ mod tests {
 
     #[test]
     fn parsed_expressions_are_bounded_after_the_load() {
-        let mut parsed = ParsedExprs {
-            by_text: HashMap::new(),
-            bounded: false,
-        };
+        let mut parsed = ParsedExprs::default();
         let texts: Vec<Arc<str>> = (0..PARSED_KEPT + 100)
             .map(|i| Arc::from(format!("{} {} * * *", i % 60, i / 60).as_str()))
             .collect();
