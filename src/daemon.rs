@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use sqlx::postgres::PgListener;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -271,6 +271,11 @@ async fn queue_loop(ctx: Arc<Context>, wake: Arc<Notify>, heartbeats: Arc<Heartb
     // by a limit. Claims that are sure to come back empty are not sent.
     let mut claim = true;
     let mut limited = false;
+    // Claims go through a connection of their own, out of the pool. sqlx
+    // pings a pooled connection when it hands it out and again when it
+    // takes it back: the first ping is a round trip between a new command
+    // and its claim, the second competes with the launch for the CPU.
+    let mut session: Option<PgConnection> = None;
     loop {
         if ctx.shutdown.is_cancelled() {
             break;
@@ -278,7 +283,8 @@ async fn queue_loop(ctx: Arc<Context>, wake: Arc<Notify>, heartbeats: Arc<Heartb
         heartbeats.queue_alive();
         let mut delay = ctx.config.daemon.poll_interval;
         if claim {
-            match claim_and_launch(&ctx, &global, &per_connector, &mut tasks).await {
+            let round = claim_and_launch(&ctx, &mut session, &global, &per_connector, &mut tasks);
+            match round.await {
                 Ok(round) => {
                     if failing {
                         tracing::info!("command queue reached the database again");
@@ -322,6 +328,7 @@ struct Round {
 /// One claim round.
 async fn claim_and_launch(
     ctx: &Arc<Context>,
+    session: &mut Option<PgConnection>,
     global: &Arc<Semaphore>,
     per_connector: &HashMap<String, Arc<Semaphore>>,
     tasks: &mut JoinSet<()>,
@@ -339,15 +346,28 @@ async fn claim_and_launch(
         .map(|(name, _)| name.clone())
         .collect();
     let limit = available.min(64) as i64;
-    let commands = queue::claim(
-        &ctx.pool,
+    let conn = match session {
+        Some(conn) => conn,
+        None => session.insert(ctx.pool.acquire().await?.detach()),
+    };
+    let lease_ms = ctx.config.daemon.lease.as_millis() as f64;
+    let claimed = queue::claim(
+        conn,
         &ctx.instance_id,
         limit,
         &full,
         &ctx.known_connectors,
-        ctx.config.daemon.lease.as_millis() as f64,
-    )
-    .await?;
+        lease_ms,
+    );
+    let commands = match claimed.await {
+        Ok(commands) => commands,
+        Err(e) => {
+            // The connection may be the problem; the next round takes a
+            // fresh one.
+            *session = None;
+            return Err(e);
+        }
+    };
     let mut round = Round {
         filled: commands.len() as i64 == limit,
         limited: !full.is_empty(),

@@ -11,7 +11,7 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 
 use crate::resolver::StoredCredential;
 
@@ -69,7 +69,7 @@ pub struct Claimed {
 /// or for another daemon. Slots are taken only for enabled connections of
 /// `known_connectors`; `lease_ms` is the new runs' first lease.
 pub async fn claim(
-    pool: &PgPool,
+    session: &mut PgConnection,
     instance_id: &str,
     limit: i64,
     full_connectors: &[String],
@@ -139,7 +139,7 @@ pub async fn claim(
     .bind(full_connectors)
     .bind(known_connectors)
     .bind(lease_ms)
-    .fetch_all(pool)
+    .fetch_all(session)
     .await?;
     rows.iter().map(claimed_from_row).collect()
 }

@@ -1,7 +1,8 @@
 //! PostgreSQL goes away for ten seconds while a connector runs and
 //! schedules fire. The daemon stays up, the child keeps running, its outcome
-//! is written once the database is back, schedules keep firing, a tick missed
-//! during the outage fires once, and the log does not flood.
+//! is written once the database is back, schedules keep firing and their
+//! commands run, a tick missed during the outage fires once, and the log
+//! does not flood.
 
 mod support;
 
@@ -103,6 +104,13 @@ async fn the_daemon_rides_out_a_database_outage() {
     // Schedules fire again after the outage.
     db.wait_until(&format!(
         "select count(*) >= 2 from run_commands where connection_id = 'ticker' and scheduled_for > '{restarted_at}'"
+    ))
+    .await;
+    // And the queue claims and runs them again: its connections from
+    // before the outage are gone.
+    db.wait_until(&format!(
+        "select count(*) >= 1 from runs where connection_id = 'ticker' and status = 'succeeded'
+         and created_at > '{restarted_at}'"
     ))
     .await;
     // Ticks missed during the outage were not replayed as a burst: at most
