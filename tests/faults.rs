@@ -318,6 +318,43 @@ async fn overlap_skip_and_queue() {
     assert_eq!(overlapping, 0);
 }
 
+/// Operators write `run_commands` (and sometimes `runs`) with plain SQL: a
+/// value outside the spec's vocabularies is refused by the database, not
+/// stored for the daemon to trip over.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_schema_refuses_values_outside_its_vocabularies() {
+    let db = TestDb::new().await;
+    db.exec("insert into connections (id, connector) values ('c', 'hostile')")
+        .await;
+    let refused = [
+        "insert into run_commands (connection_id, trigger) values ('c', 'cron')",
+        "insert into run_commands (connection_id, status) values ('c', 'queued')",
+        "insert into run_commands (connection_id, attempt) values ('c', 0)",
+        "insert into runs (connection_id, trigger, status) values ('c', 'cron', 'failed')",
+        "insert into runs (connection_id, trigger, status) values ('c', 'manual', 'ok')",
+        "insert into runs (connection_id, trigger, status, credential_source)
+         values ('c', 'manual', 'failed', 'vault')",
+    ];
+    for sql in refused {
+        let result = sqlx::query(sql).execute(&db.pool).await;
+        assert!(result.is_err(), "accepted: {sql}");
+    }
+    // The same statements with values from the spec are accepted.
+    db.exec(
+        "insert into run_commands (connection_id, trigger, status, attempt)
+         values ('c', 'retry', 'done', 2);
+         insert into runs (connection_id, trigger, status, credential_source)
+         values ('c', 'scheduled', 'skipped', 'none');",
+    )
+    .await;
+    let typed: (String, String, i32) =
+        sqlx::query_as("select trigger, status, attempt from run_commands")
+            .fetch_one(&db.pool)
+            .await
+            .expect("read back as text and integer");
+    assert_eq!(typed, ("retry".into(), "done".into(), 2));
+}
+
 /// Each bad input gets a clear, typed outcome while everyone else is
 /// served: a missing program and a non-executable one (`spawn_failed`,
 /// retried), a connection deleted while its command waits
