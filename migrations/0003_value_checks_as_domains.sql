@@ -37,3 +37,8 @@ alter table runs
 create trigger runs_notify after insert or update of status on runs
     for each row when (new.status <> 'running')
     execute function connectord_run_notify();
+
+-- Changing a column's type drops its statistics; without them the planner
+-- mis-estimates the claim until autovacuum next analyzes the tables.
+analyze run_commands;
+analyze runs;

@@ -348,7 +348,7 @@ async fn claim_and_launch(
     let limit = available.min(64) as i64;
     let conn = match session {
         Some(conn) => conn,
-        None => session.insert(ctx.pool.acquire().await?.detach()),
+        None => session.insert(crate::db::claim_session(&ctx.pool).await?),
     };
     let lease_ms = ctx.config.daemon.lease.as_millis() as f64;
     let claimed = queue::claim(
