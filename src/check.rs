@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use serde::Serialize;
 
+use crate::child_env::{ChildEnv, RunMeta};
 use crate::cli::exit;
 use crate::config::Config;
 
@@ -56,11 +57,19 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<u8> {
                 connector.command.display()
             )
         };
-        // Found as the spawn finds it, through the PATH children inherit; a
-        // match without execute permission is what the search reports as
-        // EACCES.
-        let found =
-            crate::spawn::find_program(&connector.command, std::env::var_os("PATH").as_deref());
+        // Found as the spawn finds it, through the PATH its child gets (the
+        // connector's `env` or `inherit`, as `ChildEnv` builds it); a match
+        // without execute permission is what the search reports as EACCES.
+        let meta = RunMeta {
+            run_id: 0,
+            connection_id: "",
+            trigger: "manual",
+            attempt: 1,
+        };
+        let child_env = ChildEnv::build(config, connector, &meta, Vec::new(), |name| {
+            std::env::var_os(name)
+        });
+        let found = crate::spawn::find_program(&connector.command, child_env.plain("PATH"));
         let problem = match found.map(std::fs::metadata) {
             Ok(Ok(meta)) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => None,
             Ok(Ok(_)) => Some(not_executable()),

@@ -436,6 +436,47 @@ async fn check_reports_defects() {
     assert!(defects.iter().any(|d| d.contains("\"k7\"")), "{defects:?}");
 }
 
+/// `check` looks a connector's program up the way its spawn does: through
+/// the PATH the child gets, not the one `check` itself runs with.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_finds_programs_on_the_childs_path() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    generate_key(&db, &dir.path, "k1");
+    let script = PathBuf::from(stand_in());
+    let (script_dir, script_name) = (
+        script.parent().expect("dir").display().to_string(),
+        script
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned(),
+    );
+    // Found only through its own PATH; and `sh`, on every daemon's PATH,
+    // under a child PATH that lacks it.
+    let extra = format!(
+        "[connectors.own_path]\ncommand = {script_name:?}\nenv = {{ PATH = {script_dir:?} }}\n\n\
+         [connectors.no_sh]\ncommand = \"sh\"\nenv = {{ PATH = \"/nonexistent\" }}\n"
+    );
+    let path = write_config(&dir.path, "c.toml", &config(&dir.path, "k1", &extra));
+    let (code, out, _) = cli(&db, Some(&path), &["check", "--json"], "");
+    assert_eq!(code, 1, "{out}");
+    let defects: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("one JSON object per line"))
+        .filter(|f| f["ok"] == false)
+        .map(|f| f["message"].as_str().expect("message").to_owned())
+        .collect();
+    assert!(
+        defects.iter().any(|d| d.contains("connector no_sh")),
+        "{defects:?}"
+    );
+    assert!(
+        !defects.iter().any(|d| d.contains("connector own_path")),
+        "{defects:?}"
+    );
+}
+
 /// The listing and steering commands an operator uses day to day.
 #[tokio::test(flavor = "multi_thread")]
 async fn operator_commands() {
