@@ -38,6 +38,11 @@ const DAEMON_SESSION: &[&str] = &[
     // daemon's statements needs a bitmap scan: they are key lookups,
     // ordered walks of partial indexes and whole-table reads.
     "set enable_bitmapscan = off",
+    // JIT compiles a plan whose estimated cost passes `jit_above_cost`, at
+    // milliseconds per execution. No statement of the daemon is worth it,
+    // and a plan that falls back to a node the claim session disables is
+    // costed past that threshold by the penalty alone.
+    "set jit = off",
 ];
 
 /// The daemon's pool, with [`DAEMON_SESSION`] applied to every connection.
