@@ -50,11 +50,7 @@ pub async fn connect_daemon(config: &DatabaseConfig) -> Result<PgPool, sqlx::Err
     pool_options(config)
         .after_connect(|conn, _meta| {
             Box::pin(async move {
-                for setting in DAEMON_SESSION {
-                    if let Err(e) = conn.execute(*setting).await {
-                        tracing::debug!(setting, error = %e, "session setting refused; continuing without it");
-                    }
-                }
+                apply_session(conn, DAEMON_SESSION).await;
                 Ok(())
             })
         })
@@ -79,12 +75,17 @@ const CLAIM_SESSION: &[&str] = &[
 /// `daemon::queue_loop`), with [`CLAIM_SESSION`] applied.
 pub async fn claim_session(pool: &PgPool) -> Result<PgConnection, sqlx::Error> {
     let mut conn = pool.acquire().await?.detach();
-    for setting in CLAIM_SESSION {
+    apply_session(&mut conn, CLAIM_SESSION).await;
+    Ok(conn)
+}
+
+/// Runs each `set`; one the server refuses costs only what it buys.
+async fn apply_session(conn: &mut PgConnection, settings: &[&str]) {
+    for setting in settings {
         if let Err(e) = conn.execute(*setting).await {
             tracing::debug!(setting, error = %e, "session setting refused; continuing without it");
         }
     }
-    Ok(conn)
 }
 
 /// Applies pending migrations; safe when several daemons start at once
