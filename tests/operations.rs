@@ -373,6 +373,16 @@ async fn retention_keeps_what_matters() {
     assert_eq!(open, 1);
 }
 
+/// The messages of the defects in `check --json` output (one JSON object
+/// per line).
+fn defects(out: &str) -> Vec<String> {
+    out.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("one JSON object per line"))
+        .filter(|f| f["ok"] == false)
+        .map(|f| f["message"].as_str().expect("message").to_owned())
+        .collect()
+}
+
 /// `check` passes a sound set-up and reports each defect with a non-zero
 /// exit: a missing program, a bad schedule row, a credential under a key
 /// that is gone; `--json` gives one object per finding.
@@ -416,15 +426,7 @@ async fn check_reports_defects() {
     );
     let (code, out, _) = cli(&db, Some(&broken), &["check", "--json"], "");
     assert_eq!(code, 1, "{out}");
-    let findings: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
-        .collect();
-    let defects: Vec<&str> = findings
-        .iter()
-        .filter(|f| f["ok"] == false)
-        .map(|f| f["message"].as_str().expect("message"))
-        .collect();
+    let defects = defects(&out);
     assert!(
         defects.iter().any(|d| d.contains("/nonexistent/github")),
         "{defects:?}"
@@ -461,12 +463,7 @@ async fn check_finds_programs_on_the_childs_path() {
     let path = write_config(&dir.path, "c.toml", &config(&dir.path, "k1", &extra));
     let (code, out, _) = cli(&db, Some(&path), &["check", "--json"], "");
     assert_eq!(code, 1, "{out}");
-    let defects: Vec<String> = out
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("one JSON object per line"))
-        .filter(|f| f["ok"] == false)
-        .map(|f| f["message"].as_str().expect("message").to_owned())
-        .collect();
+    let defects = defects(&out);
     assert!(
         defects.iter().any(|d| d.contains("connector no_sh")),
         "{defects:?}"
