@@ -116,6 +116,18 @@ pub struct CronExpr {
 }
 
 impl CronExpr {
+    /// Parses `expr` afresh, without the sharing of [`parse_cron`]: for a
+    /// caller that keeps its own table of parses.
+    pub fn parse(expr: &str) -> Result<CronExpr, CronError> {
+        let cron = compile(expr.trim()).map_err(|reason| CronError::Syntax {
+            expr: expr.to_owned(),
+            reason,
+        })?;
+        Ok(CronExpr {
+            cron: Arc::new(cron),
+        })
+    }
+
     /// Returns the expression in croner's normalised form: upper case, with
     /// macros and month or weekday names replaced by numbers (`@daily` reads
     /// `0 0 * * *`).
