@@ -1,31 +1,36 @@
 //! The schedule engine: one timer over a heap of next-fire instants.
 //!
-//! Every enabled `schedules` row is parsed once (one parsed expression per
-//! distinct cron string, shared) and has one heap entry. The timer sleeps
-//! until the earliest entry, at most a few seconds at a time so a jump of
-//! the wall clock is noticed, and fires every due entry in one statement
-//! that inserts `run_commands` rows with `ON CONFLICT DO NOTHING`: the
-//! unique `(schedule_id, scheduled_for)` key makes each tick fire once
-//! across every daemon sharing the database. Edits arrive by NOTIFY (a
-//! schedule id) and a periodic reconcile re-reads `updated_at` of every row
-//! in case a notification was lost. An edit bumps the entry's generation,
-//! which makes its old heap entry stale instead of searching the heap.
+//! Every `schedules` row is a 32-byte [`Slot`](slots::Slot) (its
+//! expression an id into a shared table of texts, see [`exprs`]) and every
+//! firing row has one heap key. The timer sleeps until the earliest key, at
+//! most a few seconds at a time so a jump of the wall clock is noticed, and
+//! fires every due row in one statement that inserts `run_commands` rows
+//! with `ON CONFLICT DO NOTHING`: the unique `(schedule_id, scheduled_for)`
+//! key makes each tick fire once across every daemon sharing the database.
+//! The statement reads each command's connection from its schedule row, so
+//! the engine keeps no connection ids. Edits arrive by NOTIFY (a schedule
+//! id) and a periodic reconcile re-reads `updated_at` of every row in case a
+//! notification was lost.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+mod exprs;
+mod slots;
+
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
-use sqlx::PgPool;
+use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use chrono_tz::Tz;
 
-use crate::cron::{self, CronError, CronExpr, FireRule};
+use crate::cron::{self, CronError, FireRule};
 use crate::systemd::Heartbeats;
+use exprs::{ExprId, Exprs};
+use slots::{from_secs, stamp, to_secs, Slot, Slots, NEVER};
 
 /// What the listener tells the engine.
 #[derive(Debug)]
@@ -56,75 +61,7 @@ struct Row {
 const ROW_COLUMNS: &str = "id, connection_id, cron, timezone, enabled, jitter_seconds, \
                            last_fired_at, last_error, updated_at";
 
-/// An active schedule: 56 bytes, its strings shared with every other
-/// schedule of the same connection or the same expression.
-struct Entry {
-    connection_id: Arc<str>,
-    /// The cron text; its parse is looked up in [`ParsedExprs`].
-    cron: Arc<str>,
-    tz: Tz,
-    jitter_seconds: u32,
-    generation: u32,
-    /// The instant its heap entry fires at.
-    next: DateTime<Utc>,
-}
-
-impl Entry {
-    fn rule(&self, parsed: &mut ParsedExprs) -> Result<FireRule, CronError> {
-        Ok(FireRule {
-            expr: parsed.get(&self.cron)?,
-            tz: self.tz,
-            jitter: Duration::from_secs(u64::from(self.jitter_seconds)),
-        })
-    }
-}
-
-/// A heap key: fire instant, schedule id, generation (24 bytes).
-type HeapKey = Reverse<(DateTime<Utc>, i64, u32)>;
-
-/// Parsed cron expressions, by text, for a bounded number of texts.
-///
-/// croner keeps about 5 KB per parsed expression (a byte per possible value
-/// of every field, years included), so holding one parse per distinct
-/// expression cost 13.5 MB at 100,000 schedules with 2,596 distinct
-/// expressions: more than the schedules themselves. Entries keep the text;
-/// the engine keeps at most [`PARSED_KEPT`] parses and parses again (about
-/// 16 us) on a miss. The bulk load keeps every parse until it ends, so each
-/// distinct expression is parsed once there.
-#[derive(Default)]
-struct ParsedExprs {
-    by_text: HashMap<Arc<str>, CronExpr>,
-    /// False during the bulk load, which keeps every parse.
-    bounded: bool,
-}
-
-/// Parses kept once loading is done: every expression that fires within a
-/// few seconds of another stays parsed, at 2.6 MB at most.
-const PARSED_KEPT: usize = 512;
-
-impl ParsedExprs {
-    fn get(&mut self, text: &Arc<str>) -> Result<CronExpr, CronError> {
-        if let Some(expr) = self.by_text.get(text) {
-            return Ok(expr.clone());
-        }
-        let expr = cron::parse_cron(text)?;
-        if self.bounded && self.by_text.len() >= PARSED_KEPT {
-            self.by_text = HashMap::new();
-        }
-        self.by_text.insert(text.clone(), expr.clone());
-        Ok(expr)
-    }
-
-    /// Ends the bulk load: from now on at most [`PARSED_KEPT`] are kept.
-    fn bound(&mut self) {
-        self.bounded = true;
-        if self.by_text.len() > PARSED_KEPT {
-            self.by_text = HashMap::new();
-        }
-    }
-}
-
-/// What turning rows into entries leaves to write.
+/// What turning rows into slots leaves to write.
 #[derive(Default)]
 struct Pending {
     errors: Vec<(i64, String)>,
@@ -143,22 +80,16 @@ struct Pending {
 #[derive(Default)]
 struct KnownFires(HashMap<RuleKey, (DateTime<Utc>, Option<DateTime<Utc>>)>);
 
-/// Expression (by its interned text's address), zone, jitter.
-type RuleKey = (usize, Tz, u32);
+/// Expression, zone, jitter.
+type RuleKey = (ExprId, Tz, u32);
 
 impl KnownFires {
     fn next_after(
         &mut self,
-        entry: &Entry,
+        key: RuleKey,
         rule: &FireRule,
         after: DateTime<Utc>,
     ) -> Option<DateTime<Utc>> {
-        // Interned texts: one pointer per distinct expression.
-        let key = (
-            Arc::as_ptr(&entry.cron).cast::<u8>() as usize,
-            entry.tz,
-            entry.jitter_seconds,
-        );
         if let Some(&(from, next)) = self.0.get(&key) {
             if from <= after && next.is_none_or(|next| after < next) {
                 return next;
@@ -170,46 +101,17 @@ impl KnownFires {
     }
 }
 
-/// One shared copy of each string in use (connection ids, cron texts).
-#[derive(Default)]
-struct Interner(HashSet<Arc<str>>);
-
-impl Interner {
-    fn intern(&mut self, text: &str) -> Arc<str> {
-        if let Some(shared) = self.0.get(text) {
-            return shared.clone();
-        }
-        let shared: Arc<str> = Arc::from(text);
-        self.0.insert(shared.clone());
-        shared
-    }
-
-    /// Forgets strings nothing but the interner holds any more.
-    fn prune(&mut self) {
-        self.0.retain(|s| Arc::strong_count(s) > 1);
-    }
-}
-
 pub struct Engine {
     pool: PgPool,
     catchup_window: Duration,
-    entries: HashMap<i64, Entry>,
-    /// `updated_at` of every row seen, active or not, for the reconcile diff.
-    seen: HashMap<i64, DateTime<Utc>>,
-    heap: BinaryHeap<HeapKey>,
-    parsed: ParsedExprs,
-    /// The connection ids and cron texts the entries share.
-    strings: Interner,
-    /// `next_fire_at` values computed but not yet written.
-    unwritten_next_fires: Vec<(i64, Option<DateTime<Utc>>)>,
-    /// Wraps; a stale heap key would have to outlive 2^32 edits to match.
-    generation: u32,
+    /// Every row, firing or not, and the heap of next fires.
+    slots: Slots,
+    exprs: Exprs,
 }
 
-/// A tick to fire: the command's `scheduled_for` and the entry's next fire.
+/// A tick to fire: the command's `scheduled_for` and the row's next fire.
 struct Fire {
     schedule_id: i64,
-    connection_id: Arc<str>,
     at: DateTime<Utc>,
     next: Option<DateTime<Utc>>,
 }
@@ -219,19 +121,9 @@ impl Engine {
         Engine {
             pool,
             catchup_window,
-            entries: HashMap::new(),
-            seen: HashMap::new(),
-            heap: BinaryHeap::new(),
-            parsed: ParsedExprs::default(),
-            strings: Interner::default(),
-            unwritten_next_fires: Vec::new(),
-            generation: 0,
+            slots: Slots::default(),
+            exprs: Exprs::default(),
         }
-    }
-
-    /// Number of active schedules.
-    fn len(&self) -> usize {
-        self.entries.len()
     }
 
     /// Reads every row, a page at a time so a large table never sits in
@@ -240,18 +132,20 @@ impl Engine {
     /// is not held up by writing them.
     pub async fn load_all(&mut self) -> Result<(), sqlx::Error> {
         const PAGE: usize = 5_000;
-        let pool = self.pool.clone();
+        // A retry after a failed load starts over.
+        for slot in std::mem::take(&mut self.slots).rows() {
+            self.exprs.release(slot.expr);
+        }
+        // One connection for the whole load: a pool of two (the listener
+        // holds one) must do.
+        let mut conn = self.pool.acquire().await?;
         let query = format!("select {ROW_COLUMNS} from schedules order by id");
         // One streamed query: PostgreSQL sends the next rows while a page
-        // is being turned into entries.
-        let mut rows = sqlx::query_as::<_, Row>(&query).fetch(&pool);
-        let mut present = HashSet::new();
+        // is being turned into slots. What they owe is written after it.
+        let mut rows = sqlx::query_as::<_, Row>(&query).fetch(&mut *conn);
         let mut page = Vec::with_capacity(PAGE);
-        // Written once the stream is done and its connection is back in
-        // the pool: a pool of two (the listener holds one) must do.
         let mut pending = Pending::default();
         while let Some(row) = rows.try_next().await? {
-            present.insert(row.id);
             page.push(row);
             if page.len() == PAGE {
                 self.apply_rows(std::mem::take(&mut page), &mut pending);
@@ -259,91 +153,108 @@ impl Engine {
         }
         drop(rows);
         self.apply_rows(page, &mut pending);
-        self.remove_absent(&present);
-        self.write_pending(pending).await
+        self.slots.compact();
+        self.write_pending(&mut conn, pending).await?;
+        conn.shrink_buffers();
+        Ok(())
     }
 
-    /// Re-reads only the rows whose `updated_at` changed.
+    /// Re-reads only the rows whose `updated_at` changed, and forgets the
+    /// deleted ones.
     async fn reconcile(&mut self) -> Result<(), sqlx::Error> {
-        let stamps: Vec<(i64, DateTime<Utc>)> =
-            sqlx::query_as("select id, updated_at from schedules")
-                .fetch_all(&self.pool)
-                .await?;
-        let present: HashSet<i64> = stamps.iter().map(|s| s.0).collect();
-        self.remove_absent(&present);
-        self.strings.prune();
-        let changed: Vec<i64> = stamps
-            .into_iter()
-            .filter(|(id, updated)| self.seen.get(id) != Some(updated))
-            .map(|(id, _)| id)
-            .collect();
+        let mut conn = self.pool.acquire().await?;
+        let (changed, gone) = {
+            // Both sides are in id order: one walk finds the differences.
+            let known = self.slots.rows();
+            let mut next_known = 0;
+            let mut changed = Vec::new();
+            let mut gone = Vec::new();
+            let mut stamps = sqlx::query_as::<_, (i64, DateTime<Utc>)>(
+                "select id, updated_at from schedules order by id",
+            )
+            .fetch(&mut *conn);
+            while let Some((id, updated_at)) = stamps.try_next().await? {
+                while next_known < known.len() && known[next_known].id < id {
+                    gone.push(known[next_known].id);
+                    next_known += 1;
+                }
+                match known.get(next_known) {
+                    Some(slot) if slot.id == id => {
+                        if slot.stamp != stamp(updated_at) {
+                            changed.push(id);
+                        }
+                        next_known += 1;
+                    }
+                    _ => changed.push(id),
+                }
+            }
+            gone.extend(known[next_known..].iter().map(|slot| slot.id));
+            (changed, gone)
+        };
+        self.remove(&gone);
         if !changed.is_empty() {
             tracing::info!(
                 count = changed.len(),
                 "reconcile found schedule edits that no notification announced"
             );
-            self.reload(&changed).await?;
+            self.reload(&mut conn, &changed).await?;
         }
-        self.flush_next_fires().await
+        self.flush_next_fires(&mut conn).await?;
+        // Reading every row's stamp grew the connection's buffers.
+        conn.shrink_buffers();
+        Ok(())
     }
 
-    /// Re-reads the given rows (inserted, edited or deleted).
-    async fn reload(&mut self, ids: &[i64]) -> Result<(), sqlx::Error> {
+    /// Re-reads the given rows (inserted, edited or deleted); `ids` sorted.
+    async fn reload(&mut self, conn: &mut PgConnection, ids: &[i64]) -> Result<(), sqlx::Error> {
         let rows: Vec<Row> = sqlx::query_as(&format!(
-            "select {ROW_COLUMNS} from schedules where id = any($1)"
+            "select {ROW_COLUMNS} from schedules where id = any($1) order by id"
         ))
         .bind(ids)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
-        for id in ids {
-            if !rows.iter().any(|r| r.id == *id) {
-                self.remove(*id);
-            }
-        }
+        let found: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let gone: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| found.binary_search(id).is_err())
+            .collect();
+        self.remove(&gone);
         let mut pending = Pending::default();
         self.apply_rows(rows, &mut pending);
-        self.write_pending(pending).await?;
-        self.flush_next_fires().await
+        self.write_pending(conn, pending).await?;
+        self.flush_next_fires(conn).await
     }
 
-    /// Forgets every schedule not in `present` (its row was deleted).
-    fn remove_absent(&mut self, present: &HashSet<i64>) {
-        let gone: Vec<i64> = self
-            .seen
-            .keys()
-            .filter(|id| !present.contains(id))
-            .copied()
-            .collect();
-        for id in gone {
-            self.remove(id);
+    /// Forgets the rows in `ids` (sorted): they were deleted.
+    fn remove(&mut self, ids: &[i64]) {
+        for slot in self.slots.remove_sorted(ids) {
+            self.exprs.release(slot.expr);
+            tracing::info!(schedule_id = slot.id, "schedule removed");
         }
     }
 
-    fn remove(&mut self, id: i64) {
-        if self.entries.remove(&id).is_some() {
-            tracing::info!(schedule_id = id, "schedule removed");
+    /// Puts `slot` in place of its row's old one.
+    fn set(&mut self, slot: Slot) {
+        if let Some(old) = self.slots.upsert(slot) {
+            self.exprs.release(old.expr);
         }
-        self.seen.remove(&id);
     }
 
-    /// Turns rows into entries, records errors, and fires catch-up ticks.
+    /// Turns rows into slots, records errors, and fires catch-up ticks.
     fn apply_rows(&mut self, rows: Vec<Row>, pending: &mut Pending) {
         let now = Utc::now();
-        let mut next_fires: Vec<(i64, Option<DateTime<Utc>>)> = Vec::with_capacity(rows.len());
-        let Pending {
-            errors,
-            cleared,
-            catchup,
-            known,
-        } = pending;
         for row in rows {
-            self.seen.insert(row.id, row.updated_at);
-            self.entries.remove(&row.id);
+            // Every row read gets its `next_fire_at` written.
+            let idle = Slot {
+                unwritten: true,
+                ..Slot::idle(row.id, stamp(row.updated_at))
+            };
             if !row.enabled {
-                next_fires.push((row.id, None));
+                self.set(idle);
                 continue;
             }
-            let (entry, rule) = match self.entry_for(&row) {
+            let (slot, rule) = match self.slot_for(&row) {
                 Ok(parsed) => parsed,
                 Err(message) => {
                     if row.last_error.as_deref() != Some(message.as_str()) {
@@ -355,14 +266,14 @@ impl Engine {
                             "schedule row {} is invalid and will not fire until fixed",
                             row.id
                         );
-                        errors.push((row.id, message));
+                        pending.errors.push((row.id, message));
                     }
-                    next_fires.push((row.id, None));
+                    self.set(idle);
                     continue;
                 }
             };
             if row.last_error.is_some() {
-                cleared.push(row.id);
+                pending.cleared.push(row.id);
             }
             // A tick is owed only if it fell after the last fire and after
             // the row last changed: an edit never replays the past.
@@ -373,28 +284,34 @@ impl Engine {
             // The first fire after `since` is usually still to come: then
             // nothing was missed and it is the next fire, found with one
             // search instead of two (the searches are most of the load).
-            let first_after_since = (since <= now).then(|| known.next_after(&entry, &rule, since));
+            let key = (slot.expr, slot.tz, slot.jitter);
+            let first_after_since =
+                (since <= now).then(|| pending.known.next_after(key, &rule, since));
             let next = match first_after_since {
                 Some(first) if first.is_none_or(|t| t > now) => first,
                 _ => {
-                    self.catch_up(&row, &entry, &rule, since, now, catchup);
+                    self.catch_up(&row, &rule, since, now, &mut pending.catchup);
                     rule.next_after(now)
                 }
             };
-            next_fires.push((row.id, next));
-            if let Some(next) = next {
-                self.insert_entry(row.id, Entry { next, ..entry });
-            }
+            self.set(Slot {
+                next: next.map_or(NEVER, to_secs),
+                unwritten: true,
+                ..slot
+            });
         }
-        self.unwritten_next_fires.extend(next_fires);
     }
 
     /// Writes what `apply_rows` left: row errors, cleared errors, catch-up
     /// ticks.
-    async fn write_pending(&mut self, pending: Pending) -> Result<(), sqlx::Error> {
-        self.write_errors(&pending.errors, &pending.cleared).await?;
+    async fn write_pending(
+        &mut self,
+        conn: &mut PgConnection,
+        pending: Pending,
+    ) -> Result<(), sqlx::Error> {
+        write_errors(conn, &pending.errors, &pending.cleared).await?;
         for fires in pending.catchup.chunks(5_000) {
-            self.fire(fires).await?;
+            fire(conn, fires).await?;
         }
         Ok(())
     }
@@ -404,7 +321,6 @@ impl Engine {
     fn catch_up(
         &self,
         row: &Row,
-        entry: &Entry,
         rule: &FireRule,
         since: DateTime<Utc>,
         now: DateTime<Utc>,
@@ -422,7 +338,6 @@ impl Engine {
             );
             catchup.push(Fire {
                 schedule_id: row.id,
-                connection_id: entry.connection_id.clone(),
                 at: missed,
                 next: rule.next_after(now),
             });
@@ -436,68 +351,48 @@ impl Engine {
         }
     }
 
-    /// Checks a row's expression and zone; the entry's `next` is not set yet.
-    fn entry_for(&mut self, row: &Row) -> Result<(Entry, FireRule), String> {
-        let cron = self.strings.intern(row.cron.trim());
-        let expr = self.parsed.get(&cron).map_err(|e| e.to_string())?;
+    /// Checks a row's expression and zone; the slot's `next` is not set yet.
+    /// A good row holds a use of its expression from here on.
+    fn slot_for(&mut self, row: &Row) -> Result<(Slot, FireRule), String> {
         let tz = cron::parse_timezone(&row.timezone).map_err(|e| e.to_string())?;
+        let (expr_id, expr) = self.exprs.acquire(&row.cron).map_err(|e| e.to_string())?;
         let jitter = cron::jitter_offset(&row.connection_id, row.jitter_seconds);
-        let entry = Entry {
-            connection_id: self.strings.intern(&row.connection_id),
-            cron,
+        let slot = Slot {
+            id: row.id,
+            next: NEVER,
+            stamp: stamp(row.updated_at),
+            expr: expr_id,
+            jitter: u32::try_from(jitter.as_secs()).unwrap_or(u32::MAX),
             tz,
-            jitter_seconds: u32::try_from(jitter.as_secs()).unwrap_or(u32::MAX),
-            generation: 0,
-            next: DateTime::<Utc>::MIN_UTC,
+            unwritten: false,
         };
-        Ok((entry, FireRule { expr, tz, jitter }))
+        Ok((slot, FireRule { expr, tz, jitter }))
     }
 
-    fn insert_entry(&mut self, id: i64, entry: Entry) {
-        self.generation = self.generation.wrapping_add(1);
-        self.heap.push(Reverse((entry.next, id, self.generation)));
-        self.entries.insert(
-            id,
-            Entry {
-                generation: self.generation,
-                ..entry
-            },
-        );
+    /// The firing rule of a slot, its expression parsed again if need be.
+    fn rule(&mut self, slot: &Slot) -> Result<FireRule, CronError> {
+        Ok(FireRule {
+            expr: self.exprs.parse(slot.expr)?,
+            tz: slot.tz,
+            jitter: Duration::from_secs(u64::from(slot.jitter)),
+        })
     }
 
-    async fn write_errors(
-        &self,
-        errors: &[(i64, String)],
-        cleared: &[i64],
-    ) -> Result<(), sqlx::Error> {
-        if !errors.is_empty() {
-            let (ids, messages): (Vec<i64>, Vec<String>) = errors.iter().cloned().unzip();
-            sqlx::query(
-                "update schedules s set last_error = e.message, next_fire_at = null
-                 from unnest($1::bigint[], $2::text[]) as e(id, message) where s.id = e.id",
-            )
-            .bind(&ids)
-            .bind(&messages)
-            .execute(&self.pool)
-            .await?;
-        }
-        if !cleared.is_empty() {
-            sqlx::query("update schedules set last_error = null where id = any($1)")
-                .bind(cleared)
-                .execute(&self.pool)
-                .await?;
-            tracing::info!(count = cleared.len(), "schedule errors cleared by a fix");
-        }
-        Ok(())
-    }
-
-    /// Writes the `next_fire_at` values computed since the last flush.
-    async fn flush_next_fires(&mut self) -> Result<(), sqlx::Error> {
-        while !self.unwritten_next_fires.is_empty() {
-            let take = self.unwritten_next_fires.len().min(10_000);
-            let chunk = &self.unwritten_next_fires[..take];
-            let ids: Vec<i64> = chunk.iter().map(|f| f.0).collect();
-            let nexts: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|f| f.1).collect();
+    /// Writes the `next_fire_at` of every row read since the last flush.
+    async fn flush_next_fires(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        const CHUNK: usize = 10_000;
+        let mut from = 0;
+        loop {
+            let chunk: Vec<(usize, &Slot)> = self.slots.unwritten(from).take(CHUNK).collect();
+            let Some(&(last, _)) = chunk.last() else {
+                return Ok(());
+            };
+            let ids: Vec<i64> = chunk.iter().map(|(_, slot)| slot.id).collect();
+            let nexts: Vec<Option<DateTime<Utc>>> = chunk
+                .iter()
+                .map(|(_, slot)| (slot.next != NEVER).then(|| from_secs(slot.next)))
+                .collect();
+            let written: Vec<usize> = chunk.iter().map(|&(at, _)| at).collect();
             sqlx::query(
                 "update schedules s set next_fire_at = n.next
                  from unnest($1::bigint[], $2::timestamptz[]) as n(id, next)
@@ -505,80 +400,33 @@ impl Engine {
             )
             .bind(&ids)
             .bind(&nexts)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await?;
-            self.unwritten_next_fires.drain(..take);
+            self.slots.mark_written(&written);
+            from = last + 1;
         }
-        // The start-up batch can be large; give its memory back.
-        self.unwritten_next_fires.shrink_to_fit();
-        Ok(())
     }
 
-    /// Inserts one command per tick and records the fire on its schedule.
-    async fn fire(&self, fires: &[Fire]) -> Result<(), sqlx::Error> {
-        let ids: Vec<i64> = fires.iter().map(|f| f.schedule_id).collect();
-        let connections: Vec<&str> = fires.iter().map(|f| &*f.connection_id).collect();
-        let ats: Vec<DateTime<Utc>> = fires.iter().map(|f| f.at).collect();
-        let nexts: Vec<Option<DateTime<Utc>>> = fires.iter().map(|f| f.next).collect();
-        sqlx::query(
-            r#"
-            with t as (
-                select * from unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[])
-                    as t(schedule_id, connection_id, fire_at, next_at)
-            ), inserted as (
-                insert into run_commands (connection_id, trigger, schedule_id, scheduled_for)
-                select connection_id, 'scheduled', schedule_id, fire_at from t
-                on conflict (schedule_id, scheduled_for) do nothing
-                returning schedule_id
-            )
-            update schedules s
-            set last_fired_at = greatest(s.last_fired_at, t.fire_at), next_fire_at = t.next_at
-            from t where s.id = t.schedule_id
-            "#,
-        )
-        .bind(&ids)
-        .bind(&connections)
-        .bind(&ats)
-        .bind(&nexts)
-        .execute(&self.pool)
-        .await?;
-        for fire in fires {
-            tracing::debug!(
-                schedule_id = fire.schedule_id,
-                connection = %fire.connection_id,
-                scheduled_for = %fire.at,
-                "schedule fired"
-            );
-        }
-        Ok(())
-    }
-
-    /// Pops every due entry and fires it. A timer that woke late (a stall,
+    /// Pops every due row and fires it. A timer that woke late (a stall,
     /// a suspended machine, an outage) fires only the most recent tick, and
     /// only inside the catch-up window: never a burst of replays.
     async fn fire_due(&mut self) -> Result<(), sqlx::Error> {
         let now = Utc::now();
         let mut fires = Vec::new();
-        while let Some(Reverse((at, id, generation))) = self.heap.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.heap.pop();
-            let Some(entry) = self.entries.get_mut(&id) else {
+        while let Some((id, at)) = self.slots.pop_due(now.timestamp()) {
+            let Some(slot) = self.slots.get(id) else {
                 continue;
             };
-            if entry.generation != generation {
-                continue;
-            }
-            let rule = match entry.rule(&mut self.parsed) {
+            let rule = match self.rule(&slot) {
                 Ok(rule) => rule,
                 Err(e) => {
                     // It parsed when the row was read; nothing should change that.
                     tracing::error!(schedule_id = id, error = %e, "schedule expression no longer parses; dropping it until the row changes");
-                    self.entries.remove(&id);
+                    self.slots.reschedule(id, NEVER);
                     continue;
                 }
             };
+            let at = from_secs(at);
             let latest = match rule.next_after(at) {
                 Some(following) if following <= now => rule.latest_at_or_before(now),
                 _ => Some(at),
@@ -588,39 +436,29 @@ impl Engine {
                 Some(tick) if owed(self.catchup_window, now, tick) => {
                     fires.push(Fire {
                         schedule_id: id,
-                        connection_id: entry.connection_id.clone(),
                         at: tick,
                         next,
                     });
                 }
                 Some(tick) => tracing::info!(
                     schedule_id = id,
-                    connection = %entry.connection_id,
                     last_missed = %tick,
                     "skipping a tick older than the catch-up window"
                 ),
                 None => {}
             }
-            match next {
-                Some(next) => {
-                    entry.next = next;
-                    self.heap.push(Reverse((next, id, generation)));
-                }
-                None => {
-                    self.entries.remove(&id);
-                }
-            }
+            self.slots.reschedule(id, next.map_or(NEVER, to_secs));
         }
         if !fires.is_empty() {
-            if let Err(e) = self.fire(&fires).await {
+            let fired = match self.pool.acquire().await {
+                Ok(mut conn) => fire(&mut conn, &fires).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = fired {
                 // Put the ticks back so they fire once the database answers,
                 // within the catch-up window.
                 for fire in &fires {
-                    if let Some(entry) = self.entries.get_mut(&fire.schedule_id) {
-                        entry.next = fire.at;
-                        self.heap
-                            .push(Reverse((fire.at, fire.schedule_id, entry.generation)));
-                    }
+                    self.slots.reschedule(fire.schedule_id, to_secs(fire.at));
                 }
                 return Err(e);
             }
@@ -630,20 +468,9 @@ impl Engine {
 
     /// The earliest instant anything is due.
     fn next_wake(&mut self) -> Option<DateTime<Utc>> {
-        // Drop stale tops so they don't cause needless wake-ups.
-        while let Some(Reverse((_, id, generation))) = self.heap.peek().copied() {
-            match self.entries.get(&id) {
-                Some(entry) if entry.generation == generation => break,
-                _ => {
-                    self.heap.pop();
-                }
-            }
-        }
-        self.heap.peek().map(|Reverse((at, _, _))| *at)
+        self.slots.next_due().map(from_secs)
     }
 
-    /// Runs the timer until `shutdown`; `ready` is told once every row has
-    /// been loaded.
     pub async fn run(
         mut self,
         mut edits: mpsc::Receiver<Edit>,
@@ -660,20 +487,17 @@ impl Engine {
                 () = shutdown.cancelled() => return,
             }
         }
-        self.parsed.bound();
-        tracing::info!(schedules = self.len(), "schedules loaded");
-        let _ = ready.send(self.len());
+        self.exprs.bound();
+        let firing = self.slots.firing();
+        tracing::info!(schedules = firing, "schedules loaded");
+        let _ = ready.send(firing);
         // Written after ready: nothing waits on these but `schedules list`.
-        if let Err(e) = self.flush_next_fires().await {
+        if let Err(e) = self.flush_after_load().await {
             tracing::warn!(error = %e, "writing next_fire_at failed; retrying with the next edit");
         }
         // Loading freed the pages of every row read; give them back, so a
         // large table does not leave its high-water mark in our RSS.
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only releases free heap memory to the kernel.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        crate::memory::release_free();
         let mut reconcile = tokio::time::interval(reconcile_interval);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         reconcile.reset();
@@ -739,8 +563,82 @@ impl Engine {
         }
         ids.sort_unstable();
         ids.dedup();
-        self.reload(&ids).await
+        let mut conn = self.pool.acquire().await?;
+        self.reload(&mut conn, &ids).await
     }
+
+    /// Writes the load's `next_fire_at` values: one per row, so the
+    /// connection's buffers are shrunk after.
+    async fn flush_after_load(&mut self) -> Result<(), sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        self.flush_next_fires(&mut conn).await?;
+        conn.shrink_buffers();
+        Ok(())
+    }
+}
+
+async fn write_errors(
+    conn: &mut PgConnection,
+    errors: &[(i64, String)],
+    cleared: &[i64],
+) -> Result<(), sqlx::Error> {
+    if !errors.is_empty() {
+        let (ids, messages): (Vec<i64>, Vec<String>) = errors.iter().cloned().unzip();
+        sqlx::query(
+            "update schedules s set last_error = e.message, next_fire_at = null
+             from unnest($1::bigint[], $2::text[]) as e(id, message) where s.id = e.id",
+        )
+        .bind(&ids)
+        .bind(&messages)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !cleared.is_empty() {
+        sqlx::query("update schedules set last_error = null where id = any($1)")
+            .bind(cleared)
+            .execute(&mut *conn)
+            .await?;
+        tracing::info!(count = cleared.len(), "schedule errors cleared by a fix");
+    }
+    Ok(())
+}
+
+/// Inserts one command per tick, for the connection its schedule row
+/// names, and records the fire on the row.
+async fn fire(conn: &mut PgConnection, fires: &[Fire]) -> Result<(), sqlx::Error> {
+    let ids: Vec<i64> = fires.iter().map(|f| f.schedule_id).collect();
+    let ats: Vec<DateTime<Utc>> = fires.iter().map(|f| f.at).collect();
+    let nexts: Vec<Option<DateTime<Utc>>> = fires.iter().map(|f| f.next).collect();
+    sqlx::query(
+        r#"
+        with t as (
+            select * from unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[])
+                as t(schedule_id, fire_at, next_at)
+        ), inserted as (
+            insert into run_commands (connection_id, trigger, schedule_id, scheduled_for)
+            select s.connection_id, 'scheduled', t.schedule_id, t.fire_at
+            from t join schedules s on s.id = t.schedule_id
+            on conflict (schedule_id, scheduled_for) do nothing
+            returning schedule_id
+        )
+        update schedules s
+        set last_fired_at = greatest(s.last_fired_at, t.fire_at), next_fire_at = t.next_at
+        from t where s.id = t.schedule_id
+        "#,
+    )
+    .bind(&ids)
+    .bind(&ats)
+    .bind(&nexts)
+    .execute(conn)
+    .await?;
+    for fire in fires {
+        tracing::debug!(
+            schedule_id = fire.schedule_id,
+            scheduled_for = %fire.at,
+            "schedule fired"
+        );
+    }
+    Ok(())
 }
 
 /// Whether a tick that fell at `tick` still fires at `now`: on time (within
@@ -792,54 +690,5 @@ impl Backoff {
 impl Default for Backoff {
     fn default() -> Self {
         Backoff::new()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    #[cfg(target_pointer_width = "64")]
-    fn per_schedule_footprint() {
-        // The figures the comments and docs/PERFORMANCE.md quote.
-        assert_eq!(std::mem::size_of::<Entry>(), 56);
-        assert_eq!(std::mem::size_of::<HeapKey>(), 24);
-    }
-
-    #[test]
-    fn parsed_expressions_are_bounded_after_the_load() {
-        let mut parsed = ParsedExprs::default();
-        let texts: Vec<Arc<str>> = (0..PARSED_KEPT + 100)
-            .map(|i| Arc::from(format!("{} {} * * *", i % 60, i / 60).as_str()))
-            .collect();
-        for text in &texts {
-            parsed.get(text).unwrap();
-        }
-        assert_eq!(
-            parsed.by_text.len(),
-            texts.len(),
-            "the load keeps every parse"
-        );
-        parsed.bound();
-        for text in &texts {
-            let expr = parsed.get(text).unwrap();
-            assert_eq!(expr.as_str(), &**text, "a re-parse is the same expression");
-            assert!(parsed.by_text.len() <= PARSED_KEPT);
-        }
-        assert!(parsed.get(&Arc::from("61 * * * *")).is_err());
-    }
-
-    #[test]
-    fn interned_strings_are_shared_and_pruned() {
-        let mut strings = Interner::default();
-        let a = strings.intern("alice-chase");
-        let b = strings.intern("alice-chase");
-        assert!(Arc::ptr_eq(&a, &b));
-        drop((a, b));
-        let kept = strings.intern("bob-usaa");
-        strings.prune();
-        assert_eq!(strings.0.len(), 1);
-        assert!(strings.0.contains(&kept));
     }
 }

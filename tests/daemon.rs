@@ -136,6 +136,59 @@ async fn schedule_edits_take_effect_live() {
     drop(daemon);
 }
 
+/// Edits whose notification never came (here, the notify trigger is off)
+/// are found by the periodic reconcile: an insert, an edit and a delete.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reconcile_finds_edits_no_notification_announced() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    for id in ["edited", "added", "deleted", "kept"] {
+        add_connection(&db, id, "ok").await;
+    }
+    db.exec(
+        "insert into schedules (connection_id, cron) values
+             ('edited', '0 0 1 1 *'), ('deleted', '* * * * * *'), ('kept', '0 0 1 1 *')",
+    )
+    .await;
+    let config =
+        config(&dir.path, "a").replace("[daemon]\n", "[daemon]\nreconcile_interval = \"300ms\"\n");
+    let daemon = Daemon::start(&db, &dir.path, &config, &[]).await;
+    db.wait_until("select count(*) >= 1 from run_commands where connection_id = 'deleted'")
+        .await;
+    db.exec(
+        "alter table schedules disable trigger schedules_notify;
+         update schedules set cron = '* * * * * *' where connection_id = 'edited';
+         insert into schedules (connection_id, cron) values ('added', '* * * * * *');
+         delete from schedules where connection_id = 'deleted';",
+    )
+    .await;
+    db.wait_until(
+        "select count(distinct connection_id) = 2 from run_commands
+         where connection_id in ('edited', 'added')",
+    )
+    .await;
+    let deleted_id: i64 = db
+        .scalar("select max(schedule_id) from run_commands where connection_id = 'deleted'")
+        .await;
+    let logs = daemon.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("reconcile found schedule edits") && l.contains(r#""count":2"#)),
+        "{logs}"
+    );
+    assert!(
+        logs.lines().any(|l| l.contains("schedule removed")
+            && l.contains(&format!(r#""schedule_id":{deleted_id},"#))),
+        "{logs}"
+    );
+    assert!(
+        !logs.lines().any(|l| l.contains("schedule removed")
+            && !l.contains(&format!(r#""schedule_id":{deleted_id},"#))),
+        "only the deleted row is removed:\n{logs}"
+    );
+    drop(daemon);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_rows_are_isolated_and_fixing_clears_the_error() {
     let db = TestDb::new().await;
