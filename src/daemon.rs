@@ -69,6 +69,7 @@ pub async fn run(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(usize),
 ) -> anyhow::Result<()> {
+    crate::memory::configure();
     let keyring = load_keyring(&config)?;
     let pool = connect(&config, &shutdown).await?;
     crate::db::migrate(&pool)

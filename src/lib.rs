@@ -24,7 +24,8 @@
 //! - [`child_env`], [`spawn`], [`child`], [`protocol`]: the child's
 //!   environment, starting it, its supervision, and what it may print.
 //! - [`runs`]: writes to `runs` and `interactions`; [`retention`]: pruning.
-//! - [`daemon`]: wiring and shutdown; [`systemd`]: the notify protocol.
+//! - [`daemon`]: wiring and shutdown; [`systemd`]: the notify protocol;
+//!   [`memory`]: giving freed memory back.
 //! - [`cli`], [`dev`], [`pgcluster`], [`logging`]: the command line.
 
 pub mod check;
@@ -40,6 +41,7 @@ pub mod failure;
 pub mod keys;
 pub mod launch;
 pub mod logging;
+pub mod memory;
 pub mod pgcluster;
 pub mod protocol;
 pub mod queue;
