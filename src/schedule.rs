@@ -300,6 +300,7 @@ impl Engine {
                 ..slot
             });
         }
+        self.slots.settle();
     }
 
     /// Writes what `apply_rows` left: row errors, cleared errors, catch-up

@@ -77,6 +77,9 @@ type HeapKey = Reverse<(i64, i64)>;
 pub struct Slots {
     rows: Vec<Slot>,
     heap: BinaryHeap<HeapKey>,
+    /// Rows added below the largest id, until [`Slots::settle`] merges
+    /// them in: inserting each in place would move the rows above it.
+    staged: Vec<Slot>,
 }
 
 impl Slots {
@@ -115,12 +118,18 @@ impl Slots {
     }
 
     /// Puts `slot` in place of the row with its id, returning the old one.
+    /// A new row below the largest id is staged: call [`Slots::settle`]
+    /// after a batch.
     pub fn upsert(&mut self, slot: Slot) -> Option<Slot> {
         let old = match self.rows.binary_search_by_key(&slot.id, |s| s.id) {
             Ok(at) => Some(std::mem::replace(&mut self.rows[at], slot)),
             // New ids are the largest, so this is nearly always a push.
-            Err(at) => {
-                self.rows.insert(at, slot);
+            Err(at) if at == self.rows.len() => {
+                self.rows.push(slot);
+                None
+            }
+            Err(_) => {
+                self.staged.push(slot);
                 None
             }
         };
@@ -128,6 +137,17 @@ impl Slots {
             self.push_key(slot.next, slot.id);
         }
         old
+    }
+
+    /// Merges the rows [`Slots::upsert`] staged; until then they cannot be
+    /// looked up. The sort is linear here: two sorted runs, merged.
+    pub fn settle(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        self.rows.append(&mut self.staged);
+        self.rows.sort_by_key(|slot| slot.id);
+        self.staged = Vec::new();
     }
 
     /// Sets the next fire of row `id`.
@@ -199,6 +219,7 @@ impl Slots {
     /// Drops spare capacity and stale heap keys: after the load, a large
     /// table must not leave the growth of its vectors in memory.
     pub fn compact(&mut self) {
+        self.settle();
         self.rows.shrink_to_fit();
         let keys: Vec<HeapKey> = self
             .rows
@@ -236,6 +257,7 @@ mod tests {
         for (id, next) in [(3, 30), (1, 10), (2, 20), (4, NEVER)] {
             slots.upsert(slot(id, next));
         }
+        slots.settle();
         assert_eq!(
             slots.rows().iter().map(|s| s.id).collect::<Vec<_>>(),
             [1, 2, 3, 4],
@@ -255,6 +277,28 @@ mod tests {
         assert_eq!(removed.len(), 2);
         assert_eq!(slots.next_due(), None, "a removed row's key is stale");
         assert_eq!(slots.get(3).map(|s| s.next), Some(NEVER));
+    }
+
+    #[test]
+    fn rows_added_below_the_largest_id_are_merged_in_order() {
+        let mut slots = Slots::default();
+        for id in [10, 20, 30] {
+            slots.upsert(slot(id, id));
+        }
+        for id in [5, 15, 25] {
+            assert_eq!(slots.upsert(slot(id, id)), None);
+        }
+        assert_eq!(slots.upsert(slot(20, 21)).map(|old| old.next), Some(20));
+        slots.settle();
+        assert_eq!(
+            slots.rows().iter().map(|s| s.id).collect::<Vec<_>>(),
+            [5, 10, 15, 20, 25, 30]
+        );
+        let due: Vec<(i64, i64)> = std::iter::from_fn(|| slots.pop_due(100)).collect();
+        assert_eq!(
+            due,
+            [(5, 5), (10, 10), (15, 15), (20, 21), (25, 25), (30, 30)]
+        );
     }
 
     #[test]
