@@ -355,8 +355,14 @@ impl Engine {
     /// Checks a row's expression and zone; the slot's `next` is not set yet.
     /// A good row holds a use of its expression from here on.
     fn slot_for(&mut self, row: &Row) -> Result<(Slot, FireRule), String> {
-        let tz = cron::parse_timezone(&row.timezone).map_err(|e| e.to_string())?;
         let (expr_id, expr) = self.exprs.acquire(&row.cron).map_err(|e| e.to_string())?;
+        let tz = match cron::parse_timezone(&row.timezone) {
+            Ok(tz) => tz,
+            Err(e) => {
+                self.exprs.release(expr_id);
+                return Err(e.to_string());
+            }
+        };
         let jitter = cron::jitter_offset(&row.connection_id, row.jitter_seconds);
         let slot = Slot {
             id: row.id,
@@ -413,8 +419,19 @@ impl Engine {
     /// only inside the catch-up window: never a burst of replays.
     async fn fire_due(&mut self) -> Result<(), sqlx::Error> {
         let now = Utc::now();
-        let mut fires = Vec::new();
+        let mut due = Vec::new();
         while let Some((id, at)) = self.slots.pop_due(now.timestamp()) {
+            if let Some(slot) = self.slots.get(id) {
+                due.push((slot.expr, id, at));
+            }
+        }
+        // Rows of one expression come together, so each expression due now
+        // is parsed at most once however many others share the instant
+        // (only a few parses are kept). A row with two live keys is due once.
+        due.sort_unstable();
+        due.dedup();
+        let mut fires = Vec::new();
+        for (_, id, at) in due {
             let Some(slot) = self.slots.get(id) else {
                 continue;
             };

@@ -140,7 +140,8 @@ impl Slots {
     }
 
     /// Merges the rows [`Slots::upsert`] staged; until then they cannot be
-    /// looked up. The sort is linear here: two sorted runs, merged.
+    /// looked up. Callers stage rows in id order, so the sort merges two
+    /// sorted runs, in linear time.
     pub fn settle(&mut self) {
         if self.staged.is_empty() {
             return;
