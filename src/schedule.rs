@@ -222,7 +222,13 @@ impl Engine {
         self.remove(&gone);
         let mut pending = Pending::default();
         self.apply_rows(rows, &mut pending);
-        self.write_pending(conn, pending).await?;
+        if let Err(e) = self.write_pending(conn, pending).await {
+            // The rows' errors and catch-up ticks were not written, and their
+            // slots already match `updated_at`: make the reconcile read them
+            // again, or nothing would ever write what they owe.
+            self.slots.mark_stale(&found);
+            return Err(e);
+        }
         self.flush_next_fires(conn).await
     }
 

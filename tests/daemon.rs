@@ -189,6 +189,41 @@ async fn the_reconcile_finds_edits_no_notification_announced() {
     drop(daemon);
 }
 
+/// An edit whose error could not be written (here a trigger refuses it) is
+/// written by a later reconcile once the database takes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_error_the_database_refused_is_written_later() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    add_connection(&db, "x", "ok").await;
+    db.exec("insert into schedules (connection_id, cron) values ('x', '0 0 1 1 *')")
+        .await;
+    let config =
+        config(&dir.path, "a").replace("[daemon]\n", "[daemon]\nreconcile_interval = \"300ms\"\n");
+    let daemon = Daemon::start(&db, &dir.path, &config, &[]).await;
+    // A sequence counts refused writes: it is not rolled back with them.
+    db.exec(
+        "create sequence refused_writes;
+         create function refuse_last_error() returns trigger language plpgsql as $$
+         begin
+             if new.last_error is not null then
+                 perform nextval('refused_writes');
+                 raise exception 'refused for the test';
+             end if;
+             return new;
+         end $$;
+         create trigger refuse_last_error before update on schedules
+             for each row execute function refuse_last_error();
+         update schedules set cron = 'every tuesday';",
+    )
+    .await;
+    db.wait_until("select is_called from refused_writes").await;
+    db.exec("drop trigger refuse_last_error on schedules").await;
+    db.wait_until("select coalesce(last_error like '%every tuesday%', false) from schedules")
+        .await;
+    drop(daemon);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_rows_are_isolated_and_fixing_clears_the_error() {
     let db = TestDb::new().await;

@@ -151,6 +151,16 @@ impl Slots {
         self.staged = Vec::new();
     }
 
+    /// Makes the reconcile re-read the rows `ids` (sorted): their stamps no
+    /// longer match the `updated_at` they were read with.
+    pub fn mark_stale(&mut self, ids: &[i64]) {
+        for slot in &mut self.rows {
+            if ids.binary_search(&slot.id).is_ok() {
+                slot.stamp = !slot.stamp;
+            }
+        }
+    }
+
     /// Sets the next fire of row `id`.
     pub fn reschedule(&mut self, id: i64, next: i64) {
         let Ok(at) = self.rows.binary_search_by_key(&id, |s| s.id) else {
