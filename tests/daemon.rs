@@ -38,6 +38,12 @@ fn config(dir: &Path, instance: &str) -> String {
     )
 }
 
+/// [`config`] with a reconcile every 300 ms, for tests of what only the
+/// reconcile finds.
+fn reconciling_config(dir: &Path) -> String {
+    config(dir, "a").replace("[daemon]\n", "[daemon]\nreconcile_interval = \"300ms\"\n")
+}
+
 async fn add_connection(db: &TestDb, id: &str, connector: &str) {
     db.exec(&format!(
         "insert into connections (id, connector) values ('{id}', '{connector}')"
@@ -150,8 +156,7 @@ async fn the_reconcile_finds_edits_no_notification_announced() {
              ('edited', '0 0 1 1 *'), ('deleted', '* * * * * *'), ('kept', '0 0 1 1 *')",
     )
     .await;
-    let config =
-        config(&dir.path, "a").replace("[daemon]\n", "[daemon]\nreconcile_interval = \"300ms\"\n");
+    let config = reconciling_config(&dir.path);
     let daemon = Daemon::start(&db, &dir.path, &config, &[]).await;
     db.wait_until("select count(*) >= 1 from run_commands where connection_id = 'deleted'")
         .await;
@@ -170,6 +175,7 @@ async fn the_reconcile_finds_edits_no_notification_announced() {
     let deleted_id: i64 = db
         .scalar("select max(schedule_id) from run_commands where connection_id = 'deleted'")
         .await;
+    let deleted_field = format!(r#""schedule_id":{deleted_id},"#);
     let logs = daemon.logs();
     assert!(
         logs.lines()
@@ -177,13 +183,14 @@ async fn the_reconcile_finds_edits_no_notification_announced() {
         "{logs}"
     );
     assert!(
-        logs.lines().any(|l| l.contains("schedule removed")
-            && l.contains(&format!(r#""schedule_id":{deleted_id},"#))),
+        logs.lines()
+            .any(|l| l.contains("schedule removed") && l.contains(&deleted_field)),
         "{logs}"
     );
     assert!(
-        !logs.lines().any(|l| l.contains("schedule removed")
-            && !l.contains(&format!(r#""schedule_id":{deleted_id},"#))),
+        !logs
+            .lines()
+            .any(|l| l.contains("schedule removed") && !l.contains(&deleted_field)),
         "only the deleted row is removed:\n{logs}"
     );
     drop(daemon);
@@ -198,8 +205,7 @@ async fn an_error_the_database_refused_is_written_later() {
     add_connection(&db, "x", "ok").await;
     db.exec("insert into schedules (connection_id, cron) values ('x', '0 0 1 1 *')")
         .await;
-    let config =
-        config(&dir.path, "a").replace("[daemon]\n", "[daemon]\nreconcile_interval = \"300ms\"\n");
+    let config = reconciling_config(&dir.path);
     let daemon = Daemon::start(&db, &dir.path, &config, &[]).await;
     // A sequence counts refused writes: it is not rolled back with them.
     db.exec(

@@ -373,9 +373,11 @@ async fn retention_keeps_what_matters() {
     assert_eq!(open, 1);
 }
 
-/// The messages of the defects in `check --json` output (one JSON object
-/// per line).
-fn defects(out: &str) -> Vec<String> {
+/// Runs `check --json` with `config`, which must fail (exit 1), and
+/// returns the messages of its defects (one JSON object per line).
+fn check_defects(db: &TestDb, config: &Path) -> Vec<String> {
+    let (code, out, _) = cli(db, Some(config), &["check", "--json"], "");
+    assert_eq!(code, 1, "{out}");
     out.lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("one JSON object per line"))
         .filter(|f| f["ok"] == false)
@@ -424,9 +426,7 @@ async fn check_reports_defects() {
         "broken.toml",
         &config(&dir.path, "k1", "").replace(&stand_in(), "/nonexistent/github"),
     );
-    let (code, out, _) = cli(&db, Some(&broken), &["check", "--json"], "");
-    assert_eq!(code, 1, "{out}");
-    let defects = defects(&out);
+    let defects = check_defects(&db, &broken);
     assert!(
         defects.iter().any(|d| d.contains("/nonexistent/github")),
         "{defects:?}"
@@ -461,9 +461,7 @@ async fn check_finds_programs_on_the_childs_path() {
          [connectors.no_sh]\ncommand = \"sh\"\nenv = {{ PATH = \"/nonexistent\" }}\n"
     );
     let path = write_config(&dir.path, "c.toml", &config(&dir.path, "k1", &extra));
-    let (code, out, _) = cli(&db, Some(&path), &["check", "--json"], "");
-    assert_eq!(code, 1, "{out}");
-    let defects = defects(&out);
+    let defects = check_defects(&db, &path);
     assert!(
         defects.iter().any(|d| d.contains("connector no_sh")),
         "{defects:?}"
