@@ -187,11 +187,8 @@ pub fn parse_cron(expr: &str) -> Result<CronExpr, CronError> {
     }
     // Compile without holding the lock, because checking that an expression
     // fires can take a millisecond and other threads may be parsing too.
-    let compiled = compile(text).map_err(|reason| CronError::Syntax {
-        expr: expr.to_owned(),
-        reason,
-    })?;
-    let cron = lock_interner().insert(text, Arc::new(compiled));
+    let CronExpr { cron } = CronExpr::parse(expr)?;
+    let cron = lock_interner().insert(text, cron);
     Ok(CronExpr { cron })
 }
 
