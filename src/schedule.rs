@@ -132,10 +132,10 @@ impl Engine {
     /// is not held up by writing them.
     pub async fn load_all(&mut self) -> Result<(), sqlx::Error> {
         const PAGE: usize = 5_000;
-        // A retry after a failed load starts over.
-        for slot in std::mem::take(&mut self.slots).rows() {
-            self.exprs.release(slot.expr);
-        }
+        // A retry after a failed load starts over; every expression use
+        // belongs to a slot.
+        self.slots = Slots::default();
+        self.exprs = Exprs::default();
         // One connection for the whole load: a pool of two (the listener
         // holds one) must do.
         let mut conn = self.pool.acquire().await?;
@@ -428,19 +428,17 @@ impl Engine {
         let mut due = Vec::new();
         while let Some((id, at)) = self.slots.pop_due(now.timestamp()) {
             if let Some(slot) = self.slots.get(id) {
-                due.push((slot.expr, id, at));
+                due.push((slot, at));
             }
         }
         // Rows of one expression come together, so each expression due now
         // is parsed at most once however many others share the instant
         // (only a few parses are kept). A row with two live keys is due once.
-        due.sort_unstable();
-        due.dedup();
+        due.sort_unstable_by_key(|&(slot, at)| (slot.expr, slot.id, at));
+        due.dedup_by_key(|&mut (slot, at)| (slot.id, at));
         let mut fires = Vec::new();
-        for (_, id, at) in due {
-            let Some(slot) = self.slots.get(id) else {
-                continue;
-            };
+        for (slot, at) in due {
+            let id = slot.id;
             let rule = match self.rule(&slot) {
                 Ok(rule) => rule,
                 Err(e) => {
