@@ -21,8 +21,8 @@ use crate::config::Config;
 use crate::failure::FailureKind;
 use crate::keys::Keyring;
 use crate::launch::{self, retry_delay, Context};
-use crate::queue::{self, Claimed};
-use crate::runs::OutcomeWriter;
+use crate::queue;
+use crate::runs::{OutcomeWriter, StartWriter};
 use crate::schedule::{Backoff, Edit, Engine};
 use crate::systemd::{watchdog_interval, Heartbeats, Notifier};
 
@@ -84,6 +84,7 @@ pub async fn run(
         config: Arc::new(config),
         keyring: keyring.map(Arc::new),
         outcomes: OutcomeWriter::start(pool.clone(), instance_id.clone()),
+        starts: StartWriter::start(pool.clone(), instance_id.clone()),
         instance_id,
         shutdown: shutdown.clone(),
         running: Mutex::new(HashMap::new()),
@@ -351,17 +352,18 @@ async fn claim_and_launch(
         Some(conn) => conn,
         None => session.insert(crate::db::claim_session(&ctx.pool).await?),
     };
-    let lease_ms = ctx.config.daemon.lease.as_millis() as f64;
-    let claimed = queue::claim(
-        conn,
-        &ctx.instance_id,
-        limit,
-        &full,
-        &ctx.known_connectors,
-        lease_ms,
-    );
+    let claimed = queue::claim(conn, &ctx.instance_id, limit, &full, &ctx.known_connectors);
     let commands = match claimed.await {
         Ok(commands) => commands,
+        // Another daemon took a slot this claim wanted: nothing was
+        // claimed, and the next claim sees that connection busy.
+        Err(e) if queue::lost_slot_race(&e) => {
+            tracing::debug!("another daemon claimed a run slot first; claiming again");
+            return Ok(Round {
+                filled: true,
+                limited: false,
+            });
+        }
         Err(e) => {
             // The connection may be the problem; the next round takes a
             // fresh one.
@@ -391,7 +393,7 @@ async fn claim_and_launch(
         let Some(permits) = permits else {
             // Claimed in the same batch as others of its connector beyond
             // the connector's limit: give it back for later.
-            give_back(ctx, &command).await?;
+            queue::release(&ctx.pool, command.command.id).await?;
             round.limited = true;
             continue;
         };
@@ -406,14 +408,6 @@ async fn claim_and_launch(
     }
     round.limited |= global.available_permits() == 0;
     Ok(round)
-}
-
-/// Returns a claimed command, and the run slot taken with it, untouched.
-async fn give_back(ctx: &Context, claimed: &Claimed) -> Result<(), sqlx::Error> {
-    match claimed.run_id {
-        Some(run_id) => ctx.writer().abandon(run_id, claimed.command.id).await,
-        None => queue::release(&ctx.pool, claimed.command.id).await,
-    }
 }
 
 /// Renews the leases of this daemon's running runs and settles runs whose
@@ -481,7 +475,6 @@ fn live_runs(ctx: &Context) -> Vec<i64> {
 #[derive(sqlx::FromRow)]
 struct LostRun {
     id: i64,
-    command_id: Option<i64>,
     connection_id: String,
     connector: Option<String>,
     schedule_id: Option<i64>,
@@ -498,13 +491,20 @@ async fn rescue(ctx: &Context, own_leftovers: bool) -> Result<(), sqlx::Error> {
     // answers.
     let live = live_runs(ctx);
     let lost: Vec<LostRun> = sqlx::query_as(
-        "update runs
-         set status = 'failed', failure_kind = 'lost', finished_at = now(), lease_expires_at = null,
-             failure_detail = 'the daemon running it (' || coalesce(instance_id, '?') || ') stopped renewing its lease'
-         where status = 'running'
-           and (lease_expires_at < now() or ($1 and instance_id = $2))
-           and not (id = any($3))
-         returning id, command_id, connection_id, connector, schedule_id, attempt, instance_id",
+        "with lost as (
+             update runs
+             set status = 'failed', failure_kind = 'lost', finished_at = now(), lease_expires_at = null,
+                 failure_detail = 'the daemon running it (' || coalesce(instance_id, '?') || ') stopped renewing its lease'
+             where status = 'running'
+               and (lease_expires_at < now() or ($1 and instance_id = $2))
+               and not (id = any($3))
+             returning id, command_id, connection_id, connector, schedule_id, attempt, instance_id
+         ), freed as (
+             update run_commands rc set status = 'done'
+             from lost
+             where rc.id = lost.command_id and rc.status = 'claimed' and rc.run_id = lost.id
+         )
+         select id, connection_id, connector, schedule_id, attempt, instance_id from lost",
     )
     .bind(own_leftovers)
     .bind(&ctx.instance_id)
@@ -528,12 +528,10 @@ async fn rescue(ctx: &Context, own_leftovers: bool) -> Result<(), sqlx::Error> {
             "run lost: its daemon stopped renewing the lease"
         );
         sqlx::query(
-            "with c as (update run_commands set status = 'done' where id = $1)
-             insert into run_commands (connection_id, trigger, schedule_id, attempt, parent_run_id, not_before)
-             select $2, 'retry', $3, $4, $5, now() + $6 * interval '1 millisecond'
-             where $6 is not null",
+            "insert into run_commands (connection_id, trigger, schedule_id, attempt, parent_run_id, not_before)
+             select $1, 'retry', $2, $3, $4, now() + $5 * interval '1 millisecond'
+             where $5 is not null",
         )
-        .bind(run.command_id)
         .bind(&run.connection_id)
         .bind(run.schedule_id)
         .bind(run.attempt + 1)
@@ -542,12 +540,15 @@ async fn rescue(ctx: &Context, own_leftovers: bool) -> Result<(), sqlx::Error> {
         .execute(&ctx.pool)
         .await?;
     }
-    // A claim whose daemon died before taking the run slot.
+    // A claim whose daemon died before recording a running run: it never
+    // spawned, or its child died with it (children never outlive their
+    // daemon), so the command is run again as it was.
     sqlx::query(
-        "update run_commands rc set status = 'pending', claimed_by = null, claimed_at = null
+        "update run_commands rc
+         set status = 'pending', claimed_by = null, claimed_at = null, run_id = null
          where rc.status = 'claimed'
            and (rc.claimed_at < now() - $1 * interval '1 millisecond' or ($2 and rc.claimed_by = $3))
-           and not exists (select 1 from runs r where r.command_id = rc.id and r.status = 'running')",
+           and not exists (select 1 from runs r where r.id = rc.run_id and r.status = 'running')",
     )
     .bind(ctx.config.daemon.lease.as_millis() as f64 * 2.0)
     .bind(own_leftovers)

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +25,7 @@ use crate::keys::Keyring;
 use crate::protocol::Message;
 use crate::queue::{self, Claimed, Command};
 use crate::resolver::{self, StoredCredential};
-use crate::runs::{Finish, Outcome, OutcomeWriter, Writer};
+use crate::runs::{Finish, Outcome, OutcomeWriter, Start, StartWriter, Writer};
 use crate::schedule::Backoff;
 
 /// What every launch shares.
@@ -42,6 +43,8 @@ pub struct Context {
     pub known_connectors: Vec<String>,
     /// Where run outcomes are written, batched.
     pub outcomes: OutcomeWriter,
+    /// Where spawned runs' rows are written, batched.
+    pub starts: StartWriter,
 }
 
 impl Context {
@@ -52,9 +55,6 @@ impl Context {
         }
     }
 }
-
-/// How long a child runs before its start is written to its run row.
-const RECORD_START_AFTER: Duration = Duration::from_millis(100);
 
 /// How often a run's progress count is written while it runs.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -138,12 +138,9 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
         return queue::release(&ctx.pool, command.id).await;
     };
     let superseded = CancellationToken::new();
-    if let Ok(mut running) = ctx.running.lock() {
-        running.insert(run_id, superseded.clone());
-    }
     let result = if ctx.shutdown.is_cancelled() {
         // Claimed just as shutdown began: hand the command back untouched.
-        ctx.writer().abandon(run_id, command.id).await
+        queue::release(&ctx.pool, command.id).await
     } else {
         run_in_slot(
             ctx,
@@ -159,6 +156,63 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
         running.remove(&run_id);
     }
     result
+}
+
+/// What the child has reported while its run row may not exist yet.
+struct Progress {
+    /// The run row is written: progress counts can be kept on it.
+    recorded: AtomicBool,
+    /// The latest count the child reported, or [`NO_COUNT`].
+    latest: AtomicI64,
+}
+
+const NO_COUNT: i64 = i64::MIN;
+
+/// Records the spawned child's run row, waiting out a database outage, and
+/// then hands the run's lease to the lease keeper. Should the slot no
+/// longer be ours, or the row be refused, the child is stopped: another
+/// daemon may be running the connection.
+async fn record_start(
+    ctx: &Context,
+    start: Start,
+    superseded: &CancellationToken,
+    progress: &Progress,
+) {
+    let mut backoff = Backoff::new();
+    loop {
+        match ctx.starts.record(start.clone()).await {
+            Ok(true) => {
+                if let Ok(mut running) = ctx.running.lock() {
+                    running.insert(start.run_id, superseded.clone());
+                }
+                // A count reported before the row existed is kept now.
+                progress.recorded.store(true, Ordering::SeqCst);
+                let latest = progress.latest.load(Ordering::SeqCst);
+                if latest != NO_COUNT {
+                    if let Err(e) = ctx.writer().record_progress(start.run_id, latest).await {
+                        tracing::debug!(error = %e, "could not record progress");
+                    }
+                }
+                return;
+            }
+            Ok(false) => {
+                tracing::warn!("the run's slot was given to another daemon while this one could not reach the database; stopping the connector");
+                superseded.cancel();
+                return;
+            }
+            Err(e) if crate::db::is_transient(&e) => {
+                if backoff.attempts() == 0 {
+                    tracing::warn!(error = %e, "cannot record the run's start; retrying until the database answers");
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the database refused the run's start; stopping the connector");
+                superseded.cancel();
+                return;
+            }
+        }
+    }
 }
 
 /// Everything after the slot is taken: resolve, build, spawn, supervise,
@@ -261,19 +315,23 @@ async fn run_in_slot(
         "connector started"
     );
     let started = std::time::Instant::now();
-    // The start is recorded once the child has run for a moment: a short
-    // run's final write records pid and start time itself, one write fewer
-    // per run. The child runs whether or not this write lands.
-    let record_start = async {
-        tokio::time::sleep(RECORD_START_AFTER).await;
-        if let Err(e) = ctx
-            .writer()
-            .mark_started(run_id, pid, started_at, resolved.credential_id, source)
-            .await
-        {
-            tracing::warn!(error = %e, "could not record the run's start; it is recorded when the run ends");
-        }
+    // The child runs whether or not this write lands; a run that ends
+    // first has its row written by its outcome.
+    let start = Start {
+        run_id,
+        command_id: command.id,
+        connector: connector_name.to_owned(),
+        pid,
+        started_at,
+        credential_id: resolved.credential_id,
+        credential_source: source,
+        lease: ctx.config.daemon.lease,
     };
+    let reported = Progress {
+        recorded: AtomicBool::new(false),
+        latest: AtomicI64::new(NO_COUNT),
+    };
+    let record_start = record_start(ctx, start, superseded, &reported);
 
     let writer = ctx.writer();
     let mut records = None;
@@ -294,8 +352,12 @@ async fn run_in_slot(
                 Message::Progress { records: n } => {
                     records = Some(n);
                     // The latest count is kept on the run while it goes,
-                    // at most once a second.
-                    if progress_written.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
+                    // at most once a second, once the row is there (the
+                    // start's write keeps an earlier one).
+                    reported.latest.store(n, Ordering::SeqCst);
+                    if reported.recorded.load(Ordering::SeqCst)
+                        && progress_written.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY)
+                    {
                         progress_written = Some(std::time::Instant::now());
                         progress = Some(n);
                     }

@@ -4,8 +4,10 @@
 //!
 //! One statement does everything a launch needs before its child can be
 //! built: it claims the commands, reads each one's connection, takes the
-//! connection's run slot (the partial unique index on running runs) for the
-//! admissible ones, and reads the connection's latest credential. Launch
+//! connection's run slot for the admissible ones (a run id from the runs
+//! sequence, kept on the claimed command, where a partial unique index
+//! allows one per connection), and reads the connection's latest
+//! credential. It writes nothing but the commands it claims. Launch
 //! latency is then one round trip, and every decision is made on data read
 //! at the moment of the claim.
 
@@ -67,19 +69,25 @@ pub struct Claimed {
 /// claimed so it can be recorded as skipped. Commands of connectors in
 /// `full_connectors` (at their concurrency limit here) are left for later
 /// or for another daemon. Slots are taken only for enabled connections of
-/// `known_connectors`; `lease_ms` is the new runs' first lease.
+/// `known_connectors`.
+///
+/// Two daemons claiming commands of one free connection at the same moment
+/// both try to take its slot: one statement wins, the other fails with a
+/// unique violation (see [`lost_slot_race`]) and claims nothing.
 pub async fn claim(
     session: &mut PgConnection,
     instance_id: &str,
     limit: i64,
     full_connectors: &[String],
     known_connectors: &[String],
-    lease_ms: f64,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     let rows = sqlx::query(
         r#"
         with picked as (
-            select rc.id
+            select rc.id, rc.connection_id,
+                   exists (select 1 from run_commands o
+                           where o.connection_id = rc.connection_id
+                             and o.status = 'claimed' and o.run_id is not null) as busy
             from run_commands rc
             where rc.status = 'pending'
               and rc.not_before <= now()
@@ -89,56 +97,51 @@ pub async fn claim(
               and ((rc.trigger = 'scheduled'
                     and coalesce((select s.overlap from schedules s where s.id = rc.schedule_id),
                                  'skip') = 'skip')
-                   or not exists (select 1 from runs r
-                                  where r.connection_id = rc.connection_id
-                                    and r.status = 'running'))
+                   or not exists (select 1 from run_commands o
+                                  where o.connection_id = rc.connection_id
+                                    and o.status = 'claimed' and o.run_id is not null))
             order by rc.not_before, rc.id
             limit $2
             for update of rc skip locked
+        ), admitted as (
+            -- The first admissible command of a free connection takes its
+            -- slot; the index on claimed commands with a run id refuses a
+            -- second one, within this batch or from another daemon.
+            select p.id, c.connector, c.enabled,
+                   not p.busy and c.enabled and c.connector = any($4)
+                   and row_number() over (partition by p.connection_id order by p.id) = 1
+                       as takes_slot
+            from picked p
+            left join connections c on c.id = p.connection_id
         ), claimed as (
             update run_commands rc
-            set status = 'claimed', claimed_by = $1, claimed_at = now()
-            from picked
-            where rc.id = picked.id
+            set status = 'claimed', claimed_by = $1, claimed_at = now(),
+                run_id = case when a.takes_slot then nextval('runs_id_seq') end
+            from admitted a
+            where rc.id = a.id
             returning rc.id, rc.connection_id, rc.trigger, rc.schedule_id, rc.scheduled_for,
-                      rc.attempt
-        ), admitted as (
-            select cl.*, c.connector, c.enabled, s.overlap
-            from claimed cl
-            left join connections c on c.id = cl.connection_id
-            left join schedules s on s.id = cl.schedule_id
-        ), slot as (
-            insert into runs (command_id, connection_id, connector, trigger, schedule_id,
-                              scheduled_for, attempt, status, instance_id, lease_expires_at)
-            select id, connection_id, connector, trigger, schedule_id, scheduled_for, attempt,
-                   'running', $1, now() + $5 * interval '1 millisecond'
-            from admitted
-            where enabled and connector = any($4)
-            order by id
-            on conflict (connection_id) where status = 'running' do nothing
-            returning id as run_id, command_id
+                      rc.attempt, rc.run_id, a.connector, a.enabled
         )
-        select a.id, a.connection_id, a.trigger, a.schedule_id, a.scheduled_for, a.attempt,
-               a.overlap, a.connector, a.enabled, slot.run_id,
+        select cl.id, cl.connection_id, cl.trigger, cl.schedule_id, cl.scheduled_for,
+               cl.attempt, s.overlap, cl.connector, cl.enabled, cl.run_id,
                cred.id as credential_id, cred.kind, cred.status as credential_status,
                cred.key_id, cred.nonce, cred.ciphertext
-        from admitted a
-        left join slot on slot.command_id = a.id
+        from claimed cl
+        left join schedules s on s.id = cl.schedule_id
         left join lateral (
             select cr.id, cr.kind, cr.status, cr.key_id, cr.nonce, cr.ciphertext
             from credentials cr
-            where cr.connection_id = a.connection_id and slot.run_id is not null
+            where cr.connection_id = cl.connection_id and cl.run_id is not null
             order by (cr.status = 'active') desc, cr.id desc
             limit 1
         ) cred on true
-        order by a.id
+        order by cl.id
         "#,
     )
     .bind(instance_id)
     .bind(limit)
     .bind(full_connectors)
     .bind(known_connectors)
-    .bind(lease_ms)
     .fetch_all(session)
     .await?;
     rows.iter().map(claimed_from_row).collect()
@@ -173,10 +176,22 @@ fn claimed_from_row(row: &PgRow) -> Result<Claimed, sqlx::Error> {
     })
 }
 
-/// Puts a claimed command back, untouched, for whoever can run it next.
+/// Whether a claim failed because another daemon took the slot of one of
+/// its connections first: nothing was claimed, and the next claim sees the
+/// connection busy.
+pub fn lost_slot_race(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.constraint())
+        .is_some_and(|c| c == "run_commands_one_slot")
+}
+
+/// Puts a claimed command back, untouched, with the slot it took, for
+/// whoever can run it next.
 pub async fn release(pool: &PgPool, command_id: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "update run_commands set status = 'pending', claimed_by = null, claimed_at = null
+        "update run_commands set status = 'pending', claimed_by = null, claimed_at = null,
+                                 run_id = null
          where id = $1 and status = 'claimed'",
     )
     .bind(command_id)

@@ -1,12 +1,14 @@
 //! Writes to the `runs` table: a run's life from its slot to its outcome.
 //!
-//! A run that may spawn a child has its row inserted as `running` by the
-//! claim (`queue::claim`); the partial unique index on
-//! `runs(connection_id) where status = 'running'` makes that insert the
-//! database's arbitration of "one run per connection at a time" across
-//! every daemon. Every write that ends a run is fenced on
-//! the run still being `running` under this instance, so a daemon waking
-//! from a long pause cannot overwrite what another daemon decided.
+//! A run that may spawn a child takes its connection's slot in the claim
+//! (`queue::claim`): a run id kept on the claimed command, one per
+//! connection by a partial unique index. Its row is inserted as `running`
+//! just after the spawn ([`Writer::record_start`]), or directly with its
+//! outcome when it ends before that landed or never spawned. Every write
+//! is fenced on the command still holding this run's slot under this
+//! instance, and the row still being `running`, so a daemon waking from a
+//! long pause cannot overwrite what another daemon decided. The write that
+//! ends a run frees the slot in the same statement.
 
 use std::time::Duration;
 
@@ -16,6 +18,19 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::failure::FailureKind;
 use crate::queue::Command;
+
+/// A spawned child's run, as its row records it.
+#[derive(Debug, Clone)]
+pub struct Start {
+    pub run_id: i64,
+    pub command_id: i64,
+    pub connector: String,
+    pub pid: u32,
+    pub started_at: DateTime<Utc>,
+    pub credential_id: Option<i64>,
+    pub credential_source: &'static str,
+    pub lease: Duration,
+}
 
 /// Who is writing: the daemon instance whose runs these are.
 pub struct Writer<'a> {
@@ -79,30 +94,6 @@ impl Writer<'_> {
         .await
     }
 
-    /// Records the spawned child.
-    pub async fn mark_started(
-        &self,
-        run_id: i64,
-        pid: u32,
-        started_at: DateTime<Utc>,
-        credential_id: Option<i64>,
-        credential_source: &str,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "update runs set pid = $2, started_at = $6, credential_id = $3, credential_source = $4
-             where id = $1 and status = 'running' and instance_id = $5",
-        )
-        .bind(run_id)
-        .bind(pid as i32)
-        .bind(credential_id)
-        .bind(credential_source)
-        .bind(self.instance_id)
-        .bind(started_at)
-        .execute(self.pool)
-        .await?;
-        Ok(())
-    }
-
     /// Keeps the latest progress count on a running run.
     pub async fn record_progress(&self, run_id: i64, records: i64) -> Result<(), sqlx::Error> {
         sqlx::query(
@@ -111,25 +102,6 @@ impl Writer<'_> {
         .bind(run_id)
         .bind(records)
         .bind(self.instance_id)
-        .execute(self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// Gives a slot back without a trace, for a launch that stopped before
-    /// anything was decided (the database failed mid-way): the placeholder
-    /// run is removed and the command is pending again.
-    pub async fn abandon(&self, run_id: i64, command_id: i64) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "with r as (
-                 delete from runs where id = $1 and status = 'running' and instance_id = $2
-             )
-             update run_commands set status = 'pending', claimed_by = null, claimed_at = null
-             where id = $3 and status = 'claimed'",
-        )
-        .bind(run_id)
-        .bind(self.instance_id)
-        .bind(command_id)
         .execute(self.pool)
         .await?;
         Ok(())
@@ -168,6 +140,7 @@ pub struct Outcome {
     pub credential_source: Option<&'static str>,
     pub command_id: i64,
     pub connection_id: String,
+    pub connector: Option<String>,
     pub schedule_id: Option<i64>,
     /// The retry's attempt number.
     pub next_attempt: i32,
@@ -187,50 +160,114 @@ impl Outcome {
             credential_source,
             command_id: command.id,
             connection_id: command.connection_id.clone(),
+            connector: command.connector.clone(),
             schedule_id: command.schedule_id,
             next_attempt: command.attempt + 1,
         }
     }
 }
 
-/// Ends running runs, settles their commands and enqueues their retries,
-/// in one statement for any number of runs. Returns the ids of the runs it
-/// ended; a run missing from it was no longer ours (fenced: not `running`
-/// under this instance any more).
+/// One field of every row, as an array parameter for `unnest`.
+fn column<'a, R, T>(rows: &'a [R], f: impl Fn(&'a R) -> T) -> Vec<T> {
+    rows.iter().map(f).collect()
+}
+
+/// Inserts spawned children's run rows as `running`, with their first
+/// leases, in one statement for any number of runs. Returns the ids it
+/// recorded; a run missing from it no longer holds its slot under this
+/// instance (the claim was rescued while we could not reach the database),
+/// or already has its outcome.
+pub async fn start_many(
+    pool: &PgPool,
+    instance_id: &str,
+    starts: &[Start],
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"
+        insert into runs as ru (id, command_id, connection_id, connector, trigger, schedule_id,
+                                scheduled_for, attempt, status, instance_id, pid, started_at,
+                                credential_id, credential_source, lease_expires_at)
+        select i.run_id, rc.id, rc.connection_id, i.connector, rc.trigger, rc.schedule_id,
+               rc.scheduled_for, rc.attempt, 'running', $1, i.pid, i.started_at,
+               i.credential_id, i.credential_source, now() + i.lease_ms * interval '1 millisecond'
+        from unnest($2::bigint[], $3::bigint[], $4::text[], $5::int[], $6::timestamptz[],
+                    $7::bigint[], $8::text[], $9::float8[])
+            as i(run_id, command_id, connector, pid, started_at, credential_id,
+                 credential_source, lease_ms)
+        join run_commands rc on rc.id = i.command_id
+        where rc.status = 'claimed' and rc.claimed_by = $1 and rc.run_id = i.run_id
+        -- A retry of a write that landed without its answer is ours; a row
+        -- that already has its outcome (the run ended first) stays as it is.
+        on conflict (id) do update set pid = excluded.pid
+            where ru.status = 'running' and ru.instance_id = $1
+        returning ru.id
+        "#,
+    )
+    .bind(instance_id)
+    .bind(column(starts, |s| s.run_id))
+    .bind(column(starts, |s| s.command_id))
+    .bind(column(starts, |s| s.connector.as_str()))
+    .bind(column(starts, |s| s.pid as i32))
+    .bind(column(starts, |s| s.started_at))
+    .bind(column(starts, |s| s.credential_id))
+    .bind(column(starts, |s| s.credential_source))
+    .bind(column(starts, |s| s.lease.as_millis() as f64))
+    .fetch_all(pool)
+    .await
+}
+
+/// Ends runs, frees their slots (settles their commands) and enqueues their
+/// retries, in one statement for any number of runs. Returns the ids of the
+/// runs it ended; a run missing from it was no longer ours (fenced: its
+/// command no longer holds its slot under this instance, or its row is no
+/// longer `running`).
 pub async fn finish_many(
     pool: &PgPool,
     instance_id: &str,
     outcomes: &[Outcome],
 ) -> Result<Vec<i64>, sqlx::Error> {
-    fn column<'a, T>(outcomes: &'a [Outcome], f: impl Fn(&'a Outcome) -> T) -> Vec<T> {
-        outcomes.iter().map(f).collect()
-    }
     sqlx::query_scalar(
         r#"
         with input as (
             select * from unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::int[],
                                  $7::bigint[], $8::bigint[], $9::text[], $10::bool[],
                                  $11::bigint[], $12::text[], $13::bigint[], $14::int[],
-                                 $15::float8[], $16::int[], $17::timestamptz[])
+                                 $15::float8[], $16::int[], $17::timestamptz[], $18::text[])
                 as i(run_id, status, failure_kind, detail, exit_code, records, credential_id,
                      credential_source, requeue, command_id, connection_id, schedule_id,
-                     next_attempt, retry_ms, pid, started_at)
+                     next_attempt, retry_ms, pid, started_at, connector)
         ), r as (
-            update runs
-            set status = i.status, failure_kind = i.failure_kind, failure_detail = i.detail,
-                exit_code = i.exit_code, records = coalesce(i.records, runs.records),
-                finished_at = now(), lease_expires_at = null,
-                credential_id = coalesce(runs.credential_id, i.credential_id),
-                credential_source = coalesce(runs.credential_source, i.credential_source),
-                pid = coalesce(runs.pid, i.pid), started_at = coalesce(runs.started_at, i.started_at)
+            -- The row exists when the start was recorded; otherwise (a
+            -- refusal, a failed spawn, a run that ended first) it is
+            -- inserted here, with its outcome.
+            insert into runs as ru (id, command_id, connection_id, connector, trigger, schedule_id,
+                                    scheduled_for, attempt, status, failure_kind, failure_detail,
+                                    exit_code, records, credential_id, credential_source,
+                                    instance_id, pid, started_at, finished_at)
+            select i.run_id, rc.id, rc.connection_id, i.connector, rc.trigger, rc.schedule_id,
+                   rc.scheduled_for, rc.attempt, i.status, i.failure_kind, i.detail,
+                   i.exit_code, i.records, i.credential_id, i.credential_source,
+                   $1, i.pid, i.started_at, now()
             from input i
-            where runs.id = i.run_id and runs.status = 'running' and runs.instance_id = $1
-            returning runs.id
+            join run_commands rc on rc.id = i.command_id
+            where rc.status = 'claimed' and rc.claimed_by = $1 and rc.run_id = i.run_id
+            on conflict (id) do update
+            set status = excluded.status, failure_kind = excluded.failure_kind,
+                failure_detail = excluded.failure_detail, exit_code = excluded.exit_code,
+                records = coalesce(excluded.records, ru.records),
+                finished_at = now(), lease_expires_at = null,
+                credential_id = coalesce(ru.credential_id, excluded.credential_id),
+                credential_source = coalesce(ru.credential_source, excluded.credential_source),
+                pid = coalesce(ru.pid, excluded.pid),
+                started_at = coalesce(ru.started_at, excluded.started_at)
+            where ru.status = 'running' and ru.instance_id = $1
+            returning ru.id
         ), c as (
             update run_commands rc
             set status = case when i.requeue then 'pending' else 'done' end,
                 claimed_by = case when i.requeue then null else rc.claimed_by end,
-                claimed_at = case when i.requeue then null else rc.claimed_at end
+                claimed_at = case when i.requeue then null else rc.claimed_at end,
+                run_id = case when i.requeue then null else rc.run_id end
             from input i join r on r.id = i.run_id
             where rc.id = i.command_id
         ), retry as (
@@ -247,7 +284,9 @@ pub async fn finish_many(
     .bind(instance_id)
     .bind(column(outcomes, |o| o.run_id))
     .bind(column(outcomes, |o| o.finish.status))
-    .bind(column(outcomes, |o| o.finish.failure_kind.map(FailureKind::as_str)))
+    .bind(column(outcomes, |o| {
+        o.finish.failure_kind.map(FailureKind::as_str)
+    }))
     .bind(column(outcomes, |o| o.finish.detail.as_deref()))
     .bind(column(outcomes, |o| o.finish.exit_code))
     .bind(column(outcomes, |o| o.finish.records))
@@ -263,55 +302,113 @@ pub async fn finish_many(
     }))
     .bind(column(outcomes, |o| o.finish.pid.map(|p| p as i32)))
     .bind(column(outcomes, |o| o.finish.started_at))
+    .bind(column(outcomes, |o| o.connector.as_deref()))
     .fetch_all(pool)
     .await
 }
 
-/// Most outcomes one statement writes.
+/// Most rows one batched statement writes.
 const MAX_BATCH: usize = 64;
 
-type Request = (Outcome, oneshot::Sender<Result<bool, sqlx::Error>>);
-
-/// Writes run outcomes in batches, group-commit style: an outcome that
-/// arrives while the writer is idle goes out at once, alone; outcomes that
-/// arrive while a statement is in flight go out together in the next one.
-/// Nothing waits on a timer, so a lone run's outcome is never delayed, and
-/// under load the per-statement cost (parse, plan, commit) is shared.
-/// Measured: the single-run statement cost PostgreSQL 0.18 ms per run and
-/// was the largest per-run cost of a throughput run.
-#[derive(Clone)]
-pub struct OutcomeWriter {
-    requests: mpsc::Sender<Request>,
+/// A run write that [`BatchWriter`] groups: many go out as one statement,
+/// which answers with the ids of the runs it wrote.
+pub trait Batched: Clone + Send + Sync + 'static {
+    fn run_id(&self) -> i64;
+    fn write<'a>(
+        pool: &'a PgPool,
+        instance_id: &'a str,
+        batch: &'a [Self],
+    ) -> impl std::future::Future<Output = Result<Vec<i64>, sqlx::Error>> + Send + 'a;
 }
 
-impl OutcomeWriter {
+impl Batched for Start {
+    fn run_id(&self) -> i64 {
+        self.run_id
+    }
+    fn write<'a>(
+        pool: &'a PgPool,
+        instance_id: &'a str,
+        batch: &'a [Self],
+    ) -> impl std::future::Future<Output = Result<Vec<i64>, sqlx::Error>> + Send + 'a {
+        start_many(pool, instance_id, batch)
+    }
+}
+
+impl Batched for Outcome {
+    fn run_id(&self) -> i64 {
+        self.run_id
+    }
+    fn write<'a>(
+        pool: &'a PgPool,
+        instance_id: &'a str,
+        batch: &'a [Self],
+    ) -> impl std::future::Future<Output = Result<Vec<i64>, sqlx::Error>> + Send + 'a {
+        finish_many(pool, instance_id, batch)
+    }
+}
+
+type Request<T> = (T, oneshot::Sender<Result<bool, sqlx::Error>>);
+
+/// Writes runs' starts or outcomes in batches, group-commit style: a write
+/// that arrives while the writer is idle goes out at once, alone; writes
+/// that arrive while a statement is in flight go out together in the next
+/// one. Nothing waits on a timer, so a lone run is never delayed, and under
+/// load the per-statement cost (parse, plan, commit) is shared. Measured:
+/// the single-run outcome statement cost PostgreSQL 0.18 ms per run and was
+/// the largest per-run cost of a throughput run.
+///
+/// A caller that stops waiting does not cancel its write: the statement is
+/// the writer's, so a connection is never dropped mid-statement.
+pub struct BatchWriter<T> {
+    requests: mpsc::Sender<Request<T>>,
+}
+
+impl<T> Clone for BatchWriter<T> {
+    fn clone(&self) -> Self {
+        BatchWriter {
+            requests: self.requests.clone(),
+        }
+    }
+}
+
+/// Where run outcomes are written.
+pub type OutcomeWriter = BatchWriter<Outcome>;
+
+/// Where spawned runs' rows are written.
+pub type StartWriter = BatchWriter<Start>;
+
+impl<T: Batched> BatchWriter<T> {
     /// Starts the writer task; it ends when the last handle is dropped.
-    pub fn start(pool: PgPool, instance_id: String) -> OutcomeWriter {
+    pub fn start(pool: PgPool, instance_id: String) -> BatchWriter<T> {
         let (requests, receiver) = mpsc::channel(1024);
         tokio::spawn(write_batches(pool, instance_id, receiver));
-        OutcomeWriter { requests }
+        BatchWriter { requests }
     }
 
-    /// Records one outcome; `Ok(false)` when the run was no longer ours.
-    pub async fn record(&self, outcome: Outcome) -> Result<bool, sqlx::Error> {
+    /// Writes one run's row; `Ok(false)` when the run was no longer ours.
+    pub async fn record(&self, item: T) -> Result<bool, sqlx::Error> {
         let (reply, answer) = oneshot::channel();
-        if self.requests.send((outcome, reply)).await.is_err() {
+        if self.requests.send((item, reply)).await.is_err() {
             return Err(sqlx::Error::PoolClosed);
         }
         answer.await.unwrap_or(Err(sqlx::Error::PoolClosed))
     }
 }
 
-async fn write_batches(pool: PgPool, instance_id: String, mut requests: mpsc::Receiver<Request>) {
-    let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
+async fn write_batches<T: Batched>(
+    pool: PgPool,
+    instance_id: String,
+    mut requests: mpsc::Receiver<Request<T>>,
+) {
+    let mut batch: Vec<Request<T>> = Vec::with_capacity(MAX_BATCH);
     while requests.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // Rows locked in one order by every writer cannot deadlock.
-        batch.sort_unstable_by_key(|(outcome, _)| outcome.run_id);
-        let (outcomes, replies): (Vec<Outcome>, Vec<_>) = batch.drain(..).unzip();
-        match finish_many(&pool, &instance_id, &outcomes).await {
-            Ok(ended) => {
-                for (outcome, reply) in outcomes.iter().zip(replies) {
-                    let _ = reply.send(Ok(ended.contains(&outcome.run_id)));
+        batch.sort_unstable_by_key(|(item, _)| item.run_id());
+        let (items, replies): (Vec<T>, Vec<_>) = batch.drain(..).unzip();
+        match T::write(&pool, &instance_id, &items).await {
+            Ok(written) => {
+                for (item, reply) in items.iter().zip(replies) {
+                    let _ = reply.send(Ok(written.contains(&item.run_id())));
                 }
             }
             // The database is away: every caller retries with its backoff.
@@ -321,12 +418,12 @@ async fn write_batches(pool: PgPool, instance_id: String, mut requests: mpsc::Re
                     let _ = reply.send(Err(sqlx::Error::Io(std::io::Error::other(reason.clone()))));
                 }
             }
-            // Each outcome on its own, so no outcome fails for another's
-            // sake and each caller gets its own error.
+            // Each write on its own, so none fails for another's sake and
+            // each caller gets its own error.
             Err(_) => {
-                for (outcome, reply) in outcomes.chunks(1).zip(replies) {
-                    let result = finish_many(&pool, &instance_id, outcome).await;
-                    let _ = reply.send(result.map(|ended| !ended.is_empty()));
+                for (item, reply) in items.chunks(1).zip(replies) {
+                    let result = T::write(&pool, &instance_id, item).await;
+                    let _ = reply.send(result.map(|written| !written.is_empty()));
                 }
             }
         }

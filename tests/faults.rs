@@ -339,6 +339,21 @@ async fn the_schema_refuses_values_outside_its_vocabularies() {
         let result = sqlx::query(sql).execute(&db.pool).await;
         assert!(result.is_err(), "accepted: {sql}");
     }
+    // A connection's run slot is one claimed command holding a run id:
+    // a second is refused, a claim without a run id (a skip) is not.
+    db.exec(
+        "insert into run_commands (connection_id, status, claimed_by, run_id)
+         values ('c', 'claimed', 'a', nextval('runs_id_seq')), ('c', 'claimed', 'a', null)",
+    )
+    .await;
+    let second_slot = sqlx::query(
+        "insert into run_commands (connection_id, status, claimed_by, run_id)
+         values ('c', 'claimed', 'b', nextval('runs_id_seq'))",
+    )
+    .execute(&db.pool)
+    .await;
+    assert!(second_slot.is_err(), "two run slots for one connection");
+    db.exec("delete from run_commands").await;
     // The same statements with values from the spec are accepted.
     db.exec(
         "insert into run_commands (connection_id, trigger, status, attempt)
@@ -499,6 +514,70 @@ async fn three_daemons_race_without_duplicates_or_gaps() {
     assert!(instances >= 2, "work is shared between daemons");
 }
 
+/// A daemon that died between its claim and its child's run row left the
+/// connection's slot taken with nothing running: the command is claimed
+/// again once the claim is older than two leases, and the connection's
+/// queue moves on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_left_by_a_dead_daemon_is_run_again() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    connection(&db, &dir.path, "orphaned", "ok").await;
+    let orphan: i64 = db
+        .scalar(
+            "insert into run_commands (connection_id, status, claimed_by, claimed_at, run_id)
+             values ('orphaned', 'claimed', 'gone', now() - interval '1 hour', nextval('runs_id_seq'))
+             returning id",
+        )
+        .await;
+    db.exec("insert into run_commands (connection_id) values ('orphaned')")
+        .await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    db.wait_until("select count(*) = 2 from runs where status = 'succeeded'")
+        .await;
+    assert!(daemon.stop().success());
+    let orphan_runs: i64 = db
+        .scalar(&format!(
+            "select count(*) from runs where command_id = {orphan} and status = 'succeeded'"
+        ))
+        .await;
+    assert_eq!(orphan_runs, 1, "the orphaned command ran once");
+    let open: i64 = db
+        .scalar("select count(*) from run_commands where status <> 'done'")
+        .await;
+    assert_eq!(open, 0);
+}
+
+/// A child's first progress count arrives before its run row is written
+/// (here, the database takes half a second over it): the count is kept on
+/// the row once it exists, not dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn progress_reported_before_the_run_row_exists_is_kept() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    connection(&db, &dir.path, "eager", "progress-hold").await;
+    std::fs::write(dir.path.join("hold.eager"), "").expect("hold");
+    db.exec(
+        "create function slow_start() returns trigger language plpgsql as $$
+         begin perform pg_sleep(0.5); return new; end $$;
+         create trigger slow_start before insert on runs
+             for each row when (new.status = 'running') execute function slow_start();",
+    )
+    .await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    db.exec("insert into run_commands (connection_id) values ('eager')")
+        .await;
+    db.wait_until(
+        "select coalesce(bool_or(records = 7), false) from runs
+         where connection_id = 'eager' and status = 'running'",
+    )
+    .await;
+    std::fs::remove_file(dir.path.join("hold.eager")).expect("release");
+    db.wait_until("select count(*) = 1 from runs where status = 'succeeded' and records = 7")
+        .await;
+    assert!(daemon.stop().success());
+}
+
 /// A child that asks for the owner and then runs past its timeout is
 /// `interaction_required`, not retried: another attempt cannot succeed
 /// before the owner acts.
@@ -566,8 +645,10 @@ async fn a_superseded_run_stops_its_child() {
         .await;
     let (run_id, pid) = wait_for_child(&db, &dir.path, "contested").await;
     // The latest progress count is kept on the run while it goes.
-    db.wait_until(&format!("select records = 7 from runs where id = {run_id}"))
-        .await;
+    db.wait_until(&format!(
+        "select coalesce(records = 7, false) from runs where id = {run_id}"
+    ))
+    .await;
     // Another daemon rescues the run, as it would after our lease expired.
     db.exec(&format!(
         "update runs set status = 'failed', failure_kind = 'lost', finished_at = now() where id = {run_id}"

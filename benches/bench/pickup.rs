@@ -50,14 +50,14 @@ pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<Pickup> {
         };
         let taken = sample(env, per_round, true, &mut ours).await?;
         perf.finish();
-        phases_ours.extend(phases(env, &taken, true).await?);
+        phases_ours.extend(phases(env, &taken).await?);
         daemon.stop().await?;
 
         env.wait_quiet(Duration::from_secs(30)).await?;
         let minimal = Minimal::start(&env.url, &env.probe, &env.fifo, 32).await?;
         let taken = sample(env, per_round, false, &mut floor).await?;
         minimal.stop().await?;
-        phases_floor.extend(phases(env, &taken, false).await?);
+        phases_floor.extend(phases(env, &taken).await?);
     }
     let baseline = report.add(Figure::new(
         "pickup, minimal daemon (baseline)",
@@ -197,45 +197,30 @@ struct Phases {
     /// Bench starts the insert -> the daemon's claim statement starts:
     /// insert and commit, NOTIFY delivery, the daemon's wake-up.
     to_claim: f64,
-    /// Claim statement starts -> `runs` row inserted (connectord only):
-    /// the claim's round trip, the admission query, the run-slot insert.
-    claim_to_run_row: Option<f64>,
-    /// Last recorded statement -> probe running: for connectord the
-    /// run-slot insert's round trip, the resolver's query, the env build
-    /// and the spawn; for the minimal daemon the claim's round trip and
+    /// Claim statement starts -> probe running: the claim's round trip,
+    /// for connectord the credential's decryption and the env build, and
     /// the spawn.
     to_probe: f64,
 }
 
-async fn phases(env: &Env, taken: &[Taken], ours: bool) -> anyhow::Result<Vec<Phases>> {
+async fn phases(env: &Env, taken: &[Taken]) -> anyhow::Result<Vec<Phases>> {
     let ids: Vec<i64> = taken.iter().map(|t| t.command_id).collect();
-    let rows: Vec<(i64, i64, Option<i64>)> = sqlx::query_as(
-        "select c.id, (extract(epoch from c.claimed_at) * 1e9)::bigint,
-                (extract(epoch from r.created_at) * 1e9)::bigint
-         from run_commands c join runs r on r.command_id = c.id
-         where c.id = any($1)",
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "select id, (extract(epoch from claimed_at) * 1e9)::bigint
+         from run_commands where id = any($1) and claimed_at is not null",
     )
     .bind(&ids)
     .fetch_all(&env.pool)
     .await?;
-    let by_command: std::collections::HashMap<i64, (i64, Option<i64>)> = rows
-        .into_iter()
-        .map(|(id, claimed, run)| (id, (claimed, run)))
-        .collect();
+    let claimed_at: std::collections::HashMap<i64, i64> = rows.into_iter().collect();
     let ms = |from: i64, to: i64| (to - from) as f64 / 1e6;
     Ok(taken
         .iter()
         .filter_map(|t| {
-            let (claimed, run_row) = *by_command.get(&t.command_id)?;
-            let last = if ours { run_row? } else { claimed };
+            let claimed = *claimed_at.get(&t.command_id)?;
             Some(Phases {
                 to_claim: ms(t.inserted_ns, claimed),
-                claim_to_run_row: if ours {
-                    Some(ms(claimed, run_row?))
-                } else {
-                    None
-                },
-                to_probe: ms(last, t.probe.started_ns),
+                to_probe: ms(claimed, t.probe.started_ns),
             })
         })
         .collect())
@@ -243,29 +228,15 @@ async fn phases(env: &Env, taken: &[Taken], ours: bool) -> anyhow::Result<Vec<Ph
 
 fn report_phases(report: &mut Report, who: &str, phases: &[Phases]) {
     let to_claim: Vec<f64> = phases.iter().map(|p| p.to_claim).collect();
-    let to_run: Vec<f64> = phases.iter().filter_map(|p| p.claim_to_run_row).collect();
     let to_probe: Vec<f64> = phases.iter().map(|p| p.to_probe).collect();
     report.add(Figure::new(
         format!("  {who}: insert -> claim starts"),
         Unit::Millis,
         &to_claim,
     ));
-    if !to_run.is_empty() {
-        report.add(Figure::new(
-            format!("  {who}: claim -> run row inserted"),
-            Unit::Millis,
-            &to_run,
-        ));
-        report.add(Figure::new(
-            format!("  {who}: run row -> probe running"),
-            Unit::Millis,
-            &to_probe,
-        ));
-    } else {
-        report.add(Figure::new(
-            format!("  {who}: claim -> probe running"),
-            Unit::Millis,
-            &to_probe,
-        ));
-    }
+    report.add(Figure::new(
+        format!("  {who}: claim -> probe running"),
+        Unit::Millis,
+        &to_probe,
+    ));
 }
