@@ -60,32 +60,41 @@ fn clock_ticks_per_second() -> f64 {
 }
 
 /// A CPU reading of a set of processes at one instant.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CpuMark {
     at: Instant,
-    ticks: f64,
-    schedstat: f64,
+    /// (pid, utime + stime, schedstat run time), in seconds, for each
+    /// process that could be read.
+    each: Vec<(u32, f64, f64)>,
 }
 
 impl CpuMark {
     pub fn take(pids: &[u32]) -> CpuMark {
         CpuMark {
             at: Instant::now(),
-            ticks: pids.iter().filter_map(|p| cpu_ticks_secs(*p)).sum(),
-            schedstat: pids.iter().filter_map(|p| cpu_schedstat_secs(*p)).sum(),
+            each: pids
+                .iter()
+                .filter_map(|&p| Some((p, cpu_ticks_secs(p)?, cpu_schedstat_secs(p)?)))
+                .collect(),
         }
     }
 
-    /// Percent of one core used since `earlier`: (ticks, schedstat).
+    /// Percent of one core used since `earlier`: (ticks, schedstat). Only
+    /// processes read both times count: a PostgreSQL backend that exits in
+    /// between would otherwise subtract its whole lifetime's CPU.
     pub fn percent_since(&self, earlier: &CpuMark) -> (f64, f64) {
         let wall = self.at.duration_since(earlier.at).as_secs_f64();
         if wall <= 0.0 {
             return (0.0, 0.0);
         }
-        (
-            100.0 * (self.ticks - earlier.ticks) / wall,
-            100.0 * (self.schedstat - earlier.schedstat) / wall,
-        )
+        let (mut ticks, mut schedstat) = (0.0, 0.0);
+        for &(pid, t, s) in &self.each {
+            if let Some(&(_, t0, s0)) = earlier.each.iter().find(|e| e.0 == pid) {
+                ticks += t - t0;
+                schedstat += s - s0;
+            }
+        }
+        (100.0 * ticks / wall, 100.0 * schedstat / wall)
     }
 }
 
