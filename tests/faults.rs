@@ -514,6 +514,68 @@ async fn three_daemons_race_without_duplicates_or_gaps() {
     assert!(instances >= 2, "work is shared between daemons");
 }
 
+/// Two daemons claim commands of one free connection at the same moment:
+/// the database gives the run slot to one claim. The other fails whole,
+/// leaves its command pending, and is told it lost a race (so it claims
+/// again at once instead of backing off as from an outage); its next claim
+/// sees the connection busy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_that_loses_the_slot_race_claims_nothing() {
+    use connectord::queue;
+    let db = TestDb::new().await;
+    db.exec("insert into connections (id, connector) values ('c', 'hostile')")
+        .await;
+    let first: i64 = db
+        .scalar("insert into run_commands (connection_id) values ('c') returning id")
+        .await;
+    let second: i64 = db
+        .scalar("insert into run_commands (connection_id) values ('c') returning id")
+        .await;
+    // Daemon a has claimed the first command and not yet committed.
+    let mut a = db.pool.begin().await.expect("begin");
+    sqlx::query(
+        "update run_commands set status = 'claimed', claimed_by = 'a', claimed_at = now(),
+                                 run_id = nextval('runs_id_seq')
+         where id = $1",
+    )
+    .bind(first)
+    .execute(&mut *a)
+    .await
+    .expect("claim of a");
+    // Daemon b's claim sees the connection free and waits on a's slot.
+    let known = vec!["hostile".to_owned()];
+    let mut b = connectord::db::claim_session(&db.pool)
+        .await
+        .expect("session");
+    let racing = {
+        let known = known.clone();
+        tokio::spawn(async move {
+            let result = queue::claim(&mut b, "b", 8, &[], &known).await;
+            (b, result.map(|c| c.len()))
+        })
+    };
+    db.wait_until(
+        "select count(*) = 1 from pg_stat_activity
+         where datname = current_database() and wait_event_type = 'Lock'",
+    )
+    .await;
+    a.commit().await.expect("commit a");
+    let (mut b, result) = racing.await.expect("join");
+    let error = result.expect_err("two slots for one connection");
+    assert!(queue::lost_slot_race(&error), "{error}");
+    let (status, run_id): (String, Option<i64>) =
+        sqlx::query_as("select status, run_id from run_commands where id = $1")
+            .bind(second)
+            .fetch_one(&db.pool)
+            .await
+            .expect("second command");
+    assert_eq!((status.as_str(), run_id), ("pending", None));
+    let again = queue::claim(&mut b, "b", 8, &[], &known)
+        .await
+        .expect("claim again");
+    assert!(again.is_empty(), "the connection is busy");
+}
+
 /// A daemon that died between its claim and its child's run row left the
 /// connection's slot taken with nothing running: the command is claimed
 /// again once the claim is older than two leases, and the connection's
