@@ -306,6 +306,44 @@ async fn a_manual_insert_runs_promptly() {
     assert_eq!(done, "done");
 }
 
+/// `connectord_commands` announces commands that are due: the manual
+/// insert wakes the daemons, the run's outcome (whose retry insert inserts
+/// nothing) does not, so no daemon claims for nothing after every run.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_due_commands_wake_the_queues() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    add_connection(&db, "quiet", "ok").await;
+    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .expect("listener");
+    listener
+        .listen("connectord_commands")
+        .await
+        .expect("listen");
+    db.exec("insert into run_commands (connection_id) values ('quiet')")
+        .await;
+    db.wait_until("select count(*) = 1 from runs where status = 'succeeded'")
+        .await;
+    // Notifications arrive in commit order: everything the run caused
+    // comes before this one.
+    db.exec("select pg_notify('connectord_commands', 'sentinel')")
+        .await;
+    let mut wakes = 0;
+    loop {
+        let notification = tokio::time::timeout(support::PATIENCE, listener.recv())
+            .await
+            .expect("the sentinel arrives")
+            .expect("notification");
+        if notification.payload() == "sentinel" {
+            break;
+        }
+        wakes += 1;
+    }
+    assert_eq!(wakes, 1, "one wake-up, for the insert");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_child_is_retried_with_the_next_attempt() {
     let db = TestDb::new().await;
