@@ -6,7 +6,7 @@
 //! finish for `shutdown_grace`, terminate the rest, record them
 //! `interrupted` and re-queue their commands.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
@@ -88,6 +88,7 @@ pub async fn run(
         instance_id,
         shutdown: shutdown.clone(),
         running: Mutex::new(HashMap::new()),
+        starting: Mutex::new(HashSet::new()),
         known_connectors,
     });
     // Runs this instance id left running before a restart are not ours any
@@ -436,7 +437,8 @@ async fn lease_keeper(ctx: Arc<Context>, stop: CancellationToken) {
 /// reach the database, and it was rescued): its child is stopped, so no two
 /// runs of one connection overlap.
 async fn renew_leases(ctx: &Context) -> Result<(), sqlx::Error> {
-    let ids = live_runs(ctx);
+    // Only runs whose row is recorded: one still starting has no lease yet.
+    let ids = running_runs(ctx);
     if ids.is_empty() {
         return Ok(());
     }
@@ -464,12 +466,22 @@ async fn renew_leases(ctx: &Context) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Ids of the runs this daemon has going.
-fn live_runs(ctx: &Context) -> Vec<i64> {
+/// Ids of the runs this daemon has going whose rows are recorded.
+fn running_runs(ctx: &Context) -> Vec<i64> {
     ctx.running
         .lock()
         .map(|running| running.keys().copied().collect())
         .unwrap_or_default()
+}
+
+/// Ids of the runs this daemon has going, including those whose start is
+/// still being recorded (its write may have landed without its answer).
+fn live_runs(ctx: &Context) -> Vec<i64> {
+    let mut ids = running_runs(ctx);
+    if let Ok(starting) = ctx.starting.lock() {
+        ids.extend(starting.iter().copied());
+    }
+    ids
 }
 
 #[derive(sqlx::FromRow)]
@@ -483,14 +495,15 @@ struct LostRun {
 }
 
 /// Marks expired runs (or, at start-up, this instance's leftovers) `lost`,
-/// applies the retry policy, and frees commands claimed by a daemon that
-/// died before starting them.
+/// and so runs whose daemon died before recording their start, applies the
+/// retry policy, and frees commands claimed by a daemon that died before
+/// deciding them.
 async fn rescue(ctx: &Context, own_leftovers: bool) -> Result<(), sqlx::Error> {
     // Our own live runs are never lost, even when an outage kept us from
     // renewing their leases: their outcome is written once the database
     // answers.
     let live = live_runs(ctx);
-    let lost: Vec<LostRun> = sqlx::query_as(
+    let mut lost: Vec<LostRun> = sqlx::query_as(
         "with lost as (
              update runs
              set status = 'failed', failure_kind = 'lost', finished_at = now(), lease_expires_at = null,
@@ -511,6 +524,48 @@ async fn rescue(ctx: &Context, own_leftovers: bool) -> Result<(), sqlx::Error> {
     .bind(&live)
     .fetch_all(&ctx.pool)
     .await?;
+    let stale_claim_ms = ctx.config.daemon.lease.as_millis() as f64 * 2.0;
+    // A claim that took a slot but whose daemon stopped before recording
+    // the run's start: its child, if it was spawned, died with it (children
+    // never outlive their daemon). It is recorded as `lost` under the run
+    // id the claim reserved, so it counts as an attempt. Inserting that row
+    // is also what arbitrates against a start write landing late: the
+    // run's primary key lets only one of the two in.
+    let orphaned: Vec<LostRun> = sqlx::query_as(
+        "with orphaned as (
+             select rc.id, rc.connection_id, rc.trigger, rc.schedule_id, rc.scheduled_for,
+                    rc.attempt, rc.run_id, rc.claimed_by
+             from run_commands rc
+             where rc.status = 'claimed' and rc.run_id is not null
+               and (rc.claimed_at < now() - $1 * interval '1 millisecond' or ($2 and rc.claimed_by = $3))
+               and not (rc.run_id = any($4))
+               and not exists (select 1 from runs r where r.id = rc.run_id)
+             for update of rc skip locked
+         ), lost as (
+             insert into runs (id, command_id, connection_id, connector, trigger, schedule_id,
+                               scheduled_for, attempt, status, failure_kind, failure_detail,
+                               instance_id, finished_at)
+             select o.run_id, o.id, o.connection_id, c.connector, o.trigger, o.schedule_id,
+                    o.scheduled_for, o.attempt, 'failed', 'lost',
+                    'the daemon that claimed it (' || coalesce(o.claimed_by, '?') || ') stopped before recording its start',
+                    o.claimed_by, now()
+             from orphaned o left join connections c on c.id = o.connection_id
+             on conflict (id) do nothing
+             returning id, command_id, connection_id, connector, schedule_id, attempt, instance_id
+         ), freed as (
+             update run_commands rc set status = 'done'
+             from lost
+             where rc.id = lost.command_id
+         )
+         select id, connection_id, connector, schedule_id, attempt, instance_id from lost",
+    )
+    .bind(stale_claim_ms)
+    .bind(own_leftovers)
+    .bind(&ctx.instance_id)
+    .bind(&live)
+    .fetch_all(&ctx.pool)
+    .await?;
+    lost.extend(orphaned);
     for run in lost {
         let policy = run
             .connector
@@ -525,7 +580,7 @@ async fn rescue(ctx: &Context, own_leftovers: bool) -> Result<(), sqlx::Error> {
             connection = %run.connection_id,
             owner = run.instance_id.as_deref().unwrap_or("?"),
             retry_in_ms = retry_after.map(|d| d.as_millis() as u64),
-            "run lost: its daemon stopped renewing the lease"
+            "run lost: its daemon stopped"
         );
         sqlx::query(
             "insert into run_commands (connection_id, trigger, schedule_id, attempt, parent_run_id, not_before)
@@ -540,17 +595,15 @@ async fn rescue(ctx: &Context, own_leftovers: bool) -> Result<(), sqlx::Error> {
         .execute(&ctx.pool)
         .await?;
     }
-    // A claim whose daemon died before recording a running run: it never
-    // spawned, or its child died with it (children never outlive their
-    // daemon), so the command is run again as it was.
+    // A claim that took no slot (a skip or a refusal being recorded) whose
+    // daemon died: nothing ran, so the command is claimed again as it was.
     sqlx::query(
-        "update run_commands rc
-         set status = 'pending', claimed_by = null, claimed_at = null, run_id = null
-         where rc.status = 'claimed'
-           and (rc.claimed_at < now() - $1 * interval '1 millisecond' or ($2 and rc.claimed_by = $3))
-           and not exists (select 1 from runs r where r.id = rc.run_id and r.status = 'running')",
+        "update run_commands
+         set status = 'pending', claimed_by = null, claimed_at = null
+         where status = 'claimed' and run_id is null
+           and (claimed_at < now() - $1 * interval '1 millisecond' or ($2 and claimed_by = $3))",
     )
-    .bind(ctx.config.daemon.lease.as_millis() as f64 * 2.0)
+    .bind(stale_claim_ms)
     .bind(own_leftovers)
     .bind(&ctx.instance_id)
     .execute(&ctx.pool)

@@ -7,7 +7,7 @@
 //! resolver, the child's environment with the credential injected last, the
 //! spawn, supervision, and the `runs` row that records the outcome.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +38,9 @@ pub struct Context {
     /// Runs this daemon has going, whose leases it renews, each with a
     /// token that stops its child should another daemon take it over.
     pub running: Mutex<HashMap<i64, CancellationToken>>,
+    /// Runs spawned whose rows are not recorded yet: never taken for lost
+    /// by this daemon's own rescue, and not yet renewed.
+    pub starting: Mutex<HashSet<i64>>,
     /// The registry's connector names: the claim takes run slots only for
     /// these.
     pub known_connectors: Vec<String>,
@@ -168,6 +171,30 @@ struct Progress {
 
 const NO_COUNT: i64 = i64::MIN;
 
+/// A run in [`Context::starting`] for as long as its start is being
+/// recorded, however that ends (the caller may stop waiting).
+struct Starting<'a> {
+    ctx: &'a Context,
+    run_id: i64,
+}
+
+impl<'a> Starting<'a> {
+    fn new(ctx: &'a Context, run_id: i64) -> Starting<'a> {
+        if let Ok(mut starting) = ctx.starting.lock() {
+            starting.insert(run_id);
+        }
+        Starting { ctx, run_id }
+    }
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut starting) = self.ctx.starting.lock() {
+            starting.remove(&self.run_id);
+        }
+    }
+}
+
 /// Records the spawned child's run row, waiting out a database outage, and
 /// then hands the run's lease to the lease keeper. Should the slot no
 /// longer be ours, or the row be refused, the child is stopped: another
@@ -178,6 +205,7 @@ async fn record_start(
     superseded: &CancellationToken,
     progress: &Progress,
 ) {
+    let _starting = Starting::new(ctx, start.run_id);
     let mut backoff = Backoff::new();
     loop {
         match ctx.starts.record(start.clone()).await {

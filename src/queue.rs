@@ -178,12 +178,13 @@ fn claimed_from_row(row: &PgRow) -> Result<Claimed, sqlx::Error> {
 
 /// Whether a claim failed because another daemon took the slot of one of
 /// its connections first: nothing was claimed, and the next claim sees the
-/// connection busy.
+/// connection busy. Two claims taking slots of the same connections in
+/// opposite orders may instead deadlock; PostgreSQL then aborts one, which
+/// is the same race lost.
 pub fn lost_slot_race(error: &sqlx::Error) -> bool {
-    error
-        .as_database_error()
-        .and_then(|e| e.constraint())
-        .is_some_and(|c| c == "run_commands_one_slot")
+    error.as_database_error().is_some_and(|e| {
+        e.constraint() == Some("run_commands_one_slot") || e.code().as_deref() == Some("40P01")
+    })
 }
 
 /// Puts a claimed command back, untouched, with the slot it took, for

@@ -577,37 +577,130 @@ async fn a_claim_that_loses_the_slot_race_claims_nothing() {
 }
 
 /// A daemon that died between its claim and its child's run row left the
-/// connection's slot taken with nothing running: the command is claimed
-/// again once the claim is older than two leases, and the connection's
-/// queue moves on.
+/// connection's slot taken with nothing recorded: once the claim is older
+/// than two leases it is recorded as `lost` under the run id it reserved,
+/// the retry policy applies, and the connection's queue moves on.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_claim_left_by_a_dead_daemon_is_run_again() {
+async fn a_claim_left_by_a_dead_daemon_is_lost_and_retried() {
     let db = TestDb::new().await;
     let dir = Scratch::new();
     connection(&db, &dir.path, "orphaned", "ok").await;
-    let orphan: i64 = db
-        .scalar(
-            "insert into run_commands (connection_id, status, claimed_by, claimed_at, run_id)
-             values ('orphaned', 'claimed', 'gone', now() - interval '1 hour', nextval('runs_id_seq'))
-             returning id",
-        )
-        .await;
+    let (orphan, reserved): (i64, i64) = sqlx::query_as(
+        "insert into run_commands (connection_id, status, claimed_by, claimed_at, run_id)
+         values ('orphaned', 'claimed', 'gone', now() - interval '1 hour', nextval('runs_id_seq'))
+         returning id, run_id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("orphaned claim");
     db.exec("insert into run_commands (connection_id) values ('orphaned')")
         .await;
     let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
     db.wait_until("select count(*) = 2 from runs where status = 'succeeded'")
         .await;
     assert!(daemon.stop().success());
-    let orphan_runs: i64 = db
-        .scalar(&format!(
-            "select count(*) from runs where command_id = {orphan} and status = 'succeeded'"
-        ))
-        .await;
-    assert_eq!(orphan_runs, 1, "the orphaned command ran once");
+    let lost: (i64, String, String, Option<String>) = sqlx::query_as(
+        "select command_id, status, failure_kind, instance_id from runs where id = $1",
+    )
+    .bind(reserved)
+    .fetch_one(&db.pool)
+    .await
+    .expect("the reserved run id is recorded");
+    assert_eq!(
+        (lost.0, lost.1.as_str(), lost.2.as_str(), lost.3.as_deref()),
+        (orphan, "failed", "lost", Some("gone"))
+    );
+    let retried: (i32, String) = sqlx::query_as(
+        "select r.attempt, r.status from run_commands c join runs r on r.command_id = c.id
+         where c.parent_run_id = $1 and c.trigger = 'retry'",
+    )
+    .bind(reserved)
+    .fetch_one(&db.pool)
+    .await
+    .expect("a retry ran");
+    assert_eq!((retried.0, retried.1.as_str()), (2, "succeeded"));
     let open: i64 = db
         .scalar("select count(*) from run_commands where status <> 'done'")
         .await;
     assert_eq!(open, 0);
+}
+
+/// A daemon whose start write is held up past two leases: another daemon
+/// records the claim as `lost` and retries it. When the held write finally
+/// goes through, it finds the run decided, and its daemon stops the child
+/// instead of running it beside the retry.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_recorded_too_late_stops_its_child() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    connection(&db, &dir.path, "late", "progress-hold").await;
+    std::fs::write(dir.path.join("hold.late"), "").expect("hold");
+    // The first running row inserted waits 3 s, past two leases of 1 s.
+    db.exec(
+        "create table delay_once (armed boolean);
+         insert into delay_once values (true);
+         create function delay_first_start() returns trigger language plpgsql as $$
+         begin
+             update delay_once set armed = false where armed;
+             if found then perform pg_sleep(3); end if;
+             return new;
+         end $$;
+         create trigger delay_first_start before insert on runs
+             for each row when (new.status = 'running') execute function delay_first_start();",
+    )
+    .await;
+    let fast_lease = "lease = \"1s\"";
+    let a = Daemon::start(
+        &db,
+        &dir.path,
+        &config(&dir.path, "a", "").replace("lease = \"2s\"", fast_lease),
+        &[],
+    )
+    .await;
+    db.exec("insert into run_commands (connection_id) values ('late')")
+        .await;
+    db.wait_until(
+        "select count(*) = 1 from run_commands where status = 'claimed' and run_id is not null",
+    )
+    .await;
+    let reserved: i64 = db
+        .scalar("select run_id from run_commands where status = 'claimed'")
+        .await;
+    let env = dir.path.join(format!("{reserved}.env"));
+    let deadline = tokio::time::Instant::now() + support::PATIENCE;
+    while !env.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "child never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = child_pid(&dir.path, reserved);
+    let b = Daemon::start(
+        &db,
+        &dir.path,
+        &config(&dir.path, "b", "").replace("lease = \"2s\"", fast_lease),
+        &[],
+    )
+    .await;
+    wait_for_gone(pid).await;
+    assert!(a.logs().contains("slot was given to another daemon"));
+    let (status, kind, owner): (String, String, Option<String>) =
+        sqlx::query_as("select status, failure_kind, instance_id from runs where id = $1")
+            .bind(reserved)
+            .fetch_one(&db.pool)
+            .await
+            .expect("the reserved run");
+    assert_eq!(
+        (status.as_str(), kind.as_str(), owner.as_deref()),
+        ("failed", "lost", Some("a")),
+        "the rescuer's verdict stands"
+    );
+    std::fs::remove_file(dir.path.join("hold.late")).expect("release");
+    db.wait_until("select count(*) = 1 from runs where status = 'succeeded' and attempt = 2")
+        .await;
+    assert!(a.stop().success());
+    assert!(b.stop().success());
 }
 
 /// A child's first progress count arrives before its run row is written
