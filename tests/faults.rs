@@ -88,6 +88,12 @@ async fn wait_for_child(db: &TestDb, dir: &Path, connection: &str) -> (i64, i32)
             "select id from runs where connection_id = '{connection}' and status = 'running'"
         ))
         .await;
+    (run_id, started_child(dir, run_id).await)
+}
+
+/// Waits until run `run_id`'s child has recorded its environment (it has
+/// started), and returns its pid.
+async fn started_child(dir: &Path, run_id: i64) -> i32 {
     let path = dir.join(format!("{run_id}.env"));
     let deadline = tokio::time::Instant::now() + support::PATIENCE;
     while !path.exists() {
@@ -97,7 +103,7 @@ async fn wait_for_child(db: &TestDb, dir: &Path, connection: &str) -> (i64, i32)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    (run_id, child_pid(dir, run_id))
+    child_pid(dir, run_id)
 }
 
 /// SIGTERM mid-run: claiming stops, the child gets `shutdown_grace`, then
@@ -666,16 +672,7 @@ async fn a_start_recorded_too_late_stops_its_child() {
     let reserved: i64 = db
         .scalar("select run_id from run_commands where status = 'claimed'")
         .await;
-    let env = dir.path.join(format!("{reserved}.env"));
-    let deadline = tokio::time::Instant::now() + support::PATIENCE;
-    while !env.exists() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "child never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let pid = child_pid(&dir.path, reserved);
+    let pid = started_child(&dir.path, reserved).await;
     let b = Daemon::start(
         &db,
         &dir.path,
