@@ -3,12 +3,12 @@
 //! A run that may spawn a child takes its connection's slot in the claim
 //! (`queue::claim`): a run id kept on the claimed command, one per
 //! connection by a partial unique index. Its row is inserted as `running`
-//! just after the spawn ([`Writer::record_start`]), or directly with its
-//! outcome when it ends before that landed or never spawned. Every write
-//! is fenced on the command still holding this run's slot under this
-//! instance, and the row still being `running`, so a daemon waking from a
-//! long pause cannot overwrite what another daemon decided. The write that
-//! ends a run frees the slot in the same statement.
+//! just after the spawn ([`start_many`], through a [`StartWriter`]), or
+//! directly with its outcome when it ends before that landed or never
+//! spawned. Every write is fenced on the command still holding this run's
+//! slot under this instance, and the row still being `running`, so a
+//! daemon waking from a long pause cannot overwrite what another daemon
+//! decided. The write that ends a run frees the slot in the same statement.
 
 use std::time::Duration;
 
