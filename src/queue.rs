@@ -84,22 +84,24 @@ pub async fn claim(
     let rows = sqlx::query(
         r#"
         with picked as (
-            select rc.id, rc.connection_id,
-                   exists (select 1 from run_commands o
-                           where o.connection_id = rc.connection_id
-                             and o.status = 'claimed' and o.run_id is not null) as busy
+            select rc.id, rc.connection_id, b.busy
             from run_commands rc
+            -- Whether the connection's slot is taken, read once per row for
+            -- the filter below and for the slot decision.
+            cross join lateral (
+                select exists (select 1 from run_commands o
+                               where o.connection_id = rc.connection_id
+                                 and o.status = 'claimed' and o.run_id is not null) as busy
+            ) b
             where rc.status = 'pending'
               and rc.not_before <= now()
               and (cardinality($3::text[]) = 0
                    or not exists (select 1 from connections c
                                   where c.id = rc.connection_id and c.connector = any($3)))
-              and ((rc.trigger = 'scheduled'
-                    and coalesce((select s.overlap from schedules s where s.id = rc.schedule_id),
-                                 'skip') = 'skip')
-                   or not exists (select 1 from run_commands o
-                                  where o.connection_id = rc.connection_id
-                                    and o.status = 'claimed' and o.run_id is not null))
+              and (not b.busy
+                   or (rc.trigger = 'scheduled'
+                       and coalesce((select s.overlap from schedules s where s.id = rc.schedule_id),
+                                     'skip') = 'skip'))
             order by rc.not_before, rc.id
             limit $2
             for update of rc skip locked
