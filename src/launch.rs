@@ -253,9 +253,16 @@ async fn run_in_slot(
     (connector_name, connector): (&str, &ConnectorConfig),
     superseded: &CancellationToken,
 ) -> Result<(), sqlx::Error> {
+    // The claim read only an active credential. Without one, the run is
+    // refused, or runs on the host's variables if the connection has no
+    // credential at all: which, and why, the latest row says.
+    let latest = match (stored, &connector.credential) {
+        (None, Some(_)) => queue::latest_credential(&ctx.pool, &command.connection_id).await?,
+        _ => None,
+    };
     // Credential resolution: the one seam, right before the environment.
     let resolved = match resolver::resolve(
-        stored,
+        stored.or(latest.as_ref()),
         ctx.keyring.as_deref(),
         connector_name,
         connector,

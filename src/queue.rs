@@ -50,7 +50,8 @@ pub struct Claimed {
     /// (no connection, disabled, unknown connector) or the connection
     /// already has a run going.
     pub run_id: Option<i64>,
-    /// The connection's latest credential row, read with the slot.
+    /// The connection's active credential, read with the slot; `None` when
+    /// it has none active (then see [`latest_credential`]).
     pub credential: Option<StoredCredential>,
 }
 
@@ -134,14 +135,11 @@ pub async fn claim(
         from claimed cl
         join admitted a on a.id = cl.id
         left join schedules s on s.id = cl.schedule_id
-        left join lateral (
-            select cr.id, cr.kind, cr.status, cr.key_id, cr.nonce, cr.ciphertext
-            from credentials cr
-            where cr.connection_id = cl.connection_id and cl.run_id is not null
-            order by (cr.status = 'active') desc, cr.id desc
-            limit 1
-        ) cred on true
-        order by cl.id
+        -- The active credential, through its unique index; a connection
+        -- without one is read again by `latest_credential` (refusals only).
+        left join credentials cred
+            on cred.connection_id = cl.connection_id and cred.status = 'active'
+               and cl.run_id is not null
         "#,
     )
     .bind(instance_id)
@@ -150,21 +148,55 @@ pub async fn claim(
     .bind(known_connectors)
     .fetch_all(session)
     .await?;
-    rows.iter().map(claimed_from_row).collect()
+    let mut claimed: Vec<Claimed> = rows
+        .iter()
+        .map(claimed_from_row)
+        .collect::<Result<_, _>>()?;
+    // Launched oldest first; sorted here rather than by one more plan node.
+    claimed.sort_unstable_by_key(|c| c.command.id);
+    Ok(claimed)
+}
+
+/// The connection's latest credential row: the active one if there is one,
+/// else the newest, whose status says why it cannot be used. The claim
+/// reads only an active credential; a command it found none for is read
+/// again here, just before resolving.
+pub async fn latest_credential(
+    pool: &PgPool,
+    connection_id: &str,
+) -> Result<Option<StoredCredential>, sqlx::Error> {
+    let row = sqlx::query(
+        "select id as credential_id, kind, status as credential_status, key_id, nonce, ciphertext
+         from credentials
+         where connection_id = $1
+         order by (status = 'active') desc, id desc
+         limit 1",
+    )
+    .bind(connection_id)
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        Some(row) => credential_from_row(&row),
+        None => Ok(None),
+    }
+}
+
+fn credential_from_row(row: &PgRow) -> Result<Option<StoredCredential>, sqlx::Error> {
+    let Some(id) = row.try_get::<Option<i64>, _>("credential_id")? else {
+        return Ok(None);
+    };
+    Ok(Some(StoredCredential {
+        id,
+        kind: row.try_get("kind")?,
+        status: row.try_get("credential_status")?,
+        key_id: row.try_get("key_id")?,
+        nonce: row.try_get("nonce")?,
+        ciphertext: row.try_get("ciphertext")?,
+    }))
 }
 
 fn claimed_from_row(row: &PgRow) -> Result<Claimed, sqlx::Error> {
-    let credential = match row.try_get::<Option<i64>, _>("credential_id")? {
-        Some(id) => Some(StoredCredential {
-            id,
-            kind: row.try_get("kind")?,
-            status: row.try_get("credential_status")?,
-            key_id: row.try_get("key_id")?,
-            nonce: row.try_get("nonce")?,
-            ciphertext: row.try_get("ciphertext")?,
-        }),
-        None => None,
-    };
+    let credential = credential_from_row(row)?;
     Ok(Claimed {
         command: Command {
             id: row.try_get("id")?,

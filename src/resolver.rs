@@ -2,10 +2,11 @@
 //!
 //! Architecture invariant: this is the only code that decrypts a stored
 //! credential, and `launch()` calls it for every trigger, scheduled, retry
-//! and manual alike. Its input is the connection's latest credential row as
-//! read by the claim of the very command being launched (fresh at the
-//! moment of launch, in the same statement that takes the run slot), and it
-//! keeps no plaintext between runs. It never falls
+//! and manual alike. Its input is the connection's latest credential row,
+//! fresh at the moment of launch: the active one as read by the claim of
+//! the very command being launched (in the statement that takes the run
+//! slot), or, for a connection with none active, the newest row read just
+//! before resolving. It keeps no plaintext between runs. It never falls
 //! back to the daemon's own environment, except in the one case a connector
 //! explicitly allows: `allow_env_fallback = true` and the connection has no
 //! credential rows at all.

@@ -3,7 +3,7 @@
 //!
 //! Measured in this process with the daemon's own functions, as `launch()`
 //! calls them: the claim statement hands `resolver::resolve` the
-//! connection's latest credential row (ciphertext), the resolver decrypts
+//! connection's active credential row (ciphertext), the resolver decrypts
 //! it, and `ChildEnv::build` assembles the environment. Fetching that row
 //! on its own, a round trip the launch path used to make before the claim
 //! returned it, is reported next to it for comparison.
