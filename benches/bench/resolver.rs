@@ -14,7 +14,6 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use connectord::child_env::{ChildEnv, RunMeta};
 use connectord::config::Config;
-use connectord::resolver::StoredCredential;
 
 use super::setup::Env;
 use super::stats::{Figure, Report, Unit};
@@ -48,24 +47,10 @@ pub async fn run(
 
         // The row, as the claim returns it (ciphertext only).
         let fetch_started = Instant::now();
-        let row: (i64, String, String, String, Vec<u8>, Vec<u8>) = sqlx::query_as(
-            "select id, kind, status, key_id, nonce, ciphertext from credentials
-             where connection_id = $1
-             order by (status = 'active') desc, id desc
-             limit 1",
-        )
-        .bind(connection)
-        .fetch_one(&env.pool)
-        .await?;
+        let stored = connectord::queue::latest_credential(&env.pool, connection)
+            .await?
+            .with_context(|| format!("{connection} has no stored credential"))?;
         let fetched_at = Instant::now();
-        let stored = StoredCredential {
-            id: row.0,
-            kind: row.1,
-            status: row.2,
-            key_id: row.3,
-            nonce: row.4,
-            ciphertext: row.5,
-        };
 
         let started = Instant::now();
         let resolved = match connectord::resolver::resolve(
