@@ -655,14 +655,11 @@ async fn a_start_recorded_too_late_stops_its_child() {
              for each row when (new.status = 'running') execute function delay_first_start();",
     )
     .await;
-    let fast_lease = "lease = \"1s\"";
-    let a = Daemon::start(
-        &db,
-        &dir.path,
-        &config(&dir.path, "a", "").replace("lease = \"2s\"", fast_lease),
-        &[],
-    )
-    .await;
+    // Leases of 1 s instead of the helper's 2 s (a second `lease` key would
+    // not parse).
+    let fast_lease =
+        |instance| config(&dir.path, instance, "").replace("lease = \"2s\"", "lease = \"1s\"");
+    let a = Daemon::start(&db, &dir.path, &fast_lease("a"), &[]).await;
     db.exec("insert into run_commands (connection_id) values ('late')")
         .await;
     db.wait_until(
@@ -673,13 +670,7 @@ async fn a_start_recorded_too_late_stops_its_child() {
         .scalar("select run_id from run_commands where status = 'claimed'")
         .await;
     let pid = started_child(&dir.path, reserved).await;
-    let b = Daemon::start(
-        &db,
-        &dir.path,
-        &config(&dir.path, "b", "").replace("lease = \"2s\"", fast_lease),
-        &[],
-    )
-    .await;
+    let b = Daemon::start(&db, &dir.path, &fast_lease("b"), &[]).await;
     wait_for_gone(pid).await;
     assert!(a.logs().contains("slot was given to another daemon"));
     let (status, kind, owner): (String, String, Option<String>) =
