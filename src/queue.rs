@@ -63,7 +63,13 @@ pub struct Claimed {
 /// statistics say. With joins, and statistics from before a backlog arrived
 /// (they estimate a handful of pending rows), the plan joined and sorted
 /// every pending command on every claim: 6.4 ms per claim at 4,000 pending
-/// against 0.9 ms now, measured with the same stale statistics.
+/// against 0.9 ms now, measured with the same stale statistics. For the
+/// same reason every other table is reached by key, one probe per claimed
+/// command: a lateral subquery fenced with `offset 0` (which PostgreSQL
+/// does not flatten into a join), or a scalar subquery. A join, or an
+/// `exists` PostgreSQL may turn into a hash, read all of `connections`,
+/// `schedules` or `credentials` on every claim under statistics taken in
+/// the middle of a backlog.
 ///
 /// A command waits (is not claimed) while its connection has a run going,
 /// unless it is a scheduled tick of an `overlap = 'skip'` schedule, which is
@@ -93,8 +99,8 @@ pub async fn claim(
             where rc.status = 'pending'
               and rc.not_before <= now()
               and (cardinality($3::text[]) = 0
-                   or not exists (select 1 from connections c
-                                  where c.id = rc.connection_id and c.connector = any($3)))
+                   or not coalesce((select c.connector = any($3) from connections c
+                                    where c.id = rc.connection_id), false))
               and ((rc.trigger = 'scheduled'
                     and coalesce((select s.overlap from schedules s where s.id = rc.schedule_id),
                                  'skip') = 'skip')
@@ -113,7 +119,10 @@ pub async fn claim(
                    and row_number() over (partition by p.connection_id order by p.id) = 1
                        as takes_slot
             from picked p
-            left join connections c on c.id = p.connection_id
+            left join lateral (
+                select c.connector, c.enabled from connections c
+                where c.id = p.connection_id offset 0
+            ) c on true
         ), claimed as (
             -- The picked commands are updated by id through the primary key,
             -- with no join for the planner to order: a plan cached while
@@ -134,12 +143,18 @@ pub async fn claim(
                cred.key_id, cred.nonce, cred.ciphertext
         from claimed cl
         join admitted a on a.id = cl.id
-        left join schedules s on s.id = cl.schedule_id
+        left join lateral (
+            select s.overlap from schedules s where s.id = cl.schedule_id offset 0
+        ) s on true
         -- The active credential, through its unique index; a connection
         -- without one is read again by `latest_credential` (refusals only).
-        left join credentials cred
-            on cred.connection_id = cl.connection_id and cred.status = 'active'
-               and cl.run_id is not null
+        left join lateral (
+            select cred.id, cred.kind, cred.status, cred.key_id, cred.nonce, cred.ciphertext
+            from credentials cred
+            where cred.connection_id = cl.connection_id and cred.status = 'active'
+              and cl.run_id is not null
+            offset 0
+        ) cred on true
         "#,
     )
     .bind(instance_id)

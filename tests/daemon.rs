@@ -415,6 +415,72 @@ async fn a_finished_run_probes_only_its_own_connections_pending_commands() {
     );
 }
 
+/// The claim reaches its commands' connections, schedules and credentials
+/// by key, whatever the statistics say. With statistics taken in the middle
+/// of a backlog, plans made for thousands of claimed rows read whole tables
+/// instead: every connection, on every claim.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_reads_no_whole_table_whatever_the_statistics() {
+    let db = TestDb::new().await;
+    db.exec(
+        "insert into connections (id, connector)
+         select 'c' || g, 'ok' from generate_series(0, 1999) as g;
+         insert into credentials (connection_id, kind, key_id, nonce, ciphertext)
+         select id, 'static_secret', 'k1', decode('00', 'hex'), decode('00', 'hex') from connections;
+         insert into schedules (connection_id, cron)
+         select id, '0 3 * * *' from connections;
+         insert into run_commands (connection_id, status)
+         select 'c' || (g % 2000), 'done' from generate_series(0, 19999) as g;
+         insert into run_commands (connection_id)
+         select 'c' || (g % 2000) from generate_series(0, 9999) as g;
+         analyze;
+         update run_commands set status = 'done' where status = 'pending';
+         insert into run_commands (connection_id) values ('c7');
+         insert into run_commands (connection_id, trigger, schedule_id, scheduled_for)
+         select 'c8', 'scheduled', id, now() from schedules where connection_id = 'c8';",
+    )
+    .await;
+    let seq_scans = |db: &TestDb| {
+        let pool = db.pool.clone();
+        async move {
+            let scans: Vec<(String, i64)> = sqlx::query_as(
+                "select relname::text, seq_scan from pg_stat_user_tables
+                 where relname in ('connections', 'credentials', 'schedules', 'run_commands')
+                 order by 1",
+            )
+            .fetch_all(&pool)
+            .await
+            .expect("table statistics");
+            scans
+        }
+    };
+    let mut session = db.pool.acquire().await.expect("connection");
+    // The daemon's statements are prepared and, after a few runs, planned
+    // once for any parameters: take that plan from the first run.
+    let flush = "set plan_cache_mode = force_generic_plan; select pg_stat_force_next_flush()";
+    sqlx::raw_sql(flush)
+        .execute(&mut *session)
+        .await
+        .expect("flush");
+    let before = seq_scans(&db).await;
+    // A connector at its limit makes the claim test every command's
+    // connector too.
+    let full = vec!["busy-connector".to_owned()];
+    let claimed = connectord::queue::claim(&mut session, "a", 32, &full, &["ok".to_owned()])
+        .await
+        .expect("claim");
+    sqlx::raw_sql(flush)
+        .execute(&mut *session)
+        .await
+        .expect("flush");
+    let after = seq_scans(&db).await;
+    assert_eq!(claimed.len(), 2);
+    assert!(claimed
+        .iter()
+        .all(|c| c.run_id.is_some() && c.credential.is_some()));
+    assert_eq!(before, after, "whole tables read by one claim");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_child_is_retried_with_the_next_attempt() {
     let db = TestDb::new().await;
