@@ -6,10 +6,11 @@
 //! built: it claims the commands, reads each one's connection, takes the
 //! connection's run slot for the admissible ones (a run id from the runs
 //! sequence, kept on the claimed command, where a partial unique index
-//! allows one per connection), and reads the connection's latest
-//! credential. It writes nothing but the commands it claims. Launch
-//! latency is then one round trip, and every decision is made on data read
-//! at the moment of the claim.
+//! allows one per connection), and reads the connection's active
+//! credential (a connection without one is read again by
+//! [`latest_credential`]). It writes nothing but the commands it claims.
+//! Launch latency is then one round trip, and every decision is made on
+//! data read at the moment of the claim.
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
@@ -63,13 +64,9 @@ pub struct Claimed {
 /// statistics say. With joins, and statistics from before a backlog arrived
 /// (they estimate a handful of pending rows), the plan joined and sorted
 /// every pending command on every claim: 6.4 ms per claim at 4,000 pending
-/// against 0.9 ms now, measured with the same stale statistics. For the
-/// same reason every other table is reached by key, one probe per claimed
-/// command: a lateral subquery fenced with `offset 0` (which PostgreSQL
-/// does not flatten into a join), or a scalar subquery. A join, or an
-/// `exists` PostgreSQL may turn into a hash, read all of `connections`,
-/// `schedules` or `credentials` on every claim under statistics taken in
-/// the middle of a backlog.
+/// against 0.9 ms now, measured with the same stale statistics. The joins
+/// to connections, schedules and credentials stay probes by key through
+/// the claim session's settings (see `db::claim_session`).
 ///
 /// A command waits (is not claimed) while its connection has a run going,
 /// unless it is a scheduled tick of an `overlap = 'skip'` schedule, which is
@@ -99,8 +96,8 @@ pub async fn claim(
             where rc.status = 'pending'
               and rc.not_before <= now()
               and (cardinality($3::text[]) = 0
-                   or not coalesce((select c.connector = any($3) from connections c
-                                    where c.id = rc.connection_id), false))
+                   or not exists (select 1 from connections c
+                                  where c.id = rc.connection_id and c.connector = any($3)))
               and ((rc.trigger = 'scheduled'
                     and coalesce((select s.overlap from schedules s where s.id = rc.schedule_id),
                                  'skip') = 'skip')
@@ -119,10 +116,7 @@ pub async fn claim(
                    and row_number() over (partition by p.connection_id order by p.id) = 1
                        as takes_slot
             from picked p
-            left join lateral (
-                select c.connector, c.enabled from connections c
-                where c.id = p.connection_id offset 0
-            ) c on true
+            left join connections c on c.id = p.connection_id
         ), claimed as (
             -- The picked commands are updated by id through the primary key,
             -- with no join for the planner to order: a plan cached while
@@ -143,18 +137,12 @@ pub async fn claim(
                cred.key_id, cred.nonce, cred.ciphertext
         from claimed cl
         join admitted a on a.id = cl.id
-        left join lateral (
-            select s.overlap from schedules s where s.id = cl.schedule_id offset 0
-        ) s on true
+        left join schedules s on s.id = cl.schedule_id
         -- The active credential, through its unique index; a connection
         -- without one is read again by `latest_credential` (refusals only).
-        left join lateral (
-            select cred.id, cred.kind, cred.status, cred.key_id, cred.nonce, cred.ciphertext
-            from credentials cred
-            where cred.connection_id = cl.connection_id and cred.status = 'active'
-              and cl.run_id is not null
-            offset 0
-        ) cred on true
+        left join credentials cred
+            on cred.connection_id = cl.connection_id and cred.status = 'active'
+               and cl.run_id is not null
         "#,
     )
     .bind(instance_id)
