@@ -353,6 +353,9 @@ async fn reads(db: &TestDb, sql: &str) -> Vec<(String, i64, i64)> {
         .expect("read statistics")
 }
 
+/// Counters reach the shared statistics when a session goes idle after this.
+const FLUSH: &str = "select pg_stat_force_next_flush()";
+
 /// Ends `setup` (run as one batch, on one connection) with a flush of that
 /// connection's read counters, so that none of its reads are counted later;
 /// autovacuum is kept off the tables, so the statistics stay as set up.
@@ -369,14 +372,11 @@ async fn set_up_counted(db: &TestDb, setup: &str) -> Option<()> {
         "alter table run_commands set (autovacuum_enabled = false);
          alter table runs set (autovacuum_enabled = false);
          {setup};
-         select pg_stat_force_next_flush();"
+         {FLUSH};"
     ))
     .await;
     Some(())
 }
-
-/// Counters reach the shared statistics when a session goes idle after this.
-const FLUSH: &str = "select pg_stat_force_next_flush()";
 
 /// A finished run asks whether its connection has pending commands (to
 /// wake the queues for them). That question stays a probe of the
