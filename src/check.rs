@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::child_env::{ChildEnv, RunMeta};
 use crate::cli::exit;
 use crate::config::Config;
+use crate::sandbox::SandboxState;
 
 /// One finding.
 #[derive(Debug, Serialize)]
@@ -65,6 +66,7 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<u8> {
             connection_id: "",
             trigger: "manual",
             attempt: 1,
+            private: None,
         };
         let child_env = ChildEnv::build(config, connector, &meta, Vec::new(), |name| {
             std::env::var_os(name)
@@ -82,6 +84,33 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<u8> {
         if let Some(problem) = problem {
             report.defect("registry", problem);
         }
+        for (key, paths) in [
+            ("read_write_paths", &connector.read_write_paths),
+            ("read_only_paths", &connector.read_only_paths),
+        ] {
+            for path in paths {
+                if let Err(e) = std::fs::metadata(path) {
+                    report.defect(
+                        "sandbox",
+                        format!("connector {name}: {key}: {}: {e}", path.display()),
+                    );
+                }
+            }
+        }
+    }
+    match SandboxState::start(config).await {
+        SandboxState::Ready(sandbox) => report.ok(
+            "sandbox",
+            format!(
+                "connector children run in the sandbox ({} works here)",
+                sandbox.bwrap().display()
+            ),
+        ),
+        SandboxState::Unavailable(reason) => report.defect("sandbox", reason),
+        SandboxState::Disabled => report.defect(
+            "sandbox",
+            "the sandbox is disabled ([sandbox] enabled = false): connector children run with the daemon's account and its view of the machine",
+        ),
     }
     let keyring = match crate::daemon::load_keyring(config) {
         Ok(Some(keyring)) => {

@@ -10,10 +10,12 @@
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -21,6 +23,7 @@ use tracing::Instrument;
 use crate::child_env::ChildEnv;
 use crate::config::ConnectorConfig;
 use crate::protocol::{self, Line, Message};
+use crate::sandbox::{self, Report, Sandbox};
 use crate::spawn::{self, CStrings, Process};
 
 /// Longest stdout/stderr line kept; the rest of a longer line is discarded.
@@ -43,6 +46,8 @@ pub struct Running {
     /// The output readers, aborted if a process that escaped the group
     /// keeps the pipes open after the child ended.
     readers: Vec<tokio::task::JoinHandle<()>>,
+    /// Set for a sandboxed child.
+    jail: Option<Jail>,
 }
 
 /// How the child ended.
@@ -77,19 +82,64 @@ pub struct Limits<'a> {
     pub superseded: &'a CancellationToken,
 }
 
-/// Starts the connector program with exactly `env`.
-pub fn spawn(connector: &ConnectorConfig, env: &ChildEnv) -> Result<Running, SpawnError> {
+/// Where a child runs.
+#[derive(Clone, Copy)]
+pub enum Confinement<'a> {
+    /// With the daemon's own view of the machine (`[sandbox] enabled = false`).
+    Unconfined,
+    /// In the sandbox, with `run_dir` as its private directory.
+    Sandboxed {
+        sandbox: &'a Sandbox,
+        run_dir: &'a Path,
+    },
+}
+
+/// Starts the connector program with exactly `env`. A sandboxed child has
+/// started once this returns: its `exec` inside the sandbox succeeded.
+pub async fn spawn(
+    connector: &ConnectorConfig,
+    env: &ChildEnv,
+    confinement: Confinement<'_>,
+) -> Result<Running, SpawnError> {
     let error = |source| SpawnError {
         program: connector.command.display().to_string(),
         source,
     };
     let program = spawn::find_program(&connector.command, env.plain("PATH")).map_err(error)?;
     let program_name = connector.command.as_os_str().as_bytes();
-    let mut argv: Vec<[&[u8]; 1]> = vec![[program_name]];
-    argv.extend(connector.args.iter().map(|a| [a.as_bytes()]));
-    let argv = CStrings::new(&argv).map_err(error)?;
+    let mut argv: Vec<&[u8]> = vec![program_name];
+    argv.extend(connector.args.iter().map(|a| a.as_bytes()));
     let env = env.block().map_err(error)?;
-    let spawned = spawn::spawn(&program, &argv, &env).map_err(error)?;
+    let (mut spawned, jail) = match confinement {
+        Confinement::Unconfined => {
+            let entries: Vec<[&[u8]; 1]> = argv.iter().map(|a| [*a]).collect();
+            let argv = CStrings::new(&entries).map_err(error)?;
+            (
+                spawn::spawn(&program, &argv, &env, &[]).map_err(error)?,
+                None,
+            )
+        }
+        Confinement::Sandboxed { sandbox, run_dir } => {
+            let launch = sandbox
+                .launch(connector, run_dir, &program, &argv)
+                .map_err(error)?;
+            let spawned =
+                spawn::spawn(&launch.program, &launch.argv, &env, &launch.pass).map_err(error)?;
+            drop(launch.write_ends);
+            let status = pipe::Receiver::from_owned_fd(launch.channels.status).map_err(error)?;
+            let info = pipe::Receiver::from_owned_fd(launch.channels.info).map_err(error)?;
+            (spawned, Some((status, info)))
+        }
+    };
+    drop(env);
+    let jail = match jail {
+        None => None,
+        Some((status, info)) => Some(
+            Jail::started(&mut spawned, status, info)
+                .await
+                .map_err(error)?,
+        ),
+    };
     let pid = spawned.process.pid();
     let (tx, messages) = mpsc::channel(64);
     let span = tracing::Span::current();
@@ -102,7 +152,113 @@ pub fn spawn(connector: &ConnectorConfig, env: &ChildEnv) -> Result<Running, Spa
         pid,
         messages,
         readers,
+        jail,
     })
+}
+
+/// A sandboxed child's link to its init.
+struct Jail {
+    /// The init's status reports; the last one is the connector's end.
+    status: pipe::Receiver,
+    /// The init's pid, which SIGTERM goes to (the init passes it on); `None`
+    /// if bubblewrap did not say, and then the whole sandbox is signalled.
+    init_pid: Option<i32>,
+}
+
+/// How long the status of a sandboxed child that has ended may take to
+/// arrive; it was written before the child's sandbox went away.
+const REPORT_WAIT: Duration = Duration::from_secs(1);
+
+impl Jail {
+    /// Waits until the init reports the connector's `exec`, or why there
+    /// is none.
+    async fn started(
+        spawned: &mut spawn::Spawned,
+        mut status: pipe::Receiver,
+        mut info: pipe::Receiver,
+    ) -> io::Result<Jail> {
+        match sandbox::next_report(&mut status).await {
+            Report::Started => {}
+            Report::ExecFailed(errno) => {
+                let _ = spawned.process.wait().await;
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+            Report::Ended(_) | Report::Closed => {
+                // bubblewrap said why on the child's stderr before it exited.
+                let mut said = Vec::new();
+                let _ = tokio::time::timeout(
+                    REPORT_WAIT,
+                    (&mut spawned.stderr).take(4096).read_to_end(&mut said),
+                )
+                .await;
+                let status = spawned.process.wait().await?;
+                let said = String::from_utf8_lossy(&said);
+                let said = said.trim();
+                return Err(io::Error::other(if said.is_empty() {
+                    format!("the sandbox could not be set up ({status})")
+                } else {
+                    format!("the sandbox could not be set up: {said}")
+                }));
+            }
+        }
+        // Every writer has closed it by now: bubblewrap after writing, the
+        // init before starting the connector.
+        let mut text = Vec::new();
+        let _ =
+            tokio::time::timeout(REPORT_WAIT, (&mut info).take(4096).read_to_end(&mut text)).await;
+        Ok(Jail {
+            status,
+            init_pid: sandbox::init_pid(&text),
+        })
+    }
+
+    /// The connector's own end, once the sandbox has ended: bubblewrap's
+    /// exit status folds a death by signal N into 128 + N, and is all there
+    /// is when the init itself was killed.
+    async fn ended(&mut self, bwrap_status: ExitStatus) -> ExitStatus {
+        let report =
+            tokio::time::timeout(REPORT_WAIT, sandbox::next_report(&mut self.status)).await;
+        match (report, bwrap_status.code()) {
+            (Ok(Report::Ended(raw)), _) => ExitStatus::from_raw(raw),
+            (_, Some(code)) if code > 128 && code < 128 + 65 => ExitStatus::from_raw(code - 128),
+            _ => bwrap_status,
+        }
+    }
+}
+
+/// Where a child's signals go.
+#[derive(Clone, Copy)]
+struct Target {
+    /// The process group we started (a sandboxed child's holds bubblewrap).
+    pgid: i32,
+    /// A sandboxed child's init, which passes SIGTERM on to the connector.
+    init_pid: Option<i32>,
+}
+
+impl Target {
+    /// Asks the connector to stop.
+    fn terminate(self) {
+        match self.init_pid {
+            // SAFETY: kill(2) has no memory-safety preconditions. The init
+            // is bubblewrap's child, and bubblewrap is ours, unreaped, so
+            // the pid names the init or, just after it ended, nothing.
+            Some(pid) => unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            },
+            None => signal_group(self.pgid, libc::SIGTERM),
+        }
+    }
+
+    /// Kills the connector and, for a sandboxed one, its whole sandbox.
+    fn kill(self) {
+        signal_group(self.pgid, libc::SIGKILL);
+        if let Some(pid) = self.init_pid {
+            // SAFETY: as in `terminate`.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
 }
 
 impl Running {
@@ -113,7 +269,10 @@ impl Running {
         F: FnMut(Message) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        let pgid = self.pid as i32;
+        let target = Target {
+            pgid: self.pid as i32,
+            init_pid: self.jail.as_ref().and_then(|jail| jail.init_pid),
+        };
         let mut ended_by = None;
         let deadline = tokio::time::sleep(limits.timeout);
         tokio::pin!(deadline);
@@ -133,7 +292,7 @@ impl Running {
                 () = &mut deadline, if ended_by.is_none() => {
                     tracing::warn!(timeout = ?limits.timeout, "connector timed out; terminating its process group");
                     ended_by = Some(EndedBy::Timeout);
-                    break terminate(&mut self.process, pgid, limits.kill_grace).await;
+                    break terminate(&mut self.process, target, limits.kill_grace).await;
                 }
                 () = limits.shutdown.cancelled(), if ended_by.is_none() => {
                     ended_by = Some(EndedBy::Shutdown);
@@ -142,17 +301,17 @@ impl Running {
                 }
                 () = &mut grace, if grace_armed => {
                     tracing::warn!("shutdown grace elapsed; terminating connector");
-                    break terminate(&mut self.process, pgid, limits.kill_grace).await;
+                    break terminate(&mut self.process, target, limits.kill_grace).await;
                 }
                 () = limits.superseded.cancelled(), if ended_by.is_none() => {
                     tracing::warn!("another daemon took this run over after its lease expired; terminating connector");
                     ended_by = Some(EndedBy::Superseded);
-                    break terminate(&mut self.process, pgid, limits.kill_grace).await;
+                    break terminate(&mut self.process, target, limits.kill_grace).await;
                 }
             }
         };
         // Whatever the child left behind in its group goes with it.
-        signal_group(pgid, libc::SIGKILL);
+        signal_group(target.pgid, libc::SIGKILL);
         // Messages printed just before exit are still delivered, but a
         // process that left the group (setsid) and holds the pipes open
         // cannot keep the run going.
@@ -176,6 +335,10 @@ impl Running {
         for reader in &self.readers {
             reader.abort();
         }
+        let status = match (status, &mut self.jail) {
+            (Ok(status), Some(jail)) => Ok(jail.ended(status).await),
+            (status, _) => status,
+        };
         let exit = match status {
             Ok(status) => exit_of(status),
             Err(e) => {
@@ -195,18 +358,18 @@ fn exit_of(status: ExitStatus) -> Exit {
     }
 }
 
-/// SIGTERM to the group, then SIGKILL after `kill_grace`.
+/// SIGTERM to the connector's group, then SIGKILL after `kill_grace`.
 async fn terminate(
     process: &mut Process,
-    pgid: i32,
+    target: Target,
     kill_grace: Duration,
 ) -> io::Result<ExitStatus> {
-    signal_group(pgid, libc::SIGTERM);
+    target.terminate();
     match tokio::time::timeout(kill_grace, process.wait()).await {
         Ok(status) => status,
         Err(_) => {
             tracing::warn!(?kill_grace, "connector ignored SIGTERM; sending SIGKILL");
-            signal_group(pgid, libc::SIGKILL);
+            target.kill();
             process.wait().await
         }
     }

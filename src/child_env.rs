@@ -7,7 +7,8 @@
 //!    declares for credentials, so a deployment-wide `CHASE_PASSWORD` can
 //!    never reach a child, and an empty one can never shadow a stored value;
 //! 3. the connector's fixed `env` table;
-//! 4. run metadata (`CONNECTORD_*`);
+//! 4. run metadata (`CONNECTORD_*`), and for a sandboxed child its private
+//!    `HOME` and `TMPDIR`, replacing whatever came before;
 //! 5. the resolved credential, always last.
 
 use std::collections::BTreeMap;
@@ -58,6 +59,15 @@ pub struct RunMeta<'a> {
     pub connection_id: &'a str,
     pub trigger: &'a str,
     pub attempt: i32,
+    /// A sandboxed child's private directories, as it sees them.
+    pub private: Option<PrivateDirs<'a>>,
+}
+
+/// The run's own `HOME` and `TMPDIR`.
+#[derive(Clone, Copy)]
+pub struct PrivateDirs<'a> {
+    pub home: &'a str,
+    pub tmp: &'a str,
 }
 
 impl ChildEnv {
@@ -96,6 +106,10 @@ impl ChildEnv {
             "CONNECTORD_ATTEMPT",
             EnvValue::Plain(meta.attempt.to_string().into()),
         );
+        if let Some(private) = meta.private {
+            env.set("HOME", EnvValue::Plain(private.home.into()));
+            env.set("TMPDIR", EnvValue::Plain(private.tmp.into()));
+        }
         for (name, secret) in credential {
             env.set(&name, EnvValue::Secret(secret));
         }
@@ -174,6 +188,7 @@ mod tests {
             connection_id: "alice-github",
             trigger: "scheduled",
             attempt: 2,
+            private: None,
         };
         let env = ChildEnv::build(
             &config,
@@ -211,11 +226,42 @@ mod tests {
             connection_id: "alice-chase",
             trigger: "manual",
             attempt: 1,
+            private: None,
         };
         let env = ChildEnv::build(&config, &config.connectors["chase"], &meta, vec![], host);
         assert!(matches!(&env.vars["PATH"], EnvValue::Plain(p) if p == "/connector/bin"));
         assert!(env.vars.contains_key("EXTRA"));
         assert!(!env.vars.contains_key("CHASE_PASSWORD"));
         assert!(!env.vars.contains_key("GITHUB_TOKEN"));
+    }
+
+    #[test]
+    fn a_sandboxed_child_gets_its_own_home_and_tmpdir_under_its_credential() {
+        let mut config = config();
+        let chase = config.connectors.get_mut("chase").unwrap();
+        chase.env.insert("HOME".into(), "/fixed".into());
+        chase.env.insert("TMPDIR".into(), "/fixed-tmp".into());
+        let meta = RunMeta {
+            run_id: 1,
+            connection_id: "alice-chase",
+            trigger: "manual",
+            attempt: 1,
+            private: Some(PrivateDirs {
+                home: "/run/connector/home",
+                tmp: "/tmp",
+            }),
+        };
+        let env = ChildEnv::build(
+            &config,
+            &config.connectors["chase"],
+            &meta,
+            vec![("CHASE_PASSWORD".into(), Secret::new("stored".into()))],
+            host,
+        );
+        assert_eq!(env.plain("HOME"), Some(OsStr::new("/run/connector/home")));
+        assert_eq!(env.plain("TMPDIR"), Some(OsStr::new("/tmp")));
+        assert!(
+            matches!(&env.vars["CHASE_PASSWORD"], EnvValue::Secret(s) if s.expose() == "stored")
+        );
     }
 }

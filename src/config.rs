@@ -24,9 +24,15 @@ pub struct Config {
     pub retention: RetentionConfig,
     #[serde(default)]
     pub child_env: ChildEnvConfig,
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
     /// The runtime registry: one entry per connector, keyed by its name.
     #[serde(default)]
     pub connectors: BTreeMap<String, ConnectorConfig>,
+    /// The file this config was read from, when it was: the sandbox hides
+    /// it from every child.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -179,6 +185,28 @@ impl Default for ChildEnvConfig {
     }
 }
 
+/// SPEC §12: every child runs in a sandbox unless this says otherwise.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    pub enabled: bool,
+    /// Host paths every child may read.
+    #[serde(deserialize_with = "absolute_paths")]
+    pub read_only_paths: Vec<PathBuf>,
+    /// The bubblewrap program; `None` finds `bwrap` on the daemon's `PATH`.
+    pub bwrap: Option<PathBuf>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            enabled: true,
+            read_only_paths: Vec::new(),
+            bwrap: None,
+        }
+    }
+}
+
 /// One connector of the registry.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -207,6 +235,12 @@ pub struct ConnectorConfig {
     pub accepts: Vec<CredentialSpec>,
     #[serde(default)]
     pub allow_env_fallback: bool,
+    /// Host paths this connector's children may write, inside the sandbox.
+    #[serde(default, deserialize_with = "absolute_paths")]
+    pub read_write_paths: Vec<PathBuf>,
+    /// Host paths this connector's children may read, inside the sandbox.
+    #[serde(default, deserialize_with = "absolute_paths")]
+    pub read_only_paths: Vec<PathBuf>,
 }
 
 fn default_timeout() -> Duration {
@@ -314,6 +348,19 @@ fn non_empty_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> 
     Ok(path)
 }
 
+/// Sandbox paths are bound where they are on the host, so they must say
+/// where that is.
+fn absolute_paths<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    let paths = Vec::<PathBuf>::deserialize(d)?;
+    if let Some(relative) = paths.iter().find(|p| !p.is_absolute()) {
+        return Err(serde::de::Error::custom(format!(
+            "{:?} is not an absolute path",
+            relative.display()
+        )));
+    }
+    Ok(paths)
+}
+
 /// A variable name a child's environment can hold.
 fn env_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let name = String::deserialize(d)?;
@@ -374,6 +421,7 @@ impl Config {
             message,
         })?;
         config.apply_env();
+        config.source = Some(path.to_owned());
         Ok(config)
     }
 

@@ -22,7 +22,9 @@ use crate::failure::FailureKind;
 use crate::keys::Keyring;
 use crate::launch::{self, retry_delay, Context};
 use crate::queue;
+use crate::run_dir::RunDirs;
 use crate::runs::{OutcomeWriter, StartWriter};
+use crate::sandbox::SandboxState;
 use crate::schedule::{Backoff, Edit, Engine};
 use crate::systemd::{watchdog_interval, Heartbeats, Notifier};
 
@@ -78,6 +80,27 @@ pub async fn run(
     let instance_id = config.daemon.resolved_instance_id();
     tracing::info!(instance_id = %instance_id, "connectord starting");
 
+    let sandbox = SandboxState::start(&config).await;
+    let run_dirs = match &sandbox {
+        SandboxState::Ready(sandbox) => match RunDirs::create() {
+            Ok(run_dirs) => {
+                tracing::info!(bwrap = %sandbox.bwrap().display(), runs = %run_dirs.root().display(), "connector children run in the sandbox");
+                Some(run_dirs)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the sandbox has no directory for runs' private files; every run will be refused as sandbox_unavailable");
+                None
+            }
+        },
+        SandboxState::Unavailable(reason) => {
+            tracing::error!("the sandbox cannot be set up: {reason}; every run will be refused as sandbox_unavailable until this is fixed and the daemon restarted");
+            None
+        }
+        SandboxState::Disabled => {
+            tracing::warn!("the sandbox is disabled ([sandbox] enabled = false): connector children run with the daemon's account and its view of the machine, and can read each other's credentials");
+            None
+        }
+    };
     let known_connectors = config.connectors.keys().cloned().collect();
     let ctx = Arc::new(Context {
         pool: pool.clone(),
@@ -90,6 +113,8 @@ pub async fn run(
         running: Mutex::new(HashMap::new()),
         starting: Mutex::new(HashSet::new()),
         known_connectors,
+        sandbox,
+        run_dirs,
     });
     // Runs this instance id left running before a restart are not ours any
     // more: settle them before renewing leases under the same name.

@@ -25,10 +25,12 @@ pub enum FailureKind {
     InteractionRequired,
     Interrupted,
     Lost,
+    /// The sandbox of SPEC §12 cannot be set up on this machine.
+    SandboxUnavailable,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 16] = [
+    pub const ALL: [FailureKind; 17] = [
         FailureKind::CredentialMissing,
         FailureKind::CredentialRevoked,
         FailureKind::CredentialDeleted,
@@ -45,6 +47,7 @@ impl FailureKind {
         FailureKind::InteractionRequired,
         FailureKind::Interrupted,
         FailureKind::Lost,
+        FailureKind::SandboxUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -65,6 +68,7 @@ impl FailureKind {
             FailureKind::InteractionRequired => "interaction_required",
             FailureKind::Interrupted => "interrupted",
             FailureKind::Lost => "lost",
+            FailureKind::SandboxUnavailable => "sandbox_unavailable",
         }
     }
 

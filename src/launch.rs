@@ -17,15 +17,17 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::child::{self, EndedBy, Exit, Limits};
-use crate::child_env::{ChildEnv, RunMeta};
+use crate::child::{self, Confinement, EndedBy, Exit, Limits};
+use crate::child_env::{ChildEnv, PrivateDirs, RunMeta};
 use crate::config::{Config, ConnectorConfig, RetryPolicy};
 use crate::failure::FailureKind;
 use crate::keys::Keyring;
 use crate::protocol::Message;
 use crate::queue::{self, Claimed, Command};
 use crate::resolver::{self, StoredCredential};
+use crate::run_dir::RunDirs;
 use crate::runs::{Finish, Outcome, OutcomeWriter, Start, StartWriter, Writer};
+use crate::sandbox::{self, SandboxState};
 use crate::schedule::Backoff;
 
 /// What every launch shares.
@@ -48,6 +50,10 @@ pub struct Context {
     pub outcomes: OutcomeWriter,
     /// Where spawned runs' rows are written, batched.
     pub starts: StartWriter,
+    /// Whether children run sandboxed, and how.
+    pub sandbox: SandboxState,
+    /// Where each sandboxed run's private directory is made.
+    pub run_dirs: Option<RunDirs>,
 }
 
 impl Context {
@@ -253,6 +259,36 @@ async fn run_in_slot(
     (connector_name, connector): (&str, &ConnectorConfig),
     superseded: &CancellationToken,
 ) -> Result<(), sqlx::Error> {
+    // A run that needs the sandbox is refused when the machine cannot give
+    // it one, before anything is decrypted.
+    let sandbox = match (&ctx.sandbox, &ctx.run_dirs) {
+        (SandboxState::Ready(sandbox), Some(run_dirs)) => Some((sandbox, run_dirs)),
+        (SandboxState::Disabled, _) => None,
+        (SandboxState::Unavailable(reason), _) => {
+            let detail = format!("the sandbox cannot be set up on this machine: {reason}");
+            return refuse(
+                ctx,
+                run_id,
+                command,
+                None,
+                FailureKind::SandboxUnavailable,
+                detail,
+            )
+            .await;
+        }
+        (SandboxState::Ready(_), None) => {
+            let detail = "the sandbox has no directory for runs' private files".to_owned();
+            return refuse(
+                ctx,
+                run_id,
+                command,
+                None,
+                FailureKind::SandboxUnavailable,
+                detail,
+            )
+            .await;
+        }
+    };
     // The claim read only an active credential. Without one, the run is
     // refused, or runs on the host's variables if the connection has no
     // credential at all: which, and why, the latest row says.
@@ -271,15 +307,6 @@ async fn run_in_slot(
     ) {
         Ok(resolved) => resolved,
         Err(refusal) => {
-            let operator_error = matches!(
-                refusal.kind,
-                FailureKind::CredentialUnrecoverable | FailureKind::CredentialKindMismatch
-            );
-            if operator_error {
-                tracing::error!(event = "run.refused", failure_kind = %refusal.kind, "launch refused: {}", refusal.detail);
-            } else {
-                tracing::warn!(event = "run.refused", failure_kind = %refusal.kind, "launch refused: {}", refusal.detail);
-            }
             if refusal.kind.needs_owner() {
                 ctx.writer()
                     .open_interaction(
@@ -290,19 +317,28 @@ async fn run_in_slot(
                     )
                     .await?;
             }
-            let finish = Finish {
-                status: "refused",
-                failure_kind: Some(refusal.kind),
-                detail: Some(refusal.detail),
-                ..Finish::default()
-            };
-            settle(ctx, run_id, command, (refusal.credential_id, None), finish).await?;
-            return Ok(());
+            return refuse(
+                ctx,
+                run_id,
+                command,
+                refusal.credential_id,
+                refusal.kind,
+                refusal.detail,
+            )
+            .await;
         }
     };
     let source = resolved.source.as_str();
     let credential = (resolved.credential_id, Some(source));
 
+    let run_dir = match sandbox.map(|(_, run_dirs)| run_dirs.create_run(run_id)) {
+        Some(Err(e)) => {
+            let e = format!("cannot create the run's private directory: {e}");
+            return fail_spawn(ctx, run_id, command, connector, credential, e).await;
+        }
+        Some(Ok(run_dir)) => Some(run_dir),
+        None => None,
+    };
     let env = ChildEnv::build(
         &ctx.config,
         connector,
@@ -311,34 +347,31 @@ async fn run_in_slot(
             connection_id: &command.connection_id,
             trigger: &command.trigger,
             attempt: command.attempt,
+            private: run_dir.as_ref().map(|_| PrivateDirs {
+                home: sandbox::HOME_INSIDE,
+                tmp: sandbox::TMP_INSIDE,
+            }),
         },
         resolved.vars,
         host_var,
     );
-    let spawned = child::spawn(connector, &env);
+    let confinement = match (sandbox, &run_dir) {
+        (Some((sandbox, _)), Some(run_dir)) => Confinement::Sandboxed {
+            sandbox,
+            run_dir: run_dir.path(),
+        },
+        _ => Confinement::Unconfined,
+    };
+    let spawned = child::spawn(connector, &env, confinement).await;
     // The plaintext leaves our memory as soon as the child has it.
     drop(env);
     let running = match spawned {
         Ok(running) => running,
         Err(e) => {
-            let retry_after =
-                retry_delay(&connector.retry, command.attempt, FailureKind::SpawnFailed);
-            tracing::warn!(
-                event = "run.finished",
-                status = "failed",
-                failure_kind = "spawn_failed",
-                retry_in_ms = retry_after.map(|d| d.as_millis() as u64),
-                "{e}"
-            );
-            let finish = Finish {
-                status: "failed",
-                failure_kind: Some(FailureKind::SpawnFailed),
-                detail: Some(e.to_string()),
-                retry_after,
-                ..Finish::default()
-            };
-            settle(ctx, run_id, command, credential, finish).await?;
-            return Ok(());
+            if let Some(run_dir) = run_dir {
+                run_dir.remove().await;
+            }
+            return fail_spawn(ctx, run_id, command, connector, credential, e.to_string()).await;
         }
     };
     let pid = running.pid;
@@ -431,6 +464,9 @@ async fn run_in_slot(
         }
     };
 
+    if let Some(run_dir) = run_dir {
+        run_dir.remove().await;
+    }
     let (status, kind, exit_code, detail) = classify(outcome, raised_interaction);
     let retry_after = kind.and_then(|k| retry_delay(&connector.retry, command.attempt, k));
     let duration_ms = started.elapsed().as_millis() as u64;
@@ -466,6 +502,62 @@ async fn run_in_slot(
     };
     settle(ctx, run_id, command, credential, finish).await?;
     Ok(())
+}
+
+/// Records a launch refused after the run took its slot: no child.
+async fn refuse(
+    ctx: &Context,
+    run_id: i64,
+    command: &Command,
+    credential_id: Option<i64>,
+    kind: FailureKind,
+    detail: String,
+) -> Result<(), sqlx::Error> {
+    let operator_error = matches!(
+        kind,
+        FailureKind::CredentialUnrecoverable
+            | FailureKind::CredentialKindMismatch
+            | FailureKind::SandboxUnavailable
+    );
+    if operator_error {
+        tracing::error!(event = "run.refused", failure_kind = %kind, "launch refused: {detail}");
+    } else {
+        tracing::warn!(event = "run.refused", failure_kind = %kind, "launch refused: {detail}");
+    }
+    let finish = Finish {
+        status: "refused",
+        failure_kind: Some(kind),
+        detail: Some(detail),
+        ..Finish::default()
+    };
+    settle(ctx, run_id, command, (credential_id, None), finish).await
+}
+
+/// Records a child that could not be started, retried by policy.
+async fn fail_spawn(
+    ctx: &Context,
+    run_id: i64,
+    command: &Command,
+    connector: &ConnectorConfig,
+    credential: (Option<i64>, Option<&'static str>),
+    detail: String,
+) -> Result<(), sqlx::Error> {
+    let retry_after = retry_delay(&connector.retry, command.attempt, FailureKind::SpawnFailed);
+    tracing::warn!(
+        event = "run.finished",
+        status = "failed",
+        failure_kind = "spawn_failed",
+        retry_in_ms = retry_after.map(|d| d.as_millis() as u64),
+        "{detail}"
+    );
+    let finish = Finish {
+        status: "failed",
+        failure_kind: Some(FailureKind::SpawnFailed),
+        detail: Some(detail),
+        retry_after,
+        ..Finish::default()
+    };
+    settle(ctx, run_id, command, credential, finish).await
 }
 
 /// Writes a run's outcome, waiting out a database outage: an outcome is

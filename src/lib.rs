@@ -23,6 +23,8 @@
 //! - [`store`]: writing credentials (set, revoke, delete, rotate).
 //! - [`child_env`], [`spawn`], [`child`], [`protocol`]: the child's
 //!   environment, starting it, its supervision, and what it may print.
+//! - [`sandbox`], [`run_dir`]: the sandbox every child runs in, and each
+//!   run's private directory.
 //! - [`runs`]: writes to `runs` and `interactions`; [`retention`]: pruning.
 //! - [`daemon`]: wiring and shutdown; [`systemd`]: the notify protocol;
 //!   [`memory`]: giving freed memory back.
@@ -47,7 +49,9 @@ pub mod protocol;
 pub mod queue;
 pub mod resolver;
 pub mod retention;
+pub mod run_dir;
 pub mod runs;
+pub mod sandbox;
 pub mod schedule;
 pub mod secret;
 pub mod spawn;

@@ -159,6 +159,9 @@ struct ChildArgs {
     stdin: c_int,
     stdout: c_int,
     stderr: c_int,
+    /// Descriptors to keep open across `exec` (our pipes are close-on-exec).
+    pass: *const c_int,
+    pass_len: usize,
     parent: libc::pid_t,
     last_signal: c_int,
     /// The errno of the step that failed; 0 when `exec` succeeded.
@@ -166,10 +169,22 @@ struct ChildArgs {
 }
 
 /// Starts `program` with exactly `argv` and `env`, in a process group of
-/// its own, stdin from /dev/null and stdout/stderr piped to us. Must be
-/// called from a thread that lives as long as the daemon (a runtime worker):
-/// the death signal fires when the creating thread ends.
-pub fn spawn(program: &Path, argv: &CStrings, env: &CStrings) -> io::Result<Spawned> {
+/// its own, stdin from /dev/null and stdout/stderr piped to us; the
+/// descriptors in `pass` (all above 2) stay open in it. Must be called
+/// from a thread that lives as long as the daemon (a runtime worker): the
+/// death signal fires when the creating thread ends.
+pub fn spawn(
+    program: &Path,
+    argv: &CStrings,
+    env: &CStrings,
+    pass: &[c_int],
+) -> io::Result<Spawned> {
+    if pass.iter().any(|fd| *fd <= 2) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a descriptor passed to a child must be above 2",
+        ));
+    }
     let path = CString::new(program.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let argv_ptrs = argv.pointers();
@@ -190,6 +205,8 @@ pub fn spawn(program: &Path, argv: &CStrings, env: &CStrings) -> io::Result<Spaw
         stdin: stdin.as_raw_fd(),
         stdout: out_w.as_raw_fd(),
         stderr: err_w.as_raw_fd(),
+        pass: pass.as_ptr(),
+        pass_len: pass.len(),
         parent: std::process::id() as libc::pid_t,
         last_signal: libc::SIGRTMAX(),
         error: AtomicI32::new(0),
@@ -306,6 +323,13 @@ unsafe fn exec_child(args: &ChildArgs) -> c_int {
             return errno();
         }
     }
+    // Only this process's descriptor table changes: CLONE_VM shares memory,
+    // not descriptors.
+    for i in 0..args.pass_len {
+        if libc::fcntl(*args.pass.add(i), libc::F_SETFD, 0) != 0 {
+            return errno();
+        }
+    }
     let mut empty: libc::sigset_t = std::mem::zeroed();
     libc::sigemptyset(&mut empty);
     libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
@@ -317,7 +341,8 @@ unsafe fn exec_child(args: &ChildArgs) -> c_int {
     errno()
 }
 
-fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+/// A close-on-exec pipe, (read end, write end), both above 2.
+pub fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as c_int; 2];
     // SAFETY: `fds` has room for the two descriptors pipe2 writes.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -455,7 +480,7 @@ mod tests {
 
     async fn run(argv: &[&str], env: &[&str]) -> (ExitStatus, String, String) {
         let program = find_program(Path::new(argv[0]), None).unwrap();
-        let mut spawned = spawn(&program, &strings(argv), &strings(env)).unwrap();
+        let mut spawned = spawn(&program, &strings(argv), &strings(env), &[]).unwrap();
         let (mut out, mut err) = (String::new(), String::new());
         spawned.stdout.read_to_string(&mut out).await.unwrap();
         spawned.stderr.read_to_string(&mut err).await.unwrap();
@@ -518,6 +543,7 @@ mod tests {
             &program,
             &strings(&["sh", "-c", "kill -TERM $$"]),
             &strings(&[]),
+            &[],
         )
         .unwrap();
         assert!(spawned.process.pid() > 0);
@@ -537,8 +563,8 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let error =
-            runtime.block_on(async { spawn(&file, &strings(&["plain"]), &strings(&[])).err() });
+        let error = runtime
+            .block_on(async { spawn(&file, &strings(&["plain"]), &strings(&[]), &[]).err() });
         std::fs::remove_dir_all(&dir).unwrap();
         // Root may read anything, but exec still needs an execute bit.
         assert_eq!(
@@ -555,7 +581,13 @@ mod tests {
         std::fs::write(&script, "echo \"ran with $1\"\n").unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        let mut spawned = spawn(&script, &strings(&["no-shebang", "arg"]), &strings(&[])).unwrap();
+        let mut spawned = spawn(
+            &script,
+            &strings(&["no-shebang", "arg"]),
+            &strings(&[]),
+            &[],
+        )
+        .unwrap();
         let mut out = String::new();
         spawned.stdout.read_to_string(&mut out).await.unwrap();
         let status = spawned.process.wait().await.unwrap();

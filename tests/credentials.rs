@@ -53,7 +53,7 @@ fn registry(dir: &Path) -> String {
     let keys = dir.join("keys").display().to_string();
     let connector = |name: &str, credential: &str| {
         format!(
-            "[connectors.{name}]\ncommand = {script:?}\nenv = {{ RECORD_DIR = {record:?} }}\n\
+            "[connectors.{name}]\ncommand = {script:?}\nenv = {{ RECORD_DIR = {record:?} }}\nread_write_paths = [{record:?}]\n\
              retry = {{ max_attempts = 3, backoff = \"100ms\", max_backoff = \"1s\" }}\n{credential}\n\n"
         )
     };

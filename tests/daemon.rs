@@ -24,7 +24,7 @@ fn config(dir: &Path, instance: &str) -> String {
     let connector = |name: &str, behaviour: &str, extra: &str| {
         format!(
             "[connectors.{name}]\ncommand = {script:?}\n\
-             env = {{ RECORD_DIR = \"{record}\", BEHAVIOUR = \"{behaviour}\" }}\n{extra}\n\n"
+             env = {{ RECORD_DIR = \"{record}\", BEHAVIOUR = \"{behaviour}\" }}\nread_write_paths = [\"{record}\"]\n{extra}\n\n"
         )
     };
     format!(
@@ -735,12 +735,11 @@ async fn concurrency_limits_hold() {
     let mut config =
         config(&dir.path, "a").replace("[daemon]\n", "[daemon]\nmax_concurrent_runs = 3\n");
     config.push_str(&format!(
-        "[connectors.limited]\ncommand = {:?}\nmax_concurrency = 2\nenv = {{ RECORD_DIR = \"{}\", BEHAVIOUR = \"wait-file\" }}\n\n\
-         [connectors.wide]\ncommand = {:?}\nmax_concurrency = 10\nenv = {{ RECORD_DIR = \"{}\", BEHAVIOUR = \"wait-file\" }}\n",
+        "[connectors.limited]\ncommand = {:?}\nmax_concurrency = 2\nenv = {{ RECORD_DIR = \"{record}\", BEHAVIOUR = \"wait-file\" }}\nread_write_paths = [\"{record}\"]\n\n\
+         [connectors.wide]\ncommand = {:?}\nmax_concurrency = 10\nenv = {{ RECORD_DIR = \"{record}\", BEHAVIOUR = \"wait-file\" }}\nread_write_paths = [\"{record}\"]\n",
         stand_in(),
-        dir.path.display(),
         stand_in(),
-        dir.path.display()
+        record = dir.path.display(),
     ));
     for i in 0..4 {
         add_connection(&db, &format!("l{i}"), "limited").await;

@@ -28,9 +28,9 @@ fn config(dir: &Path, instance: &str, daemon_extra: &str) -> String {
     format!(
         "[keys]\ndir = \"{record}/keys\"\n\n\
          [daemon]\ninstance_id = {instance:?}\nshutdown_grace = \"1s\"\nkill_grace = \"500ms\"\nlease = \"2s\"\n{daemon_extra}\n\n\
-         [connectors.hostile]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\ntimeout = \"2m\"\n\
+         [connectors.hostile]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\nread_write_paths = [\"{record}\"]\ntimeout = \"2m\"\n\
          retry = {{ max_attempts = 3, backoff = \"100ms\", max_backoff = \"1s\" }}\n\n\
-         [connectors.hasty]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\ntimeout = \"1s\"\n\
+         [connectors.hasty]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\nread_write_paths = [\"{record}\"]\ntimeout = \"1s\"\n\
          retry = {{ max_attempts = 3, backoff = \"100ms\", max_backoff = \"1s\" }}\n\n\
          [connectors.missing]\ncommand = \"/nonexistent/connector\"\nretry = {{ max_attempts = 2, backoff = \"100ms\" }}\n\n\
          [connectors.not-executable]\ncommand = {:?}\nretry = {{ max_attempts = 1 }}\n",
@@ -74,8 +74,10 @@ async fn wait_for_gone(pid: i32) {
     }
 }
 
+/// The host pid of run `run_id`'s connector, from the pid it recorded.
 fn child_pid(dir: &Path, run_id: i64) -> i32 {
-    recorded_env(dir, run_id)["PID"].parse().expect("pid")
+    let inner = recorded_env(dir, run_id)["PID"].parse().expect("pid");
+    support::host_pid(dir, run_id, inner).expect("the connector's process")
 }
 
 async fn wait_for_child(db: &TestDb, dir: &Path, connection: &str) -> (i64, i32) {
@@ -748,14 +750,17 @@ async fn an_interaction_then_a_timeout_is_not_retried() {
     assert_eq!(open, 1);
 }
 
-/// A process that escapes the child's group (a new session) and holds its
-/// output open cannot keep the run from ending.
+/// Unsandboxed (`[sandbox] enabled = false`), a process that escapes the
+/// child's group (a new session) and holds its output open cannot keep
+/// the run from ending, though it outlives it. (In the sandbox it dies
+/// with the run: tests/sandbox.rs.)
 #[tokio::test(flavor = "multi_thread")]
 async fn an_escaped_grandchild_does_not_hold_the_run() {
     let db = TestDb::new().await;
     let dir = Scratch::new();
     connection(&db, &dir.path, "escaper", "escape").await;
-    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    let config = config(&dir.path, "a", "") + "\n[sandbox]\nenabled = false\n";
+    let _daemon = Daemon::start(&db, &dir.path, &config, &[]).await;
     db.exec("insert into run_commands (connection_id) values ('escaper')")
         .await;
     db.wait_until("select count(*) = 1 from runs where status = 'succeeded'")

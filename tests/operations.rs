@@ -19,9 +19,9 @@ fn config(dir: &Path, primary: &str, extra: &str) -> String {
     format!(
         "[keys]\ndir = \"{record}/keys\"\nprimary = {primary:?}\n\n\
          [daemon]\ninstance_id = \"ops\"\nshutdown_grace = \"1s\"\nkill_grace = \"500ms\"\nlease = \"3s\"\n\n{extra}\n\
-         [connectors.github]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\n\
+         [connectors.github]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\nread_write_paths = [\"{record}\"]\n\
          credential = {{ kind = \"static_secret\", env = \"GITHUB_TOKEN\" }}\n\n\
-         [connectors.chase]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\n\
+         [connectors.chase]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\nread_write_paths = [\"{record}\"]\n\
          credential = {{ kind = \"username_password\", username_env = \"CHASE_USERNAME\", password_env = \"CHASE_PASSWORD\" }}\n"
     )
 }
@@ -126,6 +126,20 @@ fn the_systemd_unit_verifies() {
         "LimitCORE=0",
     ] {
         assert!(unit.contains(needed), "the unit lacks {needed}");
+    }
+    // Settings under which no sandbox could be set up (every run would be
+    // refused as sandbox_unavailable).
+    for line in unit.lines().filter(|l| !l.starts_with('#')) {
+        for breaking in [
+            "ProtectKernelTunables=",
+            "ProtectProc=",
+            "ProcSubset=",
+            "RestrictNamespaces=",
+            "PrivateUsers=",
+            "SystemCallFilter=",
+        ] {
+            assert!(!line.starts_with(breaking), "the unit sets {line}");
+        }
     }
     let analyze = Path::new("/usr/bin/systemd-analyze");
     if !analyze.exists() {

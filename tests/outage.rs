@@ -45,7 +45,7 @@ async fn the_daemon_rides_out_a_database_outage() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/connectors/hostile.sh");
     let config = format!(
         "[keys]\ndir = \"{record}/keys\"\n\n[daemon]\ninstance_id = \"a\"\nlease = \"2s\"\nshutdown_grace = \"1s\"\nkill_grace = \"500ms\"\n\n\
-         [connectors.hostile]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\n",
+         [connectors.hostile]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\nread_write_paths = [\"{record}\"]\n",
         record = dir.path.display(),
         script = script.display().to_string(),
     );

@@ -73,6 +73,7 @@ pub async fn run(
                 connection_id: connection,
                 trigger: "manual",
                 attempt: 1,
+                private: None,
             },
             resolved.vars,
             host,

@@ -34,6 +34,37 @@ case "$behaviour" in
     setsid sh -c 'echo $$ > "$RECORD_DIR/escaped.pid"; exec sleep 600' &
     while [ ! -s "$RECORD_DIR/escaped.pid" ]; do sleep 0.01; done
     exit 0 ;;
+  # Leaves a double-forked process in a session of its own, then runs
+  # until killed (the sandbox tests: nothing may outlive the run).
+  escape-hang)
+    ( setsid sh -c 'exec sleep 600' & ) </dev/null >/dev/null 2>&1
+    exec sleep 600 ;;
+  # Writes a file into its private HOME, then runs until released.
+  home-hold)
+    echo "private to $CONNECTORD_CONNECTION_ID" > "$HOME/secret"
+    while [ -e "$RECORD_DIR/hold.$CONNECTORD_CONNECTION_ID" ]; do sleep 0.05; done
+    exit 0 ;;
+  # Records its view of the sandbox: its HOME and TMPDIR (and whether they
+  # started empty), and which paths it can write.
+  probe-paths)
+    {
+      echo "home $HOME"
+      echo "tmpdir $TMPDIR"
+      echo "home-empty $(ls -A "$HOME" | wc -l)"
+      echo "tmpdir-empty $(ls -A "$TMPDIR" | wc -l)"
+      for p in "$HOME" "$TMPDIR" /tmp /dev/shm "$(cat "$RECORD_DIR/rw-path")" \
+               "$(cat "$RECORD_DIR/ro-path")" / /usr /etc /opt /var /run /root /home "$RECORD_DIR/../"; do
+        if ( : > "$p/.written" ) 2>/dev/null; then echo "writable $p"; rm -f "$p/.written"; else echo "read-only $p"; fi
+      done
+      if cat "$(cat "$RECORD_DIR/ro-path")/readme" >/dev/null 2>&1; then echo "ro-readable yes"; else echo "ro-readable no"; fi
+      echo "left-behind" > "$HOME/left"
+      echo "left-behind" > "$TMPDIR/left"
+      echo "processes $(ls -d /proc/[0-9]* | wc -l)"
+    } > "$RECORD_DIR/$CONNECTORD_RUN_ID.paths.tmp"
+    mv "$RECORD_DIR/$CONNECTORD_RUN_ID.paths.tmp" "$RECORD_DIR/$CONNECTORD_RUN_ID.paths"
+    exit 0 ;;
+  # Kills itself with a signal.
+  segfault) kill -SEGV $$ ;;
   # Reports progress, then runs until released.
   progress-hold)
     echo '{"type":"progress","records":7}'

@@ -360,3 +360,54 @@ pub fn cli(
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// Every process still carrying run `run_id` of the test recording into
+/// `record_dir` in its environment: the connector, whatever it started,
+/// and for a sandboxed run bubblewrap and the sandbox's init. Each is its
+/// pid here with its pids in nested PID namespaces (`NSpid`), the last
+/// being the pid it sees for itself.
+pub fn run_processes(record_dir: &Path, run_id: i64) -> Vec<(i32, Vec<i32>)> {
+    let run = format!("CONNECTORD_RUN_ID={run_id}");
+    let record = format!("RECORD_DIR={}", record_dir.display());
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let has = |wanted: &str| environ.split(|b| *b == 0).any(|v| v == wanted.as_bytes());
+        if !has(&run) || !has(&record) {
+            continue;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let nspids = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .map(|l| {
+                l.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        found.push((pid, nspids));
+    }
+    found
+}
+
+/// The pid here of the process that calls itself `inner_pid` in run
+/// `run_id` (the pid a sandboxed connector records is its namespace's).
+pub fn host_pid(record_dir: &Path, run_id: i64, inner_pid: i32) -> Option<i32> {
+    run_processes(record_dir, run_id)
+        .into_iter()
+        .find(|(_, nspids)| nspids.last() == Some(&inner_pid))
+        .map(|(pid, _)| pid)
+}
