@@ -20,13 +20,13 @@
 //! - `setup`: the cluster, database, key, probe, FIFO, config, connections.
 //! - `daemon`: the real daemon as a child process; `perf` attachment.
 //! - `minimal`: the minimal-daemon and spawn-only baselines.
-//! - `pickup` (P1), `throughput` (P2), `resolver` (P6), `schedules`
+//! - `pickup` (P1), `throughput` (P2), `sandbox` (P7), `resolver` (P6), `schedules`
 //!   (P3–P5), `tcs` (the tokio-cron-scheduler baseline of P3/P4).
 //! - `stats`: percentiles and the report; `procfs`: RSS and CPU.
 //!
 //! (A bench's crate root looks for modules beside it, hence the `#[path]`s.)
 //!
-//! Sections: pickup, throughput, resolver, schedules, tcs (`--only`; tcs
+//! Sections: pickup, throughput, sandbox, resolver, schedules, tcs (`--only`; tcs
 //! needs schedules).
 
 #[path = "bench/daemon.rs"]
@@ -39,6 +39,8 @@ mod pickup;
 mod procfs;
 #[path = "bench/resolver.rs"]
 mod resolver;
+#[path = "bench/sandbox.rs"]
+mod sandbox;
 #[path = "bench/schedules.rs"]
 mod schedules;
 #[path = "bench/setup.rs"]
@@ -58,7 +60,7 @@ use stats::Report;
 
 const USAGE: &str =
     "usage: cargo bench --bench bench -- [--short | --full] [--perf] [--only SECTION,...]
-sections: pickup, throughput, resolver, schedules, tcs";
+sections: pickup, throughput, sandbox, resolver, schedules, tcs";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -168,6 +170,10 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
     if env.mode.runs("throughput") {
         throughput::run(&mut env, &mut report).await?;
         took("throughput");
+    }
+    if env.mode.runs("sandbox") {
+        sandbox::run(&mut env, &mut report).await?;
+        took("sandbox");
     }
     if env.mode.runs("resolver") {
         let pickup = pickup.as_ref().map(|p| &p.connectord);

@@ -58,10 +58,13 @@ const SYSTEM_DIRS: [&str; 9] = [
     "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
 ];
 
-/// Files under `/etc` that hold the host's own secrets. A child of an
-/// unprivileged daemon cannot read them anyway; a child of a daemon
-/// running as root is uid 0 outside, and would.
-const HOST_SECRETS: [&str; 6] = [
+/// Paths under `/etc` that hold the daemon's or the host's own secrets. A
+/// child of an unprivileged daemon cannot read the host's anyway; a child
+/// of a daemon running as root is uid 0 outside, and would.
+const HOST_SECRETS: [&str; 7] = [
+    // The packaged daemon's own directory (config, keys), whatever the
+    // config file in use says.
+    "/etc/connectord",
     "/etc/shadow",
     "/etc/shadow-",
     "/etc/gshadow",
@@ -86,12 +89,19 @@ pub enum SandboxState {
 }
 
 impl SandboxState {
-    /// Finds and probes the mechanism when the config enables it.
+    /// Finds and probes the mechanism when the config enables it; the
+    /// sandbox's init is this very executable.
     pub async fn start(config: &Config) -> SandboxState {
+        SandboxState::start_with_init(config, Path::new("/proc/self/exe")).await
+    }
+
+    /// As [`SandboxState::start`], with the init taken from `init`, a
+    /// `connectord` binary (for a program that embeds the daemon's code).
+    pub async fn start_with_init(config: &Config, init: &Path) -> SandboxState {
         if !config.sandbox.enabled {
             return SandboxState::Disabled;
         }
-        match Sandbox::new(config) {
+        match Sandbox::new(config, init) {
             Ok(sandbox) => match sandbox.probe().await {
                 Ok(()) => SandboxState::Ready(sandbox),
                 Err(reason) => SandboxState::Unavailable(reason),
@@ -146,10 +156,13 @@ pub struct Launch {
 }
 
 impl Sandbox {
-    fn new(config: &Config) -> Result<Sandbox, String> {
+    fn new(config: &Config, init: &Path) -> Result<Sandbox, String> {
         let bwrap = find_bwrap(config.sandbox.bwrap.as_deref())?;
-        let init = open_own_executable().map_err(|e| {
-            format!("cannot open the daemon's own executable (/proc/self/exe) to start it inside the sandbox: {e}")
+        let init = open_path(init).map_err(|e| {
+            format!(
+                "cannot open the daemon's own executable ({}) to start it inside the sandbox: {e}",
+                init.display()
+            )
         })?;
         let mut base: Vec<OsString> = [
             "--unshare-all",
@@ -264,7 +277,7 @@ impl Sandbox {
         let env = CStrings::new::<[&[u8]; 1]>(&[]).map_err(|e| e.to_string())?;
         let describe = |detail: String| {
             format!(
-                "{} cannot set up the sandbox on this machine ({detail}); it needs unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0) and PID and mount namespaces",
+                "{} could not start the sandbox on this machine ({detail}); the sandbox needs unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0) and PID and mount namespaces",
                 self.bwrap.display()
             )
         };
@@ -490,12 +503,14 @@ fn find_bwrap(configured: Option<&Path>) -> Result<PathBuf, String> {
         })
 }
 
-fn open_own_executable() -> io::Result<OwnedFd> {
+/// A descriptor naming `path` (for `/proc/self/exe`, the running binary
+/// itself, whatever has since replaced the file at its path).
+fn open_path(path: &Path) -> io::Result<OwnedFd> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
-        .open("/proc/self/exe")?;
+        .open(path)?;
     Ok(OwnedFd::from(file))
 }
 

@@ -138,14 +138,14 @@ async fn spawn_latency(env: &mut Env, style: SpawnStyle) -> anyhow::Result<Vec<f
 
 /// One sample: the command, when the bench began inserting it, and the
 /// probe's report.
-struct Taken {
+pub struct Taken {
     command_id: i64,
     inserted_ns: i64,
     probe: ProbeRecord,
 }
 
 /// Takes `count` samples (plus warm-up) against whichever daemon is running.
-async fn sample(
+pub async fn sample(
     env: &mut Env,
     count: usize,
     expect_token: bool,

@@ -271,6 +271,15 @@ impl Env {
         Ok(path)
     }
 
+    /// The daemon config with the sandbox on (SPEC §12); returns its path.
+    pub fn sandboxed_config(&self) -> anyhow::Result<PathBuf> {
+        let path = self.work.join("connectord-sandboxed.toml");
+        let text = config_text(&self.url, &self.keys_dir, &self.probe, &self.fifo, 10)
+            .replace("enabled = false", "enabled = true");
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
     /// Cancels retry commands still pending: they come from runs the daemon
     /// lost (see the warnings), and would otherwise run during the next
     /// measurement. Returns how many there were.
@@ -347,6 +356,9 @@ impl Env {
     }
 }
 
+/// The daemon config: unsandboxed, so P1 and P2 keep measuring what they
+/// always did; the sandbox section writes its own variant
+/// (`Env::sandboxed_config`).
 fn config_text(url: &str, keys: &Path, probe: &Path, fifo: &Path, max_connections: u32) -> String {
     // max_concurrency is above max_concurrent_runs so the daemon-wide limit
     // of 32 (the issue's) is the one that binds.
@@ -369,6 +381,10 @@ env = {{ PROBE_OUT = "{fifo}" }}
 timeout = "1m"
 max_concurrency = 64
 credential = {{ kind = "static_secret", env = "PROBE_TOKEN" }}
+read_write_paths = ["{fifo}"]
+
+[sandbox]
+enabled = false
 "#,
         keys = keys.display(),
         probe = probe.display(),

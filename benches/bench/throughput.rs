@@ -180,7 +180,7 @@ pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<()> {
 }
 
 /// One batch through whichever daemon is running; returns runs per second.
-async fn once(
+pub async fn once(
     env: &mut Env,
     report: &mut Report,
     count: usize,
