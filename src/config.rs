@@ -593,6 +593,22 @@ mod tests {
             "[connectors.x]\ncommand = \"/bin/true\"\naccepts = [{ kind = \"static_secret\", env = \"X\" }]\n",
             &["connectors.x", "no `credential`"],
         );
+        check(
+            "[connectors.x]\ncommand = \"/bin/true\"\nread_write_paths = [\"out\"]\n",
+            &[
+                "line 3",
+                "read_write_paths",
+                "\"out\" is not an absolute path",
+            ],
+        );
+        check(
+            "[sandbox]\nread_only_paths = [\"/opt/a\", \"b\"]\n",
+            &["line 2", "read_only_paths", "\"b\" is not an absolute path"],
+        );
+        check(
+            "[sandbox]\nenable = false\n",
+            &["line 2", "unknown field `enable`"],
+        );
     }
 
     #[test]
@@ -637,5 +653,7 @@ mod tests {
         assert_eq!(config.daemon.catchup_window, Duration::from_secs(3600));
         assert_eq!(config.child_env.inherit.len(), 6);
         assert_eq!(config.keys.primary, "k1");
+        assert!(config.sandbox.enabled, "children are sandboxed by default");
+        assert_eq!(config.sandbox.bwrap, None);
     }
 }
