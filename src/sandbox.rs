@@ -342,26 +342,28 @@ impl Sandbox {
                 sources.push(path);
             }
         }
+        // Its program, and a script its arguments name by absolute path
+        // (`command = "python3"`, `args = ["/opt/chase/run.py"]`): what it
+        // runs is part of its program.
         let program = canonical(program)?;
-        let visible = |path: &Path| {
-            self.base_sources
-                .iter()
-                .chain(&sources)
-                .any(|source| path.starts_with(source))
-        };
-        if !visible(&program) {
-            push_all(
-                &mut args,
-                [
-                    "--ro-bind".as_ref(),
-                    program.as_os_str(),
-                    program.as_os_str(),
-                ],
-            );
+        let scripts = argv
+            .iter()
+            .skip(1)
+            .map(|arg| Path::new(OsStr::from_bytes(arg)))
+            .filter(|arg| arg.is_absolute() && arg.is_file())
+            .filter_map(|arg| canonical(arg).ok());
+        for file in std::iter::once(program.clone()).chain(scripts) {
+            if !self.visible(&sources, &file) {
+                push_all(
+                    &mut args,
+                    ["--ro-bind".as_ref(), file.as_os_str(), file.as_os_str()],
+                );
+                sources.push(file);
+            }
         }
         // Masks go after every bind that could show what they hide.
         for (path, is_dir) in &self.hidden {
-            if !visible(path) {
+            if !self.visible(&sources, path) {
                 continue;
             }
             if *is_dir {
@@ -438,6 +440,15 @@ impl Sandbox {
 
     pub fn bwrap(&self) -> &Path {
         &self.bwrap
+    }
+
+    /// Whether `path` is inside something this run's sandbox shows: the
+    /// base binds or the run's own `sources`.
+    fn visible(&self, sources: &[PathBuf], path: &Path) -> bool {
+        self.base_sources
+            .iter()
+            .chain(sources)
+            .any(|source| path.starts_with(source))
     }
 }
 

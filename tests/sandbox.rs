@@ -553,7 +553,8 @@ async fn no_process_outlives_its_run() {
 
 /// A connector killed by a signal inside the sandbox is `signaled`, not an
 /// exit code; one whose interpreter the sandbox does not show fails to
-/// spawn (`spawn_failed`, no pid), decided inside the sandbox.
+/// spawn (`spawn_failed`, no pid), decided inside the sandbox; and a script
+/// handed to an interpreter by absolute path is part of the program.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_signal_and_a_failed_exec_inside_the_sandbox_are_typed() {
     let setup = Setup::new().await;
@@ -569,13 +570,17 @@ async fn a_signal_and_a_failed_exec_inside_the_sandbox_are_typed() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .expect("chmod");
+    let script = setup.path("by-interpreter.sh");
+    std::fs::write(&script, "exit 0\n").expect("script");
     let extra = format!(
-        "[connectors.hidden_interp]\ncommand = {:?}\nretry = {{ max_attempts = 1 }}\n",
-        program.display().to_string()
+        "[connectors.hidden_interp]\ncommand = {:?}\nretry = {{ max_attempts = 1 }}\n\n\
+         [connectors.by_interpreter]\ncommand = \"sh\"\nargs = [{:?}]\nretry = {{ max_attempts = 1 }}\n",
+        program.display().to_string(),
+        script.display().to_string(),
     );
     setup
         .db
-        .exec("insert into connections (id, connector) values ('interp-1', 'hidden_interp')")
+        .exec("insert into connections (id, connector) values ('interp-1', 'hidden_interp'), ('script-1', 'by_interpreter')")
         .await;
     let _daemon = setup.start(&extra, &[]).await;
     let run_id = setup.trigger("victim-3").await;
@@ -597,6 +602,9 @@ async fn a_signal_and_a_failed_exec_inside_the_sandbox_are_typed() {
         .scalar(&format!("select pid from runs where id = {run_id}"))
         .await;
     assert_eq!(pid, None);
+    let run_id = setup.trigger("script-1").await;
+    let (status, kind, detail) = setup.finished(run_id).await;
+    assert_eq!(status, "succeeded", "{kind:?} {detail:?}");
 }
 
 /// A machine without the sandbox's tool (bubblewrap missing from PATH, or
