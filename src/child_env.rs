@@ -248,7 +248,7 @@ mod tests {
             attempt: 1,
             private: Some(PrivateDirs {
                 home: "/run/connector/home",
-                tmp: "/tmp",
+                tmp: "/run/connector/tmp",
             }),
         };
         let env = ChildEnv::build(
@@ -259,7 +259,7 @@ mod tests {
             host,
         );
         assert_eq!(env.plain("HOME"), Some(OsStr::new("/run/connector/home")));
-        assert_eq!(env.plain("TMPDIR"), Some(OsStr::new("/tmp")));
+        assert_eq!(env.plain("TMPDIR"), Some(OsStr::new("/run/connector/tmp")));
         assert!(
             matches!(&env.vars["CHASE_PASSWORD"], EnvValue::Secret(s) if s.expose() == "stored")
         );

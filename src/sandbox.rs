@@ -6,8 +6,8 @@
 //! namespaces, sharing only the network. Its file system is a fresh tmpfs
 //! holding, read-only, the system directories (`/usr`, `/bin`, `/lib*`,
 //! `/etc`, `/opt`), its own program, the paths its connector declares, and
-//! writable, its run's private directory (`HOME`, and `/tmp` which `TMPDIR`
-//! names). The daemon's config file, key directory and
+//! writable, its run's private directory (`HOME` and `TMPDIR`) and a
+//! private `/tmp`. The daemon's config file, key directory and
 //! `$CREDENTIALS_DIRECTORY` are masked wherever a visible directory holds
 //! them. Its `/proc` shows its own PID namespace only, so no other
 //! process's environment, memory or signals are within reach, and the
@@ -44,9 +44,10 @@ pub const RUN_DIR_INSIDE: &str = "/run/connector";
 /// The child's `HOME` inside the sandbox.
 pub const HOME_INSIDE: &str = "/run/connector/home";
 
-/// The child's `TMPDIR` inside the sandbox: the run's `tmp`, mounted on
-/// `/tmp` so that programs that ignore `TMPDIR` stay private too.
-pub const TMP_INSIDE: &str = "/tmp";
+/// The child's `TMPDIR` inside the sandbox: the run's `tmp`. `/tmp` itself
+/// is a tmpfs of the sandbox's own, so programs that ignore `TMPDIR` stay
+/// private too, and declared paths under the host's `/tmp` still show.
+pub const TMP_INSIDE: &str = "/run/connector/tmp";
 
 /// The user id a child of a daemon running as root has inside (it stays
 /// root outside, without any capability there). Chromium refuses to start
@@ -216,7 +217,11 @@ impl Sandbox {
                 );
             }
         }
-        for arg in ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm"] {
+        // Before every declared path, so that one under /tmp is mounted on
+        // top of the private /tmp rather than hidden by it.
+        for arg in [
+            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm", "--tmpfs", "/tmp",
+        ] {
             base.push(arg.into());
         }
         for path in &config.sandbox.read_only_paths {
@@ -383,7 +388,6 @@ impl Sandbox {
                 );
             }
         }
-        let tmp = run_dir.join("tmp");
         push_all(
             &mut args,
             [
@@ -391,10 +395,6 @@ impl Sandbox {
                 run_dir.as_os_str(),
                 RUN_DIR_INSIDE.as_ref(),
             ],
-        );
-        push_all(
-            &mut args,
-            ["--bind".as_ref(), tmp.as_os_str(), TMP_INSIDE.as_ref()],
         );
         push_all(&mut args, ["--chdir".as_ref(), HOME_INSIDE.as_ref()]);
         let info_fd = info_w.as_raw_fd().to_string();

@@ -10,7 +10,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::{cli, recorded_env, run_processes, Daemon, Scratch, TestDb, PATIENCE};
+use support::{cli, recorded_env, run_processes, Daemon, TestDb, PATIENCE};
 
 const TOKEN: &str = "victim-token-8f2c91d4";
 
@@ -24,17 +24,44 @@ fn script(name: &str) -> String {
 
 /// The scratch dir holds the keys (`keys/`), the daemon's config files and
 /// one record directory per connector, each that connector's only writable
-/// host path.
+/// host path. It lives under the host's temporary directory, where the
+/// sandbox puts a private `/tmp` of its own: declared paths there must
+/// still show through it (the other tests' scratch dirs are under
+/// `target/`).
 struct Setup {
     db: TestDb,
-    dir: Scratch,
+    dir: HostTmp,
+}
+
+/// A scratch directory under the host's temporary directory.
+struct HostTmp {
+    path: PathBuf,
+}
+
+impl HostTmp {
+    fn new() -> HostTmp {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "connectord-sandbox-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&path).expect("scratch dir");
+        HostTmp { path }
+    }
+}
+
+impl Drop for HostTmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 impl Setup {
     async fn new() -> Setup {
         let setup = Setup {
             db: TestDb::new().await,
-            dir: Scratch::new(),
+            dir: HostTmp::new(),
         };
         for sub in ["victim", "attacker", "paths", "rw", "ro", "creds"] {
             std::fs::create_dir_all(setup.path(sub)).expect("record dir");
@@ -446,7 +473,7 @@ async fn a_child_sees_its_own_directories_and_its_declared_paths_only() {
                 .to_owned()
         };
         assert_eq!(line("home"), "/run/connector/home");
-        assert_eq!(line("tmpdir"), "/tmp");
+        assert_eq!(line("tmpdir"), "/run/connector/tmp");
         assert_eq!(line("home-empty"), "0", "round {round}: HOME was not empty");
         assert_eq!(
             line("tmpdir-empty"),
@@ -467,13 +494,27 @@ async fn a_child_sees_its_own_directories_and_its_declared_paths_only() {
             writable,
             [
                 "/run/connector/home",
-                "/tmp",
+                "/run/connector/tmp",
                 "/tmp",
                 "/dev/shm",
-                rw.to_str().expect("utf-8")
+                rw.to_str().expect("utf-8"),
+                // Inside the sandbox's own /tmp, where it made the mount
+                // points of the declared paths: not the host's.
+                &format!("{}/paths/../", setup.dir.path.display()),
             ],
             "{seen}"
         );
+        assert!(
+            rw.join(".written").exists(),
+            "a write to the declared path did not reach the host"
+        );
+        for host in [&setup.dir.path, &ro] {
+            assert!(
+                !host.join(".written").exists(),
+                "the child wrote into {}",
+                host.display()
+            );
+        }
         assert!(
             !root.join(run_id.to_string()).exists(),
             "the run's private directory outlived it"

@@ -54,7 +54,7 @@ case "$behaviour" in
       echo "tmpdir-empty $(ls -A "$TMPDIR" | wc -l)"
       for p in "$HOME" "$TMPDIR" /tmp /dev/shm "$(cat "$RECORD_DIR/rw-path")" \
                "$(cat "$RECORD_DIR/ro-path")" / /usr /etc /opt /var /run /root /home "$RECORD_DIR/../"; do
-        if ( : > "$p/.written" ) 2>/dev/null; then echo "writable $p"; rm -f "$p/.written"; else echo "read-only $p"; fi
+        if ( : > "$p/.written" ) 2>/dev/null; then echo "writable $p"; else echo "read-only $p"; fi
       done
       if cat "$(cat "$RECORD_DIR/ro-path")/readme" >/dev/null 2>&1; then echo "ro-readable yes"; else echo "ro-readable no"; fi
       echo "left-behind" > "$HOME/left"
