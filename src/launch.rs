@@ -264,29 +264,14 @@ async fn run_in_slot(
     let sandbox = match (&ctx.sandbox, &ctx.run_dirs) {
         (SandboxState::Ready(sandbox), Some(run_dirs)) => Some((sandbox, run_dirs)),
         (SandboxState::Disabled, _) => None,
-        (SandboxState::Unavailable(reason), _) => {
+        (state, _) => {
+            let reason = match state {
+                SandboxState::Unavailable(reason) => reason.as_str(),
+                _ => "there is no directory for runs' private files",
+            };
             let detail = format!("the sandbox cannot be set up on this machine: {reason}");
-            return refuse(
-                ctx,
-                run_id,
-                command,
-                None,
-                FailureKind::SandboxUnavailable,
-                detail,
-            )
-            .await;
-        }
-        (SandboxState::Ready(_), None) => {
-            let detail = "the sandbox has no directory for runs' private files".to_owned();
-            return refuse(
-                ctx,
-                run_id,
-                command,
-                None,
-                FailureKind::SandboxUnavailable,
-                detail,
-            )
-            .await;
+            let kind = FailureKind::SandboxUnavailable;
+            return refuse(ctx, run_id, command, None, kind, detail).await;
         }
     };
     // The claim read only an active credential. Without one, the run is
