@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 use crate::child_env::ChildEnv;
 use crate::config::ConnectorConfig;
+use crate::printable::printable;
 use crate::protocol::{self, Line, Message};
 use crate::sandbox::{self, Report, Sandbox};
 use crate::spawn::{self, CStrings, Process};
@@ -495,16 +496,15 @@ async fn read_stdout<R: AsyncRead + Unpin>(stdout: R, messages: mpsc::Sender<Mes
             }
             Line::Malformed(reason) => {
                 if limit.admit() {
+                    let reason = printable(&reason);
                     tracing::warn!(%reason, "connector printed a message of the wrong shape");
                 }
             }
             Line::Text => {
                 if limit.admit() {
-                    tracing::info!(
-                        output = %String::from_utf8_lossy(&buf),
-                        truncated,
-                        "connector output"
-                    );
+                    let output = String::from_utf8_lossy(&buf);
+                    let output = printable(&output);
+                    tracing::info!(%output, truncated, "connector output");
                 }
             }
         }
@@ -518,13 +518,16 @@ async fn read_stderr<R: AsyncRead + Unpin>(stderr: R) {
     let mut limit = RateLimit::new();
     while let Ok(Some(truncated)) = read_capped_line(&mut reader, &mut buf, MAX_LINE).await {
         if limit.admit() {
-            tracing::warn!(stderr = %String::from_utf8_lossy(&buf), truncated, "connector stderr");
+            let stderr = String::from_utf8_lossy(&buf);
+            let stderr = printable(&stderr);
+            tracing::warn!(%stderr, truncated, "connector stderr");
         }
     }
     limit.finish();
 }
 
 fn log_at(level: Option<&str>, message: &str) {
+    let message = &*printable(message);
     match level.unwrap_or("info") {
         "error" => tracing::error!(message, "connector log"),
         "warn" | "warning" => tracing::warn!(message, "connector log"),

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::keys::Keyring;
 use crate::logging::LogFormat;
+use crate::printable::printable;
 use crate::secret::{Plaintext, Secret};
 
 /// Exit statuses, documented in `--help`.
@@ -414,8 +415,10 @@ async fn connections(config: &Config, command: ConnectionsCommand) -> anyhow::Re
                 println!("{:<24} {:<16} {:<16} ENABLED", "ID", "CONNECTOR", "OWNER");
                 for (id, connector, owner, enabled) in rows {
                     println!(
-                        "{id:<24} {connector:<16} {:<16} {enabled}",
-                        owner.unwrap_or_default()
+                        "{:<24} {:<16} {:<16} {enabled}",
+                        printable(&id),
+                        printable(&connector),
+                        printable(&owner.unwrap_or_default())
                     );
                 }
             }
@@ -665,13 +668,13 @@ async fn list_schedules(pool: &PgPool, json: bool) -> anyhow::Result<()> {
             println!(
                 "{:<6} {:<20} {:<20} {:<18} {:<7} {:<6} {:<25} {}",
                 row.id,
-                row.connection_id,
-                row.cron,
-                row.timezone,
+                printable(&row.connection_id),
+                printable(&row.cron),
+                printable(&row.timezone),
                 row.enabled,
-                row.overlap,
+                printable(&row.overlap),
                 next,
-                row.last_error.unwrap_or_default()
+                printable(&row.last_error.unwrap_or_default())
             );
         }
     }
@@ -728,7 +731,7 @@ async fn trigger(config: &Config, connection: &str, wait: Wait) -> anyhow::Resul
             let kind = kind.unwrap_or_default();
             println!("run {run_id}: {status} {kind}");
             if let Some(detail) = detail {
-                println!("{detail}");
+                println!("{}", printable(&detail));
             }
             return Ok(match status.as_str() {
                 "succeeded" => exit::OK,
@@ -826,11 +829,11 @@ async fn runs(config: &Config, filter: RunFilter, json: bool) -> anyhow::Result<
         println!(
             "{:<8} {:<20} {:<10} {:<3} {:<10} {:<26} {:<9} {}",
             row.id,
-            row.connection_id,
+            printable(&row.connection_id),
             row.trigger,
             row.attempt,
             row.status,
-            row.failure_kind.unwrap_or_default(),
+            printable(&row.failure_kind.unwrap_or_default()),
             duration,
             row.created_at.to_rfc3339()
         );
@@ -858,8 +861,10 @@ async fn interactions(config: &Config, open: bool, json: bool) -> anyhow::Result
             println!("{object}");
         } else {
             println!(
-                "{id:<6} {connection:<20} {kind_status:<31} {}",
-                message.unwrap_or_default()
+                "{id:<6} {:<20} {:<31} {}",
+                printable(&connection),
+                printable(&kind_status),
+                printable(&message.unwrap_or_default())
             );
         }
     }

@@ -26,6 +26,7 @@
 //! - [`sandbox`], [`run_dir`]: the sandbox every child runs in, and each
 //!   run's private directory.
 //! - [`runs`]: writes to `runs` and `interactions`; [`retention`]: pruning.
+//! - [`printable`]: outside text escaped before it is logged or printed.
 //! - [`daemon`]: wiring and shutdown; [`systemd`]: the notify protocol;
 //!   [`memory`]: giving freed memory back.
 //! - [`cli`], [`dev`], [`pgcluster`], [`logging`]: the command line.
@@ -45,6 +46,7 @@ pub mod launch;
 pub mod logging;
 pub mod memory;
 pub mod pgcluster;
+pub mod printable;
 pub mod protocol;
 pub mod queue;
 pub mod resolver;

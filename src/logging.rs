@@ -35,7 +35,11 @@ pub fn init(format: LogFormat) {
             .with_current_span(true)
             .with_span_list(false)
             .try_init(),
-        LogFormat::Pretty => builder.with_target(false).try_init(),
+        // Colours only where a terminal shows them, not in a file or pipe.
+        LogFormat::Pretty => builder
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
         _ => builder.compact().with_ansi(false).try_init(),
     };
 }

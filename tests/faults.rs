@@ -820,3 +820,88 @@ async fn a_superseded_run_stops_its_child() {
     );
     assert!(daemon.logs().contains("took this run over"));
 }
+
+/// A child cannot forge log lines or steer the operator's terminal: a
+/// newline inside a message, an unknown `type` with a newline, ESC, BEL, CR
+/// and a bidi override on stdout and stderr are all escaped, in every log
+/// format, and each stays on the daemon's own line.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_cannot_forge_log_lines_in_any_format() {
+    for format in ["compact", "pretty", "json"] {
+        let db = TestDb::new().await;
+        let dir = Scratch::new();
+        connection(&db, &dir.path, "forger", "forge").await;
+        let daemon =
+            Daemon::start_with_format(&db, &dir.path, &config(&dir.path, "a", ""), &[], format)
+                .await;
+        db.exec("insert into run_commands (connection_id) values ('forger')")
+            .await;
+        db.wait_until("select count(*) = 1 from runs where status = 'succeeded'")
+            .await;
+        // Every connector line is logged before the run's outcome; the
+        // test's reader of the daemon's stderr may still be behind.
+        let deadline = tokio::time::Instant::now() + support::PATIENCE;
+        let logs = loop {
+            let logs = daemon.logs();
+            if logs.contains("FORGED-4") && logs.contains("FORGED-3") {
+                break logs;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{format}: {logs}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        for forged in ["FORGED-1", "FORGED-2", "FORGED-3", "FORGED-4"] {
+            let lines: Vec<&str> = logs.lines().filter(|l| l.contains(forged)).collect();
+            assert!(
+                !lines.is_empty(),
+                "{format}: {forged} was not logged:\n{logs}"
+            );
+            for line in lines {
+                assert!(
+                    line.contains("connector"),
+                    "{format}: {forged} starts a line of its own: {line:?}"
+                );
+            }
+        }
+        for raw in ["\u{1b}[2K", "\u{1b}[31m", "\u{7}", "\r", "\u{202e}"] {
+            assert!(!logs.contains(raw), "{format}: {raw:?} reached the log raw");
+        }
+    }
+}
+
+/// What a child (or a hand-written row) put in the tables cannot steer the
+/// operator's terminal: `interactions`, `runs`, `connections list` and
+/// `schedules list` print control characters escaped, one row per line.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_prints_outside_text_escaped() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    let config = dir.path.join("cli.toml");
+    std::fs::write(&config, self::config(&dir.path, "a", "")).expect("config");
+    db.exec(
+        "insert into connections (id, connector, owner) values ('esc-1', 'hostile', E'own\\033[2Ker');
+         insert into interactions (connection_id, run_id, kind, message)
+         values ('esc-1', 1, E'credentials_required\\r\\033[2Kresolved', E'log in\\nFAKE 2 esc-1 credentials_required resolved\\007');
+         insert into schedules (connection_id, cron) values ('esc-1', E'* * * * *\\033[A');
+         insert into runs (connection_id, connector, trigger, attempt, status, failure_kind, failure_detail)
+         values ('esc-1', 'hostile', 'manual', 1, 'failed', E'exit\\033[1A', 'x');",
+    )
+    .await;
+    for args in [
+        &["interactions"][..],
+        &["runs"],
+        &["connections", "list"],
+        &["schedules", "list"],
+    ] {
+        let (code, out, err) = support::cli(&db, Some(&config), args, "");
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        for raw in ['\u{1b}', '\u{7}', '\r'] {
+            assert!(!out.contains(raw), "{args:?} printed {raw:?} raw: {out:?}");
+        }
+        assert!(
+            !out.contains("\nFAKE"),
+            "{args:?} printed a forged row: {out}"
+        );
+        // A header and one line per row.
+        assert_eq!(out.lines().count(), 2, "{args:?}: {out}");
+    }
+}

@@ -63,6 +63,13 @@ case "$behaviour" in
     } > "$RECORD_DIR/$CONNECTORD_RUN_ID.paths.tmp"
     mv "$RECORD_DIR/$CONNECTORD_RUN_ID.paths.tmp" "$RECORD_DIR/$CONNECTORD_RUN_ID.paths"
     exit 0 ;;
+  # Tries to forge log lines and steer the operator's terminal.
+  forge)
+    printf '%s\n' '{"type":"log","level":"warn","message":"ok\nWARN run: connectord::launch: run failed FORGED-1 run_id=1"}'
+    printf '%s\n' '{"type":"tele\nWARN FORGED-2"}'
+    printf 'plain \033[2K\007 out\rFORGED-3\n'
+    printf 'err \033[31m\rFORGED-4\342\200\256\n' >&2
+    exit 0 ;;
   # Kills itself with a signal.
   segfault) kill -SEGV $$ ;;
   # Reports progress, then runs until released.
