@@ -428,16 +428,23 @@ async fn connections(config: &Config, command: ConnectionsCommand) -> anyhow::Re
 }
 
 /// Reads the secret from stdin: everything up to EOF, less one trailing
-/// newline, so `echo secret |` and a file both work.
+/// newline, so `echo secret |` and a file both work. At most
+/// `store::MAX_SECRET_BYTES` (and its newline) are read: a larger input is
+/// refused without being held in memory.
 fn read_secret_from_stdin() -> anyhow::Result<Secret> {
     use std::io::IsTerminal;
     if std::io::stdin().is_terminal() {
         eprintln!("Enter the secret, then press Enter and Ctrl-D:");
     }
-    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    let limit = crate::store::MAX_SECRET_BYTES + 2;
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(limit + 1));
     std::io::stdin()
+        .take(limit as u64 + 1)
         .read_to_end(&mut bytes)
         .context("reading the secret from stdin")?;
+    if bytes.len() > limit {
+        bail!("the secret on stdin is longer than 64 KiB; nothing was stored");
+    }
     let mut end = bytes.len();
     if bytes[..end].ends_with(b"\n") {
         end -= 1;

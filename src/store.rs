@@ -14,10 +14,35 @@ pub enum StoreError {
     NoActive(String),
     #[error("connection {0:?} has no credential to delete")]
     NothingToDelete(String),
+    /// A value no child's environment could carry: refused before it is
+    /// stored, rather than failing every launch after.
+    #[error("the credential's {field} {problem}; nothing was stored")]
+    Unusable {
+        field: &'static str,
+        problem: &'static str,
+    },
     #[error("encrypting the credential failed: {0}")]
     Seal(#[from] crate::keys::SealError),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+}
+
+/// The longest value a credential field may hold. Environment variables
+/// carry it to the child, and Linux refuses any one of them over 128 KiB
+/// (`MAX_ARG_STRLEN`); 64 KiB leaves room for the name and every other
+/// variable, and is far more than any token or password.
+pub const MAX_SECRET_BYTES: usize = 64 * 1024;
+
+/// Refuses a field that could never reach a child.
+fn check_field(field: &'static str, value: &str) -> Result<(), StoreError> {
+    let problem = if value.contains('\0') {
+        "contains a NUL byte, which no environment variable can carry"
+    } else if value.len() > MAX_SECRET_BYTES {
+        "is longer than 64 KiB"
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::Unusable { field, problem })
 }
 
 /// Stores `plaintext` as the connection's active credential, encrypted
@@ -30,6 +55,13 @@ pub async fn set(
     connection_id: &str,
     plaintext: &Plaintext,
 ) -> Result<i64, StoreError> {
+    match plaintext {
+        Plaintext::StaticSecret(secret) => check_field("secret", secret.expose())?,
+        Plaintext::UsernamePassword { username, password } => {
+            check_field("username", username.expose())?;
+            check_field("password", password.expose())?;
+        }
+    }
     let mut tx = pool.begin().await?;
     let exists: Option<String> =
         sqlx::query_scalar("select id from connections where id = $1 for update")

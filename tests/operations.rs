@@ -638,3 +638,55 @@ async fn operator_commands() {
     let (code, out, _) = cli(&db, Some(&path), &["trigger", "alice-chase", "--wait"], "");
     assert_eq!(code, 0, "{out}");
 }
+
+/// A secret no child's environment could carry is refused by
+/// `credentials set` (NUL byte, over 64 KiB, a huge stdin read only up to
+/// the bound), nothing is stored, and the connection keeps its credential;
+/// 64 KiB exactly is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_set_refuses_secrets_no_child_could_receive() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    generate_key(&db, &dir.path, "k1");
+    let config = write_config(&dir.path, "c.toml", &config(&dir.path, "k1", ""));
+    db.exec("insert into connections (id, connector) values ('bob-github', 'github')")
+        .await;
+    let set = |secret: &str| {
+        cli(
+            &db,
+            Some(&config),
+            &[
+                "credentials",
+                "set",
+                "bob-github",
+                "--kind",
+                "static_secret",
+            ],
+            secret,
+        )
+    };
+    let (code, out, err) = set("good-token\n");
+    assert_eq!(code, 0, "{out}{err}");
+    let max = "x".repeat(64 * 1024);
+    let huge = "y".repeat(8 << 20);
+    for (secret, said) in [
+        ("tok\0en\n", "NUL byte"),
+        (&*format!("{max}z"), "longer than 64 KiB"),
+        (&*huge, "longer than 64 KiB"),
+    ] {
+        let (code, out, err) = set(secret);
+        assert_eq!(code, 1, "{out}{err}");
+        assert!(
+            err.contains(said) && err.contains("nothing was stored"),
+            "{err}"
+        );
+    }
+    let rows: i64 = db.scalar("select count(*) from credentials").await;
+    assert_eq!(rows, 1, "a refused secret was stored");
+    let (code, out, err) = set(&format!("{max}\n"));
+    assert_eq!(code, 0, "64 KiB is allowed: {out}{err}");
+    let active: i64 = db
+        .scalar("select count(*) from credentials where status = 'active'")
+        .await;
+    assert_eq!(active, 1);
+}
