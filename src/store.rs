@@ -127,11 +127,14 @@ pub async fn revoke(pool: &PgPool, connection_id: &str) -> Result<i64, StoreErro
     .ok_or_else(|| StoreError::NoActive(connection_id.to_owned()))
 }
 
-/// Marks every remaining credential of the connection deleted; the rows
-/// stay for audit. Returns how many rows changed.
+/// Marks every remaining credential of the connection deleted and destroys
+/// its ciphertext (nonce and ciphertext become empty): a deleted secret
+/// must not be recoverable by whoever later holds a key and the database.
+/// The rows stay for audit. Returns how many rows changed.
 pub async fn delete(pool: &PgPool, connection_id: &str) -> Result<u64, StoreError> {
     let changed = sqlx::query(
-        "update credentials set status = 'deleted', deleted_at = now()
+        "update credentials set status = 'deleted', deleted_at = now(),
+                nonce = ''::bytea, ciphertext = ''::bytea
          where connection_id = $1 and status <> 'deleted'",
     )
     .bind(connection_id)
@@ -164,13 +167,13 @@ struct SealedRow {
 }
 
 /// Re-encrypts every credential not under the primary key, so older keys
-/// can be retired. Each row is rewritten only if it is unchanged since it
+/// can be retired; deleted ones hold nothing to re-encrypt. Each row is rewritten only if it is unchanged since it
 /// was read.
 pub async fn rotate(pool: &PgPool, keyring: &Keyring) -> Result<Rotation, StoreError> {
     let primary = keyring.primary_id();
     let mut rotation = Rotation {
         already_current: sqlx::query_scalar::<_, i64>(
-            "select count(*) from credentials where key_id = $1",
+            "select count(*) from credentials where key_id = $1 and status <> 'deleted'",
         )
         .bind(primary)
         .fetch_one(pool)
@@ -179,7 +182,7 @@ pub async fn rotate(pool: &PgPool, keyring: &Keyring) -> Result<Rotation, StoreE
     };
     let rows: Vec<SealedRow> = sqlx::query_as(
         "select id, connection_id, kind, key_id, nonce, ciphertext from credentials
-         where key_id <> $1 order by id",
+         where key_id <> $1 and status <> 'deleted' order by id",
     )
     .bind(primary)
     .fetch_all(pool)

@@ -690,3 +690,48 @@ async fn credentials_set_refuses_secrets_no_child_could_receive() {
         .await;
     assert_eq!(active, 1);
 }
+
+/// `credentials delete` destroys the ciphertext (the row stays, for audit),
+/// and `credentials rotate` leaves deleted rows alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_credential_is_destroyed_and_not_rotated() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    generate_key(&db, &dir.path, "k1");
+    let k1 = write_config(&dir.path, "k1.toml", &config(&dir.path, "k1", ""));
+    db.exec("insert into connections (id, connector) values ('bob-github', 'github'), ('eve-github', 'github')")
+        .await;
+    for connection in ["bob-github", "eve-github"] {
+        run_ok(
+            &db,
+            &k1,
+            &["credentials", "set", connection, "--kind", "static_secret"],
+            "token\n",
+        );
+    }
+    run_ok(&db, &k1, &["credentials", "delete", "bob-github"], "");
+    let (status, nonce, ciphertext): (String, i32, i32) = sqlx::query_as(
+        "select status, octet_length(nonce), octet_length(ciphertext) from credentials
+         where connection_id = 'bob-github'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("row");
+    assert_eq!((status.as_str(), nonce, ciphertext), ("deleted", 0, 0));
+
+    generate_key(&db, &dir.path, "k2");
+    let k2 = write_config(&dir.path, "k2.toml", &config(&dir.path, "k2", ""));
+    run_ok(&db, &k2, &["credentials", "rotate"], "");
+    let keys: Vec<(String, String)> =
+        sqlx::query_as("select connection_id, key_id from credentials order by connection_id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("rows");
+    assert_eq!(
+        keys,
+        [
+            ("bob-github".to_owned(), "k1".to_owned()),
+            ("eve-github".to_owned(), "k2".to_owned())
+        ]
+    );
+}
