@@ -326,39 +326,85 @@ async fn pool(config: &Config) -> anyhow::Result<PgPool> {
 /// The URL without its password (in the user part or a `password=`
 /// parameter), for messages.
 pub fn redact_url(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
+    let Some(scheme) = url.find("://") else {
+        return redact_keywords(url).unwrap_or_else(|| UNPARSABLE.to_owned());
     };
-    let mut out = match (base.find("://"), base.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &base[scheme + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:[redacted]{}",
-                    &base[..scheme + 3],
-                    &userinfo[..colon],
-                    &base[at..]
-                ),
-                None => base.to_owned(),
-            }
+    // The user part ends at the last '@': a password may hold an unencoded
+    // '@', '?' or '/', so nothing after the scheme can be split off first.
+    let (prefix, rest) = match url[scheme + 3..].rfind('@') {
+        Some(at) => {
+            let at = scheme + 3 + at;
+            let userinfo = &url[scheme + 3..at];
+            let prefix = match userinfo.find(':') {
+                Some(colon) => format!("{}{}:[redacted]@", &url[..scheme + 3], &userinfo[..colon]),
+                None => url[..=at].to_owned(),
+            };
+            (prefix, &url[at + 1..])
         }
-        _ => base.to_owned(),
+        None => (url[..scheme + 3].to_owned(), &url[scheme + 3..]),
     };
-    if let Some(query) = query {
-        let params: Vec<String> = query
-            .split('&')
-            .map(|param| match param.split_once('=') {
-                Some((key, _)) if key.eq_ignore_ascii_case("password") => {
-                    format!("{key}=[redacted]")
-                }
-                _ => param.to_owned(),
-            })
-            .collect();
-        out.push('?');
-        out.push_str(&params.join("&"));
+    let mut out = prefix;
+    match rest.split_once('?') {
+        None => out.push_str(rest),
+        Some((base, query)) => {
+            out.push_str(base);
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                        format!("{key}=[redacted]")
+                    }
+                    _ => param.to_owned(),
+                })
+                .collect();
+            out.push('?');
+            out.push_str(&params.join("&"));
+        }
     }
     out
+}
+
+/// What is printed for a database address that cannot be parsed.
+const UNPARSABLE: &str = "(unparsable URL)";
+
+/// A keyword/value connection string (`host=h password='x y'`) with its
+/// password redacted; `None` if it is not one.
+fn redact_keywords(text: &str) -> Option<String> {
+    let mut out = Vec::new();
+    let mut rest = text.trim_start();
+    while !rest.is_empty() {
+        let eq = rest.find('=')?;
+        let key = rest[..eq].trim();
+        if key.is_empty() || key.contains(char::is_whitespace) {
+            return None;
+        }
+        let after = rest[eq + 1..].trim_start();
+        let value_len = if let Some(inner) = after.strip_prefix('\'') {
+            let mut end = None;
+            let mut escaped = false;
+            for (i, c) in inner.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '\'' if !escaped => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            end? + 2
+        } else {
+            after.find(char::is_whitespace).unwrap_or(after.len())
+        };
+        let value = &after[..value_len];
+        out.push(if key.eq_ignore_ascii_case("password") {
+            format!("{key}=[redacted]")
+        } else {
+            format!("{key}={value}")
+        });
+        rest = after[value_len..].trim_start();
+    }
+    (!out.is_empty()).then(|| out.join(" "))
 }
 
 fn keyring(config: &Config) -> anyhow::Result<Keyring> {
@@ -895,7 +941,22 @@ mod tests {
                 "postgres://u:p%40ss@h:5432/db?PASSWORD=x",
                 "postgres://u:[redacted]@h:5432/db?PASSWORD=[redacted]",
             ),
-            ("not a url", "not a url"),
+            ("not a url", "(unparsable URL)"),
+            // An unencoded '?', '@' or '/' in the password.
+            ("postgres://u:pa?ss@h/db", "postgres://u:[redacted]@h/db"),
+            (
+                "postgres://u:p@ss/w?rd@h/db?sslmode=disable",
+                "postgres://u:[redacted]@h/db?sslmode=disable",
+            ),
+            (
+                "host=h user=u password=s3cret dbname=d",
+                "host=h user=u password=[redacted] dbname=d",
+            ),
+            (
+                "host=h password='it\\'s a secret' dbname=d",
+                "host=h password=[redacted] dbname=d",
+            ),
+            ("host=h password='unterminated", "(unparsable URL)"),
         ] {
             assert_eq!(redact_url(url), expected, "{url}");
         }

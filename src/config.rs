@@ -396,6 +396,31 @@ mod duration {
     }
 }
 
+/// The parser's message, which quotes the offending line; for a line that
+/// may hold a password (the database URL), only its position and the
+/// reason, never the text.
+fn toml_error(text: &str, error: &toml::de::Error) -> String {
+    let Some(span) = error.span() else {
+        return error.to_string();
+    };
+    let line_start = text[..span.start.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line_end = text[line_start..]
+        .find('\n')
+        .map_or(text.len(), |i| line_start + i);
+    let line = text[line_start..line_end].to_ascii_lowercase();
+    if !(line.contains("url") || line.contains("password") || line.contains("postgres")) {
+        return error.to_string();
+    }
+    let line_number = text[..line_start].matches('\n').count() + 1;
+    let column = span.start - line_start + 1;
+    format!(
+        "TOML parse error at line {line_number}, column {column} (the line is not shown: it may hold a password): {}",
+        error.message()
+    )
+}
+
 /// A config file that could not be used; the message names the file, and
 /// for TOML errors the line and key.
 #[derive(Debug, thiserror::Error)]
@@ -428,7 +453,7 @@ impl Config {
     /// Parses and validates config text; the error is the parser's message,
     /// which names the line, column and key.
     pub fn parse(text: &str) -> Result<Config, String> {
-        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let config: Config = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         config.validate()?;
         Ok(config)
     }
