@@ -316,13 +316,15 @@ async fn run_in_slot(
     let source = resolved.source.as_str();
     let credential = (resolved.credential_id, Some(source));
 
-    let run_dir = match sandbox.map(|(_, run_dirs)| run_dirs.create_run(run_id)) {
-        Some(Err(e)) => {
+    // A sandboxed run gets its private directory, and a sandbox never
+    // goes without one.
+    let run_dir = match sandbox.map(|(sandbox, run_dirs)| (sandbox, run_dirs.create_run(run_id))) {
+        None => None,
+        Some((sandbox, Ok(run_dir))) => Some((sandbox, run_dir)),
+        Some((_, Err(e))) => {
             let e = format!("cannot create the run's private directory: {e}");
             return fail_spawn(ctx, run_id, command, connector, credential, e).await;
         }
-        Some(Ok(run_dir)) => Some(run_dir),
-        None => None,
     };
     let env = ChildEnv::build(
         &ctx.config,
@@ -340,12 +342,12 @@ async fn run_in_slot(
         resolved.vars,
         host_var,
     );
-    let confinement = match (sandbox, &run_dir) {
-        (Some((sandbox, _)), Some(run_dir)) => Confinement::Sandboxed {
+    let confinement = match &run_dir {
+        Some((sandbox, run_dir)) => Confinement::Sandboxed {
             sandbox,
             run_dir: run_dir.path(),
         },
-        _ => Confinement::Unconfined,
+        None => Confinement::Unconfined,
     };
     let spawned = child::spawn(connector, &env, confinement).await;
     // The plaintext leaves our memory as soon as the child has it.
@@ -353,7 +355,7 @@ async fn run_in_slot(
     let running = match spawned {
         Ok(running) => running,
         Err(e) => {
-            if let Some(run_dir) = run_dir {
+            if let Some((_, run_dir)) = run_dir {
                 run_dir.remove().await;
             }
             return fail_spawn(ctx, run_id, command, connector, credential, e.to_string()).await;
@@ -449,7 +451,7 @@ async fn run_in_slot(
         }
     };
 
-    if let Some(run_dir) = run_dir {
+    if let Some((_, run_dir)) = run_dir {
         run_dir.remove().await;
     }
     let (status, kind, exit_code, detail) = classify(outcome, raised_interaction);
