@@ -265,10 +265,11 @@ impl Target {
 impl Running {
     /// Waits for the child to end, enforcing the timeout and shutdown, and
     /// passes each protocol message to `on_message` as it arrives.
-    pub async fn supervise<F, Fut>(mut self, limits: Limits<'_>, mut on_message: F) -> Outcome
+    /// `on_message` must not wait: it runs between the checks of the
+    /// timeout and shutdown.
+    pub async fn supervise<F>(mut self, limits: Limits<'_>, mut on_message: F) -> Outcome
     where
-        F: FnMut(Message) -> Fut,
-        Fut: std::future::Future<Output = ()>,
+        F: FnMut(Message),
     {
         let target = Target {
             pgid: self.pid as i32,
@@ -287,7 +288,7 @@ impl Running {
             tokio::select! {
                 status = self.process.wait() => break status,
                 message = self.messages.recv(), if messages_open => match message {
-                    Some(message) => on_message(message).await,
+                    Some(message) => on_message(message),
                     None => messages_open = false,
                 },
                 () = &mut deadline, if ended_by.is_none() => {
@@ -318,7 +319,7 @@ impl Running {
         // cannot keep the run going.
         let drain = async {
             while let Some(message) = self.messages.recv().await {
-                on_message(message).await;
+                on_message(message);
             }
             // The readers end at end of input; stderr may still be logging.
             for reader in &mut self.readers {

@@ -43,6 +43,11 @@ const DAEMON_SESSION: &[&str] = &[
     // and a plan that falls back to a node the claim session disables is
     // costed past that threshold by the penalty alone.
     "set jit = off",
+    // Every statement of the daemon takes milliseconds. One that waits
+    // longer is stuck behind a lock or a sick server, and holds a pooled
+    // connection and whatever task awaits it; it fails instead, and the
+    // writers that must not lose a write retry it.
+    "set statement_timeout = '30s'",
 ];
 
 /// The daemon's pool, with [`DAEMON_SESSION`] applied to every connection.
@@ -91,7 +96,12 @@ async fn apply_session(conn: &mut PgConnection, settings: &[&str]) {
 /// Applies pending migrations; safe when several daemons start at once
 /// (sqlx takes an advisory lock) and when run again.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+    // A migration may rewrite a large table, which the daemon session's
+    // statement timeout would cut short: migrate on a connection of its
+    // own, closed afterwards.
+    let mut conn = pool.acquire().await?.detach();
+    conn.execute("set statement_timeout = 0").await?;
+    MIGRATOR.run(&mut conn).await
 }
 
 /// Whether every embedded migration has been applied.
@@ -120,10 +130,11 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Tls(_) => true,
         // Class 08 is "connection exception"; 57P01–57P03 are the server
-        // shutting down or starting up.
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        // shutting down or starting up; 57014 is a statement cancelled,
+        // by `statement_timeout` or an operator, which may pass.
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P") || code == "57014"
+        }),
         _ => false,
     }
 }

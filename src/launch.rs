@@ -9,7 +9,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,8 +21,8 @@ use crate::child_env::{ChildEnv, PrivateDirs, RunMeta};
 use crate::config::{Config, ConnectorConfig, RetryPolicy};
 use crate::failure::FailureKind;
 use crate::keys::Keyring;
-use crate::protocol::Message;
 use crate::queue::{self, Claimed, Command};
+use crate::report::Reports;
 use crate::resolver::{self, StoredCredential};
 use crate::run_dir::RunDirs;
 use crate::runs::{Finish, Outcome, OutcomeWriter, Start, StartWriter, Writer};
@@ -65,8 +64,10 @@ impl Context {
     }
 }
 
-/// How often a run's progress count is written while it runs.
-const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How long a run's outcome waits for its interactions to be written once
+/// the child has ended: they should land first, but a locked table must
+/// not hold the outcome (and the connection's next run) back.
+const REPORTS_PATIENCE: Duration = Duration::from_secs(1);
 
 /// The interaction kind that asks the owner to reconnect.
 pub const CREDENTIALS_REQUIRED: &str = "credentials_required";
@@ -167,16 +168,6 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
     result
 }
 
-/// What the child has reported while its run row may not exist yet.
-struct Progress {
-    /// The run row is written: progress counts can be kept on it.
-    recorded: AtomicBool,
-    /// The latest count the child reported, or [`NO_COUNT`].
-    latest: AtomicI64,
-}
-
-const NO_COUNT: i64 = i64::MIN;
-
 /// A run in [`Context::starting`] for as long as its start is being
 /// recorded, however that ends (the caller may stop waiting).
 struct Starting<'a> {
@@ -209,7 +200,7 @@ async fn record_start(
     ctx: &Context,
     start: Start,
     superseded: &CancellationToken,
-    progress: &Progress,
+    reports: &Reports,
 ) {
     let _starting = Starting::new(ctx, start.run_id);
     let mut backoff = Backoff::new();
@@ -219,14 +210,7 @@ async fn record_start(
                 if let Ok(mut running) = ctx.running.lock() {
                     running.insert(start.run_id, superseded.clone());
                 }
-                // A count reported before the row existed is kept now.
-                progress.recorded.store(true, Ordering::SeqCst);
-                let latest = progress.latest.load(Ordering::SeqCst);
-                if latest != NO_COUNT {
-                    if let Err(e) = ctx.writer().record_progress(start.run_id, latest).await {
-                        tracing::debug!(error = %e, "could not record progress");
-                    }
-                }
+                reports.row_recorded();
                 return;
             }
             Ok(false) => {
@@ -382,16 +366,22 @@ async fn run_in_slot(
         credential_source: source,
         lease: ctx.config.daemon.lease,
     };
-    let reported = Progress {
-        recorded: AtomicBool::new(false),
-        latest: AtomicI64::new(NO_COUNT),
-    };
-    let record_start = record_start(ctx, start, superseded, &reported);
-
-    let writer = ctx.writer();
-    let mut records = None;
-    let mut progress_written: Option<std::time::Instant> = None;
-    let mut raised_interaction = false;
+    let (reports, pending) = Reports::new(run_id);
+    let reports = Arc::new(reports);
+    let record_start = record_start(ctx, start, superseded, &reports);
+    // Written by a task of its own: supervision never waits on the
+    // database, and interactions still land when it is slow.
+    let mut write_reports = tokio::spawn(
+        reports
+            .clone()
+            .write(
+                pending,
+                ctx.pool.clone(),
+                ctx.instance_id.clone(),
+                command.connection_id.clone(),
+            )
+            .in_current_span(),
+    );
     let supervise = running.supervise(
         Limits {
             timeout: connector.timeout,
@@ -400,61 +390,34 @@ async fn run_in_slot(
             shutdown: &ctx.shutdown,
             superseded,
         },
-        |message| {
-            let mut open = None;
-            let mut progress = None;
-            match message {
-                Message::Progress { records: n } => {
-                    records = Some(n);
-                    // The latest count is kept on the run while it goes,
-                    // at most once a second, once the row is there (the
-                    // start's write keeps an earlier one).
-                    reported.latest.store(n, Ordering::SeqCst);
-                    if reported.recorded.load(Ordering::SeqCst)
-                        && progress_written.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY)
-                    {
-                        progress_written = Some(std::time::Instant::now());
-                        progress = Some(n);
-                    }
-                }
-                Message::Interaction { kind, message } => {
-                    raised_interaction = true;
-                    open = Some((kind, message.unwrap_or_default()));
-                }
-                Message::Log { .. } => {}
-            }
-            let writer = &writer;
-            let connection_id = &command.connection_id;
-            async move {
-                if let Some(n) = progress {
-                    if let Err(e) = writer.record_progress(run_id, n).await {
-                        tracing::debug!(error = %e, "could not record progress");
-                    }
-                }
-                if let Some((kind, message)) = open {
-                    if let Err(e) = writer
-                        .open_interaction(connection_id, run_id, &kind, &message)
-                        .await
-                    {
-                        tracing::warn!(error = %e, "could not record the connector's interaction");
-                    }
-                }
-            }
-        },
+        |message| reports.take(message),
     );
     let outcome = {
-        tokio::pin!(supervise);
-        tokio::pin!(record_start);
+        tokio::pin!(supervise, record_start);
         tokio::select! {
             outcome = &mut supervise => outcome,
             () = &mut record_start => (&mut supervise).await,
         }
     };
+    reports.close();
+    let (records, raised_interaction, problems) = reports.summary();
+    // The interactions should land before the outcome, but a locked table
+    // must not hold the outcome (and the connection's next run) back: the
+    // task goes on writing them on its own.
+    if tokio::time::timeout(REPORTS_PATIENCE, &mut write_reports)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the database is slow to record the connector's interactions; recording the outcome first");
+    }
 
     if let Some((_, run_dir)) = run_dir {
         run_dir.remove().await;
     }
-    let (status, kind, exit_code, detail) = classify(outcome, raised_interaction);
+    let (status, kind, exit_code, mut detail) = classify(outcome, raised_interaction);
+    if let Some(problems) = problems.describe() {
+        detail = format!("{detail}; {problems}");
+    }
     let retry_after = kind.and_then(|k| retry_delay(&connector.retry, command.attempt, k));
     let duration_ms = started.elapsed().as_millis() as u64;
     if status == "succeeded" {

@@ -49,6 +49,7 @@ pub mod pgcluster;
 pub mod printable;
 pub mod protocol;
 pub mod queue;
+pub mod report;
 pub mod resolver;
 pub mod retention;
 pub mod run_dir;

@@ -29,10 +29,31 @@ pub enum Message {
         records: i64,
     },
     Interaction {
-        kind: String,
+        kind: InteractionKind,
         #[serde(default)]
         message: Option<String>,
     },
+}
+
+/// The interactions a connector may open: the kinds SPEC names, and no
+/// other. A kind is a row an owner is asked to act on, so a child cannot
+/// invent new ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InteractionKind {
+    /// The owner must reconnect: store a new credential.
+    CredentialsRequired,
+    /// The owner must give a one-time code.
+    CodeRequired,
+}
+
+impl InteractionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InteractionKind::CredentialsRequired => "credentials_required",
+            InteractionKind::CodeRequired => "code_required",
+        }
+    }
 }
 
 /// Classifies one line (without its newline). Invalid UTF-8 is plain text.
@@ -82,10 +103,14 @@ mod tests {
         check(
             r#"{"type":"interaction","kind":"credentials_required","message":"log in"}"#,
             Line::Message(Message::Interaction {
-                kind: "credentials_required".into(),
+                kind: InteractionKind::CredentialsRequired,
                 message: Some("log in".into()),
             }),
         );
+        assert!(matches!(
+            parse_line(br#"{"type":"interaction","kind":"teleport_required"}"#),
+            Line::Malformed(_)
+        ));
         assert!(matches!(
             parse_line(br#"{"type":"progress","records":"many"}"#),
             Line::Malformed(_)

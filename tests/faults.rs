@@ -905,3 +905,79 @@ async fn the_cli_prints_outside_text_escaped() {
         assert_eq!(out.lines().count(), 2, "{args:?}: {out}");
     }
 }
+
+/// A child that floods interactions: kinds SPEC does not name open
+/// nothing, messages are cut, a run opens at most its limit, and the
+/// excess is reported once and kept in the run's detail.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interaction_flood_is_bounded_and_reported() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    connection(&db, &dir.path, "flooder", "ask-flood").await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    db.exec("insert into run_commands (connection_id) values ('flooder')")
+        .await;
+    db.wait_until("select count(*) = 1 from runs where status = 'failed'")
+        .await;
+    let (kind, detail): (String, String) =
+        sqlx::query_as("select failure_kind, failure_detail from runs")
+            .fetch_one(&db.pool)
+            .await
+            .expect("run");
+    assert_eq!(kind, "interaction_required");
+    assert!(
+        detail.contains("1992 interactions past the limit of 8"),
+        "{detail}"
+    );
+    assert!(detail.contains("cut to 1024 bytes"), "{detail}");
+    let rows: Vec<(String, i32)> =
+        sqlx::query_as("select kind, length(message) from interactions order by id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("interactions");
+    assert_eq!(rows, vec![("credentials_required".to_owned(), 1024)]);
+    let logs = daemon.logs();
+    assert_eq!(
+        logs.matches("interactions_over_limit").count(),
+        1,
+        "reported once:\n{logs}"
+    );
+    assert!(logs.contains("unknown variant"), "{logs}");
+}
+
+/// With `interactions` locked by another session, a child that reports
+/// progress and asks for its owner still times out on time: the run is
+/// recorded while the lock is held, and its interaction lands once the
+/// lock is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_locked_table_does_not_stall_a_timeout() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    db.exec("insert into connections (id, connector) values ('stalled', 'hasty')")
+        .await;
+    behave(&dir.path, "stalled", "report-then-hang");
+    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    let mut lock = db.pool.begin().await.expect("begin");
+    sqlx::query("lock table interactions in access exclusive mode")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    db.exec("insert into run_commands (connection_id) values ('stalled')")
+        .await;
+    // `hasty` times out after a second; the wait is far longer than that
+    // but ends when the row says so, while the lock is still held.
+    db.wait_until("select count(*) = 1 from runs where status = 'failed'")
+        .await;
+    let (kind, records): (String, Option<i64>) =
+        sqlx::query_as("select failure_kind, records from runs")
+            .fetch_one(&db.pool)
+            .await
+            .expect("run");
+    assert_eq!(kind, "interaction_required");
+    assert_eq!(records, Some(6));
+    lock.rollback().await.expect("release the lock");
+    db.wait_until(
+        "select count(*) = 1 from interactions where kind = 'credentials_required' and status = 'open'",
+    )
+    .await;
+}

@@ -185,7 +185,7 @@ impl Bare {
                     shutdown: &self.shutdown,
                     superseded: &superseded,
                 },
-                |_| async {},
+                |_| {},
             )
             .await;
         run_dir.remove().await;

@@ -29,6 +29,27 @@ case "$behaviour" in
   ask-then-hang)
     echo '{"type":"interaction","kind":"credentials_required","message":"log in again"}'
     exec sleep 600 ;;
+  # Floods interactions: 2,000 of kinds SPEC does not name, then 2,000 of
+  # one it does with 64 KiB messages, then fails.
+  ask-flood)
+    i=0
+    while [ $i -lt 2000 ]; do
+      printf '{"type":"interaction","kind":"made_up_%s","message":"m"}\n' "$i"
+      i=$((i + 1))
+    done
+    long=$(head -c 65000 /dev/zero | tr '\0' 'x')
+    i=0
+    while [ $i -lt 2000 ]; do
+      printf '{"type":"interaction","kind":"credentials_required","message":"%s"}\n' "$long"
+      i=$((i + 1))
+    done
+    exit 3 ;;
+  # Reports progress and asks for the owner, then hangs past its timeout.
+  report-then-hang)
+    echo '{"type":"progress","records":5}'
+    echo '{"type":"interaction","kind":"credentials_required","message":"log in again"}'
+    echo '{"type":"progress","records":6}'
+    exec sleep 600 ;;
   # Leaves a process in a new session holding stdout open, then exits 0.
   escape)
     setsid sh -c 'echo $$ > "$RECORD_DIR/escaped.pid"; exec sleep 600' &
