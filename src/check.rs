@@ -233,18 +233,20 @@ async fn check_database(
         }
     }
 
-    let credentials: Vec<(i64, String, String, String, String)> = sqlx::query_as(
-        "select cr.id, cr.connection_id, c.connector, cr.kind, cr.key_id
+    let credentials: Vec<(i64, String, String, String, String, Option<String>)> = sqlx::query_as(
+        "select cr.id, cr.connection_id, c.connector, cr.kind, cr.key_id, cr.sealed_for
          from credentials cr join connections c on c.id = cr.connection_id
          where cr.status = 'active' order by cr.id",
     )
     .fetch_all(pool)
     .await?;
-    for (id, connection, connector, kind, key_id) in credentials {
+    for (id, connection, connector, kind, key_id, sealed_for) in credentials {
+        let mut kind_accepted = true;
         if let Some(entry) = config.connectors.get(&connector) {
             // A connector that needs no credential never reads it: no
             // mismatch is possible.
             if entry.credential.is_some() && entry.mapping_for(&kind).is_none() {
+                kind_accepted = false;
                 report.defect(
                     "credential",
                     format!(
@@ -252,6 +254,21 @@ async fn check_database(
                     ),
                 );
             }
+        }
+        // A launch is refused for its kind before its binding is looked
+        // at: a kind mismatch is the defect to fix first.
+        let unbound = match sealed_for {
+            _ if !kind_accepted => None,
+            Some(sealed_for) if sealed_for == connector => None,
+            Some(sealed_for) => Some(format!(
+                "credential {id} of {connection} was stored for connector {sealed_for}, but the connection names {connector}: it will be refused (credential_unrecoverable); store one for {connector}"
+            )),
+            None => Some(format!(
+                "credential {id} of {connection} is not bound to its connector yet: start the daemon with its keys, or run `connectord credentials rotate`"
+            )),
+        };
+        if let Some(defect) = unbound {
+            report.defect("credential", defect);
         }
         match keyring {
             Some(keyring) if keyring.contains(&key_id) => {}

@@ -46,6 +46,28 @@ pub fn load_keyring(config: &Config) -> anyhow::Result<Option<Keyring>> {
     Ok(Some(keyring))
 }
 
+/// Re-encrypts the credentials stored before they were bound to their
+/// connector, which are refused until then. Only a daemon holds the keys,
+/// so this is its start's work rather than a migration's.
+async fn bind_connectors(pool: &PgPool, keyring: &Keyring) -> anyhow::Result<()> {
+    let bound = crate::store::bind_connectors(pool, keyring)
+        .await
+        .context("binding stored credentials to their connector")?;
+    if bound.rotated > 0 {
+        tracing::info!(
+            credentials = bound.rotated,
+            "re-encrypted credentials stored before they were bound to their connector"
+        );
+    }
+    for (id, reason) in &bound.failed {
+        tracing::error!(
+            credential_id = id,
+            "a credential stored before credentials were bound to their connector does not decrypt, and will be refused as credential_unrecoverable: {reason}"
+        );
+    }
+    Ok(())
+}
+
 /// Connects to the database, retrying with backoff until `shutdown`.
 pub async fn connect(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<PgPool> {
     let mut backoff = Backoff::new();
@@ -79,6 +101,9 @@ pub async fn run(
         .context("applying migrations")?;
     let instance_id = config.daemon.resolved_instance_id();
     tracing::info!(instance_id = %instance_id, "connectord starting");
+    if let Some(keyring) = &keyring {
+        bind_connectors(&pool, keyring).await?;
+    }
 
     let sandbox = SandboxState::start(&config).await;
     let run_dirs = match &sandbox {

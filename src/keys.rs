@@ -12,18 +12,19 @@
 //! the directory to open the rows sealed before the rotation.
 //!
 //! The ciphertext is bound, through the AEAD's associated data, to the
-//! connection id, credential id, credential kind and key id of its row (see
-//! [`associated_data`]). Someone with write access to the database but not
-//! to the keys therefore cannot copy a ciphertext onto another connection or
-//! another credential, relabel its kind, or point it at another key: any of
-//! those makes decryption fail instead of handing a credential to the wrong
-//! owner.
+//! connection id, credential id, credential kind and key id of its row, and
+//! to the connector it was stored for (see [`associated_data`]). Someone
+//! with write access to the database but not to the keys therefore cannot
+//! copy a ciphertext onto another connection or another credential, relabel
+//! its kind, point it at another key, or point its connection at another
+//! site's connector: any of those makes decryption fail instead of handing
+//! a credential to the wrong owner or the wrong program.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
@@ -40,10 +41,13 @@ const MAX_KEY_ID_LEN: usize = 64;
 /// The file name suffix that marks a file in the key directory as a key.
 const KEY_SUFFIX: &str = ".key";
 
-/// The version tag at the start of the associated data. Changing the layout
-/// of the associated data requires a new tag, because rows sealed under the
-/// old layout only open with the old bytes.
-const AAD_TAG: &[u8] = b"connectord-cred-v1";
+/// The version tags at the start of the associated data. Changing the
+/// layout of the associated data requires a new tag, because rows sealed
+/// under the old layout only open with the old bytes. The first layout
+/// lacked the connector; rows sealed under it are only opened to be sealed
+/// again under the second (`store::bind_connectors`).
+const AAD_TAG_V1: &[u8] = b"connectord-cred-v1";
+const AAD_TAG: &[u8] = b"connectord-cred-v2";
 
 /// Why a key directory or key file could not be loaded or written.
 ///
@@ -72,6 +76,35 @@ pub enum KeyError {
         path.display()
     )]
     Permissions { path: PathBuf, mode: u32 },
+    /// A key file's access ACL lets someone other than its owner read it.
+    #[error(
+        "key file {} is readable by {who} through its ACL; remove the entry (setfacl -b) and chmod 600 it",
+        path.display()
+    )]
+    SharedByAcl { path: PathBuf, who: String },
+    /// A key file belongs to a user other than the daemon's (or root, as
+    /// under systemd's `LoadCredential=`): that user can read or replace it.
+    #[error(
+        "key file {} is owned by uid {owner}, not by the daemon's user (uid {euid}) or root; chown it",
+        path.display()
+    )]
+    Owner {
+        path: PathBuf,
+        owner: u32,
+        euid: u32,
+    },
+    /// The key directory belongs to another user, who could put keys in it.
+    #[error(
+        "key directory {} is owned by uid {owner}, not by the daemon's user (uid {euid}) or root; chown it",
+        dir.display()
+    )]
+    DirOwner { dir: PathBuf, owner: u32, euid: u32 },
+    /// Someone other than its owner may add, replace or remove keys.
+    #[error(
+        "key directory {} is writable by group or others (mode {mode:04o}); chmod 700 it",
+        dir.display()
+    )]
+    DirWritable { dir: PathBuf, mode: u32 },
     /// A key file does not hold exactly [`KEY_LEN`] bytes.
     #[error("key file {} is {len} bytes, expected {KEY_LEN}", path.display())]
     WrongLength { path: PathBuf, len: u64 },
@@ -110,6 +143,10 @@ pub enum SealError {
     /// A binding field is too long to encode as associated data.
     #[error("a binding field is 4 GiB or longer")]
     BindingTooLong,
+    /// New data is always bound to its connector; the first layout is only
+    /// ever opened.
+    #[error("the binding names no connector")]
+    NoConnector,
     /// The operating system's random number generator failed, so no nonce
     /// could be drawn.
     #[error("the system random number generator failed")]
@@ -137,7 +174,7 @@ pub enum OpenError {
     UnknownKey(String),
     #[error("nonce is {0} bytes, expected 12")]
     BadNonce(usize),
-    #[error("decryption failed: ciphertext does not authenticate for this row and key")]
+    #[error("decryption failed: ciphertext does not authenticate for this row, key and connector")]
     Authentication,
 }
 
@@ -159,6 +196,10 @@ pub struct Binding<'a> {
     pub credential_id: i64,
     pub kind: &'a str,
     pub key_id: &'a str,
+    /// The connector the credential is for. `None` names the first layout,
+    /// which lacked it: [`Keyring::seal`] refuses it, and only
+    /// [`Keyring::reseal`] opens it, to bind the row to its connector.
+    pub connector: Option<&'a str>,
 }
 
 /// The loaded keys, by id, and which of them seals new data.
@@ -194,6 +235,7 @@ impl Keyring {
     /// is missing.
     pub fn load(dir: &Path, primary: &str) -> Result<Keyring, KeyError> {
         validate_key_id(primary)?;
+        check_dir(dir)?;
         let entries = fs::read_dir(dir).map_err(|source| dir_error(dir, source))?;
         let mut keys = BTreeMap::new();
         for entry in entries {
@@ -252,6 +294,9 @@ impl Keyring {
                 key_id: binding.key_id.to_owned(),
                 primary: self.primary.clone(),
             });
+        }
+        if binding.connector.is_none() {
+            return Err(SealError::NoConnector);
         }
         let key = self.primary_key();
         let aad = try_associated_data(binding).ok_or(SealError::BindingTooLong)?;
@@ -317,19 +362,22 @@ impl Keyring {
     }
 
     /// Re-encrypts a sealed credential under the primary key, for key
-    /// rotation: the plaintext exists only inside this call, in a zeroizing
-    /// buffer, so rotation needs no decrypting code of its own. `binding`
-    /// names the row as it is now; the result is bound to the same row
+    /// rotation and for binding a first-layout row to its connector: the
+    /// plaintext exists only inside this call, in a zeroizing buffer, so
+    /// neither needs decrypting code of its own. `binding` names the row as
+    /// it is now; the result is bound to the same row and to `connector`
     /// under the primary key.
     pub fn reseal(
         &self,
         binding: &Binding,
+        connector: &str,
         nonce: &[u8],
         ciphertext: &[u8],
     ) -> Result<Sealed, ResealError> {
         let plaintext = self.open(binding, nonce, ciphertext)?;
         let rebound = Binding {
             key_id: self.primary_id(),
+            connector: Some(connector),
             ..*binding
         };
         Ok(self.seal(&rebound, &plaintext)?)
@@ -347,12 +395,14 @@ impl Keyring {
 
 /// Encodes `b` as the associated data for its row's ciphertext.
 ///
-/// The layout is the bytes `connectord-cred-v1`, then `connection_id`,
-/// `credential_id` in decimal, `kind` and `key_id`, each as a `u32`
-/// big-endian byte length followed by its UTF-8 bytes. The length prefixes
-/// make the encoding injective: no two different bindings encode alike,
-/// whatever characters the fields contain. The layout must never change for
-/// this tag, because rows already sealed only open with these exact bytes.
+/// The layout is the bytes `connectord-cred-v2`, then `connection_id`,
+/// `credential_id` in decimal, `kind`, `key_id` and `connector`, each as a
+/// `u32` big-endian byte length followed by its UTF-8 bytes. The length
+/// prefixes make the encoding injective: no two different bindings encode
+/// alike, whatever characters the fields contain. Without a connector it
+/// is the first layout: `connectord-cred-v1` and the first four fields.
+/// Neither layout may ever change, because rows already sealed only open
+/// with these exact bytes.
 ///
 /// # Panics
 ///
@@ -367,10 +417,17 @@ pub fn associated_data(b: &Binding) -> Vec<u8> {
 /// is too long for its length prefix.
 fn try_associated_data(b: &Binding) -> Option<Vec<u8>> {
     let credential_id = b.credential_id.to_string();
-    let fields = [b.connection_id, &credential_id, b.kind, b.key_id];
-    let len = AAD_TAG.len() + fields.iter().map(|f| 4 + f.len()).sum::<usize>();
+    let mut fields = vec![b.connection_id, &credential_id, b.kind, b.key_id];
+    let tag = match b.connector {
+        Some(connector) => {
+            fields.push(connector);
+            AAD_TAG
+        }
+        None => AAD_TAG_V1,
+    };
+    let len = tag.len() + fields.iter().map(|f| 4 + f.len()).sum::<usize>();
     let mut out = Vec::with_capacity(len);
-    out.extend_from_slice(AAD_TAG);
+    out.extend_from_slice(tag);
     for field in fields {
         out.extend_from_slice(&u32::try_from(field.len()).ok()?.to_be_bytes());
         out.extend_from_slice(field.as_bytes());
@@ -465,13 +522,7 @@ fn load_key_file(path: &Path) -> Result<LessSafeKey, KeyError> {
             path: path.to_owned(),
         });
     }
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::Permissions {
-            path: path.to_owned(),
-            mode,
-        });
-    }
+    check_private(&file, &meta, path)?;
     let wrong_length = |len| KeyError::WrongLength {
         path: path.to_owned(),
         len,
@@ -506,6 +557,136 @@ fn load_key_file(path: &Path) -> Result<LessSafeKey, KeyError> {
 }
 
 /// Maps an error listing the key directory to the matching `KeyError`.
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether `owner` may own a key file or the key directory: the daemon's
+/// user, or root. systemd's credential store (`LoadCredential=`) is owned by
+/// root and grants the service user read access through an ACL, and root
+/// can read any file anyway; any other user could read or replace the keys.
+fn trusted_owner(owner: u32) -> bool {
+    owner == euid() || owner == 0
+}
+
+/// Refuses a key directory in which someone other than its owner could
+/// add, replace or remove a key file. With an ACL the group bits are its
+/// mask, which bounds every entry, so the mode alone answers for writing.
+fn check_dir(dir: &Path) -> Result<(), KeyError> {
+    let meta = fs::metadata(dir).map_err(|source| dir_error(dir, source))?;
+    if !trusted_owner(meta.uid()) {
+        return Err(KeyError::DirOwner {
+            dir: dir.to_owned(),
+            owner: meta.uid(),
+            euid: euid(),
+        });
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(KeyError::DirWritable {
+            dir: dir.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a key file that belongs to another user, or that its mode or
+/// its access ACL lets anyone but its owner (and the daemon's user, named
+/// in an ACL by systemd's credential store) read.
+fn check_private(file: &File, meta: &fs::Metadata, path: &Path) -> Result<(), KeyError> {
+    if !trusted_owner(meta.uid()) {
+        return Err(KeyError::Owner {
+            path: path.to_owned(),
+            owner: meta.uid(),
+            euid: euid(),
+        });
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    let permissions = || KeyError::Permissions {
+        path: path.to_owned(),
+        mode,
+    };
+    if mode & 0o007 != 0 {
+        return Err(permissions());
+    }
+    match access_acl(file) {
+        // Without an ACL the group bits are the group's.
+        None if mode & 0o070 != 0 => Err(permissions()),
+        None => Ok(()),
+        // With one they are its mask, and the entries say who reads.
+        Some(entries) => {
+            let mask = (mode >> 3) & 0o7;
+            let who = entries.iter().find_map(|&(tag, perm, id)| {
+                let grants = u32::from(perm) & mask != 0;
+                match tag {
+                    ACL_USER if grants && id != euid() => Some(format!("user {id}")),
+                    ACL_GROUP_OBJ if grants => Some("its group".to_owned()),
+                    ACL_GROUP if grants => Some(format!("group {id}")),
+                    ACL_TOO_LONG => Some("more entries than a key file needs".to_owned()),
+                    _ => None,
+                }
+            });
+            match who {
+                Some(who) => Err(KeyError::SharedByAcl {
+                    path: path.to_owned(),
+                    who,
+                }),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+// Tags of the entries of a POSIX access ACL, from <linux/posix_acl.h>.
+const ACL_USER: u16 = 0x02;
+const ACL_GROUP_OBJ: u16 = 0x04;
+const ACL_GROUP: u16 = 0x08;
+/// Not a kernel tag: an ACL with more entries than [`access_acl`] reads.
+const ACL_TOO_LONG: u16 = 0xffff;
+
+/// The entries (tag, permission bits, id) of the file's POSIX access ACL,
+/// or `None` when it has none beyond its mode (or the file system keeps
+/// none). The kernel's format: a little-endian `u32` version 2, then
+/// entries of `u16` tag, `u16` permissions and `u32` id.
+fn access_acl(file: &File) -> Option<Vec<(u16, u16, u32)>> {
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; 4 + 8 * 64];
+    // SAFETY: the name is NUL-terminated, and the kernel writes at most
+    // `buf.len()` bytes into `buf`, which outlives the call.
+    let len = unsafe {
+        libc::fgetxattr(
+            file.as_raw_fd(),
+            c"system.posix_acl_access".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    // No ACL (ENODATA), none supported, or one too large for any key file
+    // systemd or an operator would make: the last is refused as shared.
+    let len = match usize::try_from(len) {
+        Ok(len) => len,
+        Err(_) if io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE) => {
+            return Some(vec![(ACL_TOO_LONG, 0o7, 0)]);
+        }
+        Err(_) => return None,
+    };
+    let entries = buf.get(4..len)?;
+    Some(
+        entries
+            .chunks_exact(8)
+            .map(|e| {
+                (
+                    u16::from_le_bytes([e[0], e[1]]),
+                    u16::from_le_bytes([e[2], e[3]]),
+                    u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+                )
+            })
+            .collect(),
+    )
+}
+
 fn dir_error(dir: &Path, source: io::Error) -> KeyError {
     if source.kind() == io::ErrorKind::NotFound {
         KeyError::DirMissing {
@@ -574,6 +755,7 @@ mod tests {
             credential_id: 42,
             kind: "static_secret",
             key_id,
+            connector: Some("chase"),
         }
     }
 
@@ -677,6 +859,18 @@ mod tests {
             ..b
         };
         auth(ring.open(&other, &sealed.nonce, &sealed.ciphertext));
+        // The connection pointed at another connector, or the row passed
+        // off as one sealed before connectors were bound.
+        let other = Binding {
+            connector: Some("amazon"),
+            ..b
+        };
+        auth(ring.open(&other, &sealed.nonce, &sealed.ciphertext));
+        let other = Binding {
+            connector: None,
+            ..b
+        };
+        auth(ring.open(&other, &sealed.nonce, &sealed.ciphertext));
         // The row relabelled with another key that exists.
         auth(ring.open(&binding("k2"), &sealed.nonce, &sealed.ciphertext));
     }
@@ -726,6 +920,60 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Seals as releases before the connector was bound did.
+    fn seal_first_layout(ring: &Keyring, b: &Binding, plaintext: &[u8]) -> Sealed {
+        let first = Binding {
+            connector: None,
+            ..*b
+        };
+        let nonce = [9u8; NONCE_LEN];
+        let mut buf = plaintext.to_vec();
+        ring.primary_key()
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(associated_data(&first)),
+                &mut buf,
+            )
+            .unwrap();
+        Sealed {
+            key_id: ring.primary_id().to_owned(),
+            nonce: nonce.to_vec(),
+            ciphertext: buf,
+        }
+    }
+
+    #[test]
+    fn a_first_layout_row_is_resealed_bound_to_its_connector() {
+        let dir = TempDir::new("firstlayout");
+        let ring = keyring(&dir, &["k1"], "k1");
+        let b = binding("k1");
+        let old = seal_first_layout(&ring, &b, SECRET);
+        let first = Binding {
+            connector: None,
+            ..b
+        };
+        assert!(matches!(
+            ring.open(&b, &old.nonce, &old.ciphertext),
+            Err(OpenError::Authentication)
+        ));
+        assert!(matches!(
+            ring.seal(&first, SECRET),
+            Err(SealError::NoConnector)
+        ));
+        let bound = ring
+            .reseal(&first, "chase", &old.nonce, &old.ciphertext)
+            .unwrap();
+        let opened = ring.open(&b, &bound.nonce, &bound.ciphertext).unwrap();
+        assert_eq!(&opened[..], SECRET);
+        let elsewhere = Binding {
+            connector: Some("amazon"),
+            ..b
+        };
+        assert!(ring
+            .open(&elsewhere, &bound.nonce, &bound.ciphertext)
+            .is_err());
     }
 
     #[test]
@@ -789,6 +1037,118 @@ mod tests {
             let dir = TempDir::new("modeok");
             write_key_file(dir.path(), "k1.key", &[1; KEY_LEN], mode);
             Keyring::load(dir.path(), "k1").unwrap();
+        }
+    }
+
+    /// Sets `path`'s access ACL: the owner, the named entries, its
+    /// group (none), the mask and others (none).
+    fn set_acl(path: &Path, named: &[(u16, u32)]) {
+        let mut entries = vec![
+            (0x01, 0o4, u32::MAX),
+            (ACL_GROUP_OBJ, 0, u32::MAX),
+            (0x10, 0o4, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ];
+        entries.extend(named.iter().map(|&(tag, id)| (tag, 0o4, id)));
+        // The kernel takes entries only in order of tag, then id.
+        entries.sort_by_key(|&(tag, _, id)| (tag, id));
+        let mut xattr = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in entries {
+            xattr.extend_from_slice(&u16::to_le_bytes(tag));
+            xattr.extend_from_slice(&u16::to_le_bytes(perm));
+            xattr.extend_from_slice(&u32::to_le_bytes(id));
+        }
+        let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: both strings are NUL-terminated and `xattr` outlives the call.
+        let rc = unsafe {
+            libc::setxattr(
+                name.as_ptr(),
+                c"system.posix_acl_access".as_ptr(),
+                xattr.as_ptr().cast(),
+                xattr.len(),
+                0,
+            )
+        };
+        assert_eq!(rc, 0, "setxattr: {}", io::Error::last_os_error());
+    }
+
+    #[test]
+    fn an_acl_may_name_only_the_daemons_user() {
+        // As systemd's credential store leaves a key: mode 0400 and an ACL
+        // entry that lets the service's user read it (mode 0440 shows).
+        let dir = TempDir::new("acl");
+        let path = write_key_file(dir.path(), "k1.key", &[1; KEY_LEN], 0o400);
+        set_acl(&path, &[(ACL_USER, euid())]);
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o440);
+        Keyring::load(dir.path(), "k1").unwrap();
+        for (named, who) in [
+            ((ACL_USER, 12345), "user 12345"),
+            ((ACL_GROUP, 4242), "group 4242"),
+        ] {
+            set_acl(&path, &[(ACL_USER, euid()), named]);
+            match Keyring::load(dir.path(), "k1") {
+                Err(e @ KeyError::SharedByAcl { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(who), "{msg}");
+                    assert!(msg.contains(&path.display().to_string()), "{msg}");
+                }
+                other => panic!("{who}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_key_directory_must_be_writable_by_its_owner_alone() {
+        for mode in [0o777, 0o770, 0o730, 0o703] {
+            let dir = TempDir::new("dirmode");
+            write_key_file(dir.path(), "k1.key", &[1; KEY_LEN], 0o600);
+            fs::set_permissions(dir.path(), fs::Permissions::from_mode(mode)).unwrap();
+            match Keyring::load(dir.path(), "k1") {
+                Err(e @ KeyError::DirWritable { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(&format!("{mode:04o}")), "{msg}");
+                    assert!(msg.contains("chmod 700"), "{msg}");
+                }
+                other => panic!("mode {mode:o}: {other:?}"),
+            }
+        }
+        for mode in [0o700, 0o755, 0o500, 0o711] {
+            let dir = TempDir::new("dirmodeok");
+            write_key_file(dir.path(), "k1.key", &[1; KEY_LEN], 0o600);
+            fs::set_permissions(dir.path(), fs::Permissions::from_mode(mode)).unwrap();
+            Keyring::load(dir.path(), "k1").unwrap();
+            fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        }
+    }
+
+    /// Only root can give a file away; as another user there is nothing
+    /// to try, and the owner rule is shown by the daemon's own files.
+    #[test]
+    fn keys_of_another_user_are_refused() {
+        if euid() != 0 {
+            let dir = TempDir::new("ownerok");
+            write_key_file(dir.path(), "k1.key", &[1; KEY_LEN], 0o600);
+            Keyring::load(dir.path(), "k1").unwrap();
+            return;
+        }
+        let dir = TempDir::new("owner");
+        let path = write_key_file(dir.path(), "k1.key", &[1; KEY_LEN], 0o600);
+        std::os::unix::fs::chown(&path, Some(1000), None).unwrap();
+        match Keyring::load(dir.path(), "k1") {
+            Err(e @ KeyError::Owner { .. }) => {
+                assert!(e.to_string().contains("owned by uid 1000"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+        Keyring::load(dir.path(), "k1").unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(1000), None).unwrap();
+        match Keyring::load(dir.path(), "k1") {
+            Err(e @ KeyError::DirOwner { .. }) => {
+                assert!(e.to_string().contains("owned by uid 1000"), "{e}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 
@@ -931,13 +1291,27 @@ mod tests {
             credential_id: -7,
             kind: "static_secret",
             key_id: "k1",
+            connector: Some("chase"),
         };
-        let mut expected = b"connectord-cred-v1".to_vec();
-        for field in ["c", "-7", "static_secret", "k1"] {
-            expected.extend_from_slice(&(field.len() as u32).to_be_bytes());
-            expected.extend_from_slice(field.as_bytes());
-        }
-        assert_eq!(associated_data(&b), expected);
+        let encode = |tag: &[u8], fields: &[&str]| {
+            let mut out = tag.to_vec();
+            for field in fields {
+                out.extend_from_slice(&(field.len() as u32).to_be_bytes());
+                out.extend_from_slice(field.as_bytes());
+            }
+            out
+        };
+        let v2 = encode(
+            b"connectord-cred-v2",
+            &["c", "-7", "static_secret", "k1", "chase"],
+        );
+        assert_eq!(associated_data(&b), v2);
+        let first = Binding {
+            connector: None,
+            ..b
+        };
+        let v1 = encode(b"connectord-cred-v1", &["c", "-7", "static_secret", "k1"]);
+        assert_eq!(associated_data(&first), v1);
 
         // Moving characters between adjacent fields changes the encoding.
         let a = Binding {

@@ -17,6 +17,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
 
 use crate::resolver::StoredCredential;
+use crate::store::MAX_CIPHERTEXT_BYTES;
 
 /// A claimed command, with the overlap policy of its schedule as of the
 /// claim.
@@ -134,7 +135,10 @@ pub async fn claim(
         select cl.id, cl.connection_id, cl.trigger, cl.schedule_id, cl.scheduled_for,
                cl.attempt, s.overlap, a.connector, a.enabled, cl.run_id,
                cred.id as credential_id, cred.kind, cred.status as credential_status,
-               cred.key_id, cred.nonce, cred.ciphertext
+               cred.key_id, cred.nonce, cred.sealed_for,
+               case when octet_length(cred.ciphertext) <= $5 then cred.ciphertext end
+                   as ciphertext,
+               octet_length(cred.ciphertext) as ciphertext_len
         from claimed cl
         join admitted a on a.id = cl.id
         left join schedules s on s.id = cl.schedule_id
@@ -149,6 +153,7 @@ pub async fn claim(
     .bind(limit)
     .bind(full_connectors)
     .bind(known_connectors)
+    .bind(MAX_CIPHERTEXT_BYTES)
     .fetch_all(session)
     .await?;
     let mut claimed: Vec<Claimed> = rows
@@ -169,13 +174,17 @@ pub async fn latest_credential(
     connection_id: &str,
 ) -> Result<Option<StoredCredential>, sqlx::Error> {
     let row = sqlx::query(
-        "select id as credential_id, kind, status as credential_status, key_id, nonce, ciphertext
+        "select id as credential_id, kind, status as credential_status, key_id, nonce,
+                sealed_for,
+                case when octet_length(ciphertext) <= $2 then ciphertext end as ciphertext,
+                octet_length(ciphertext) as ciphertext_len
          from credentials
          where connection_id = $1
          order by (status = 'active') desc, id desc
          limit 1",
     )
     .bind(connection_id)
+    .bind(MAX_CIPHERTEXT_BYTES)
     .fetch_optional(pool)
     .await?;
     match row {
@@ -195,6 +204,8 @@ fn credential_from_row(row: &PgRow) -> Result<Option<StoredCredential>, sqlx::Er
         key_id: row.try_get("key_id")?,
         nonce: row.try_get("nonce")?,
         ciphertext: row.try_get("ciphertext")?,
+        ciphertext_len: row.try_get("ciphertext_len")?,
+        sealed_for: row.try_get("sealed_for")?,
     }))
 }
 

@@ -60,7 +60,13 @@ pub struct StoredCredential {
     pub status: String,
     pub key_id: String,
     pub nonce: Vec<u8>,
-    pub ciphertext: Vec<u8>,
+    /// `None` when the stored ciphertext is longer than any credential
+    /// can be (`store::MAX_CIPHERTEXT_BYTES`): the claim does not read it.
+    pub ciphertext: Option<Vec<u8>>,
+    pub ciphertext_len: i32,
+    /// The connector the credential was stored for; `None` for a row
+    /// stored before credentials were bound to their connector.
+    pub sealed_for: Option<String>,
 }
 
 /// Resolves `connection_id`'s credential for `connector` from its latest
@@ -141,13 +147,46 @@ pub fn resolve(
             ),
         );
     };
+    // What decides is the associated data, built from the connector the
+    // connection names now; `sealed_for` only says why it would not open.
+    match row.sealed_for.as_deref() {
+        Some(sealed_for) if sealed_for == connector_name => {}
+        Some(sealed_for) => {
+            return refuse(
+                FailureKind::CredentialUnrecoverable,
+                format!(
+                    "credential {} of connection {connection_id} was stored for connector {sealed_for}, but the connection now names {connector_name}; a credential is never handed to another connector: store one for {connector_name} with `connectord credentials set`",
+                    row.id
+                ),
+            )
+        }
+        None => {
+            return refuse(
+                FailureKind::CredentialUnrecoverable,
+                format!(
+                    "credential {} was stored before credentials were bound to their connector and is not re-encrypted yet; the daemon does that at start with its keys, as does `connectord credentials rotate`",
+                    row.id
+                ),
+            )
+        }
+    }
+    let Some(ciphertext) = &row.ciphertext else {
+        return refuse(
+            FailureKind::CredentialUnrecoverable,
+            format!(
+                "credential {} has a ciphertext of {} bytes, longer than any credential can be; it was not read",
+                row.id, row.ciphertext_len
+            ),
+        );
+    };
     let binding = Binding {
         connection_id,
         credential_id: row.id,
         kind: &row.kind,
         key_id: &row.key_id,
+        connector: Some(connector_name),
     };
-    let bytes = match keyring.open(&binding, &row.nonce, &row.ciphertext) {
+    let bytes = match keyring.open(&binding, &row.nonce, ciphertext) {
         Ok(bytes) => bytes,
         Err(e) => {
             return refuse(

@@ -33,6 +33,12 @@ pub enum StoreError {
 /// variable, and is far more than any token or password.
 pub const MAX_SECRET_BYTES: usize = 64 * 1024;
 
+/// The longest ciphertext a stored credential can have: both fields at
+/// their longest, the payload's encoding and the tag, with room to spare.
+/// Anything longer did not come from `set`, and the claim does not read it
+/// into the daemon's memory.
+pub const MAX_CIPHERTEXT_BYTES: i32 = 2 * MAX_SECRET_BYTES as i32 + 4096;
+
 /// Refuses a field that could never reach a child.
 fn check_field(field: &'static str, value: &str) -> Result<(), StoreError> {
     let problem = if value.contains('\0') {
@@ -63,14 +69,16 @@ pub async fn set(
         }
     }
     let mut tx = pool.begin().await?;
-    let exists: Option<String> =
-        sqlx::query_scalar("select id from connections where id = $1 for update")
+    // The connector is bound into the ciphertext: the row lock keeps it
+    // from changing until the credential is stored.
+    let connector: Option<String> =
+        sqlx::query_scalar("select connector from connections where id = $1 for update")
             .bind(connection_id)
             .fetch_optional(&mut *tx)
             .await?;
-    if exists.is_none() {
+    let Some(connector) = connector else {
         return Err(StoreError::NoConnection(connection_id.to_owned()));
-    }
+    };
     // The id is part of the associated data, so it is taken before sealing.
     let id: i64 = sqlx::query_scalar("select nextval(pg_get_serial_sequence('credentials', 'id'))")
         .fetch_one(&mut *tx)
@@ -82,6 +90,7 @@ pub async fn set(
             credential_id: id,
             kind,
             key_id: keyring.primary_id(),
+            connector: Some(&connector),
         },
         &plaintext.encode(),
     )?;
@@ -93,8 +102,9 @@ pub async fn set(
     .execute(&mut *tx)
     .await?;
     sqlx::query(
-        "insert into credentials (id, connection_id, kind, status, key_id, nonce, ciphertext)
-         values ($1, $2, $3, 'active', $4, $5, $6)",
+        "insert into credentials (id, connection_id, kind, status, key_id, nonce, ciphertext,
+                                  sealed_for)
+         values ($1, $2, $3, 'active', $4, $5, $6, $7)",
     )
     .bind(id)
     .bind(connection_id)
@@ -102,6 +112,7 @@ pub async fn set(
     .bind(&sealed.key_id)
     .bind(&sealed.nonce)
     .bind(&sealed.ciphertext)
+    .bind(&connector)
     .execute(&mut *tx)
     .await?;
     sqlx::query(
@@ -147,7 +158,7 @@ pub async fn delete(pool: &PgPool, connection_id: &str) -> Result<u64, StoreErro
     Ok(changed)
 }
 
-/// What `rotate` did.
+/// What `rotate` (or `bind_connectors`) did.
 #[derive(Debug, Default)]
 pub struct Rotation {
     pub rotated: u64,
@@ -164,37 +175,70 @@ struct SealedRow {
     key_id: String,
     nonce: Vec<u8>,
     ciphertext: Vec<u8>,
+    sealed_for: Option<String>,
+    connector: String,
+}
+
+/// Which rows a re-encryption rewrites; deleted ones hold nothing.
+#[derive(Clone, Copy)]
+enum Rewrite {
+    /// Rows not under the primary key or not bound to their connector.
+    NotCurrent,
+    /// Rows stored before credentials were bound to their connector.
+    Unbound,
 }
 
 /// Re-encrypts every credential not under the primary key, so older keys
-/// can be retired; deleted ones hold nothing to re-encrypt. Each row is rewritten only if it is unchanged since it
-/// was read.
+/// can be retired, and binds to its connector every row stored before
+/// credentials were. Each row is rewritten only if it is unchanged since
+/// it was read.
 pub async fn rotate(pool: &PgPool, keyring: &Keyring) -> Result<Rotation, StoreError> {
+    rewrite(pool, keyring, Rewrite::NotCurrent).await
+}
+
+/// Binds to its connector every credential stored before credentials were
+/// (they are refused until then), under the primary key. The daemon does
+/// this at start, where the keys are.
+pub async fn bind_connectors(pool: &PgPool, keyring: &Keyring) -> Result<Rotation, StoreError> {
+    rewrite(pool, keyring, Rewrite::Unbound).await
+}
+
+async fn rewrite(pool: &PgPool, keyring: &Keyring, which: Rewrite) -> Result<Rotation, StoreError> {
     let primary = keyring.primary_id();
+    let filter = match which {
+        Rewrite::NotCurrent => "(cr.key_id <> $1 or cr.sealed_for is null)",
+        Rewrite::Unbound => "cr.sealed_for is null",
+    };
     let mut rotation = Rotation {
-        already_current: sqlx::query_scalar::<_, i64>(
-            "select count(*) from credentials where key_id = $1 and status <> 'deleted'",
-        )
+        already_current: sqlx::query_scalar::<_, i64>(&format!(
+            "select count(*) from credentials cr where cr.status <> 'deleted' and not {filter}"
+        ))
         .bind(primary)
         .fetch_one(pool)
         .await? as u64,
         ..Rotation::default()
     };
-    let rows: Vec<SealedRow> = sqlx::query_as(
-        "select id, connection_id, kind, key_id, nonce, ciphertext from credentials
-         where key_id <> $1 and status <> 'deleted' order by id",
-    )
+    let rows: Vec<SealedRow> = sqlx::query_as(&format!(
+        "select cr.id, cr.connection_id, cr.kind, cr.key_id, cr.nonce, cr.ciphertext,
+                cr.sealed_for, c.connector
+         from credentials cr join connections c on c.id = cr.connection_id
+         where cr.status <> 'deleted' and {filter} order by cr.id"
+    ))
     .bind(primary)
     .fetch_all(pool)
     .await?;
     for row in rows {
+        // A row keeps the connector it was sealed for; one sealed before
+        // the binding is bound to its connection's connector now.
+        let connector = row.sealed_for.as_deref().unwrap_or(&row.connector);
         let old = Binding {
             connection_id: &row.connection_id,
             credential_id: row.id,
             kind: &row.kind,
             key_id: &row.key_id,
+            connector: row.sealed_for.as_deref(),
         };
-        let sealed = match keyring.reseal(&old, &row.nonce, &row.ciphertext) {
+        let sealed = match keyring.reseal(&old, connector, &row.nonce, &row.ciphertext) {
             Ok(sealed) => sealed,
             Err(e) => {
                 rotation.failed.push((row.id, e.to_string()));
@@ -202,7 +246,7 @@ pub async fn rotate(pool: &PgPool, keyring: &Keyring) -> Result<Rotation, StoreE
             }
         };
         let updated = sqlx::query(
-            "update credentials set key_id = $2, nonce = $3, ciphertext = $4
+            "update credentials set key_id = $2, nonce = $3, ciphertext = $4, sealed_for = $7
              where id = $1 and key_id = $5 and nonce = $6",
         )
         .bind(row.id)
@@ -211,6 +255,7 @@ pub async fn rotate(pool: &PgPool, keyring: &Keyring) -> Result<Rotation, StoreE
         .bind(&sealed.ciphertext)
         .bind(&row.key_id)
         .bind(&row.nonce)
+        .bind(connector)
         .execute(pool)
         .await?
         .rows_affected();

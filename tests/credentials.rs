@@ -1240,3 +1240,183 @@ async fn key_files_must_be_private() {
         "the error names the file and its mode: {stderr}"
     );
 }
+
+/// Seals `plaintext` for credential `id` as releases did before the
+/// connector was part of the associated data, with the key file itself.
+fn seal_first_layout(
+    key_file: &Path,
+    connection: &str,
+    id: i64,
+    plaintext: &connectord::secret::Plaintext,
+) -> (Vec<u8>, Vec<u8>) {
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+    let bytes = std::fs::read(key_file).expect("read key");
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &bytes).expect("key"));
+    let aad = connectord::keys::associated_data(&connectord::keys::Binding {
+        connection_id: connection,
+        credential_id: id,
+        kind: plaintext.kind(),
+        key_id: "k1",
+        connector: None,
+    });
+    let nonce = [7u8; 12];
+    let mut buf = plaintext.encode().to_vec();
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad),
+        &mut buf,
+    )
+    .expect("seal");
+    (nonce.to_vec(), buf)
+}
+
+/// A credential is bound to the connector it was stored for: pointing its
+/// connection at another site's connector with SQL refuses the launch
+/// (whatever `sealed_for` is made to say), and so do an unbound row that
+/// does not decrypt as one and a ciphertext longer than any credential.
+/// Rows stored before the binding are re-encrypted at the daemon's start
+/// and keep working. `check` names each defect, and storing the
+/// credential again for the new connector is the way back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_credential_goes_only_to_the_connector_it_was_stored_for() {
+    use connectord::secret::{Plaintext, Secret};
+    let w = World::new().await;
+    for (id, connector) in [
+        ("chase-1", "chase"),
+        ("chase-2", "chase"),
+        ("nulled", "chase"),
+        ("before", "chase"),
+        ("huge", "github"),
+    ] {
+        w.add_connection(id, connector).await;
+    }
+    w.set_credential("chase-1", "username_password", Some("ann"), "chase-pw-1")
+        .await;
+    w.set_credential("chase-2", "username_password", Some("bob"), "chase-pw-2")
+        .await;
+    w.set_credential("nulled", "username_password", Some("cy"), "chase-pw-3")
+        .await;
+    w.set_credential("huge", "static_secret", None, "ghp-huge")
+        .await;
+    // A row as stored before credentials were bound to their connector.
+    let id: i64 =
+        w.db.scalar("select nextval(pg_get_serial_sequence('credentials', 'id'))")
+            .await;
+    let old = Plaintext::UsernamePassword {
+        username: Secret::new("dee".to_owned()),
+        password: Secret::new("chase-pw-before".to_owned()),
+    };
+    let (nonce, ciphertext) = seal_first_layout(&w.dir().join("keys/k1.key"), "before", id, &old);
+    sqlx::query(
+        "insert into credentials (id, connection_id, kind, key_id, nonce, ciphertext)
+         values ($1, 'before', 'username_password', 'k1', $2, $3)",
+    )
+    .bind(id)
+    .bind(&nonce)
+    .bind(&ciphertext)
+    .execute(&w.db.pool)
+    .await
+    .expect("insert an unbound credential");
+    w.db.exec(
+        "update connections set connector = 'amazon' where id in ('chase-1', 'chase-2');
+         update credentials set sealed_for = 'amazon' where connection_id = 'chase-2';
+         update credentials set sealed_for = null where connection_id = 'nulled';
+         update credentials set ciphertext = ciphertext || decode(repeat('00', 300000), 'hex')
+             where connection_id = 'huge';",
+    )
+    .await;
+
+    let (code, out, err) = w.cli(&["check"], "");
+    assert_ne!(code, 0, "{out}{err}");
+    let report = format!("{out}{err}");
+    for expected in [
+        "of chase-1 was stored for connector chase, but the connection names amazon",
+        "of nulled is not bound to its connector yet",
+        "of before is not bound to its connector yet",
+    ] {
+        assert!(report.contains(expected), "{expected:?} in:\n{report}");
+    }
+
+    let daemon = w.start(&[]).await;
+    let (sealed_for, bound_nonce): (Option<String>, Vec<u8>) =
+        sqlx::query_as("select sealed_for, nonce from credentials where id = $1")
+            .bind(id)
+            .fetch_one(&w.db.pool)
+            .await
+            .expect("the unbound row");
+    assert_eq!(sealed_for.as_deref(), Some("chase"));
+    assert_ne!(bound_nonce, nonce, "re-encrypted under a fresh nonce");
+    let nulled: Option<String> =
+        w.db.scalar("select sealed_for from credentials where connection_id = 'nulled'")
+            .await;
+    assert_eq!(
+        nulled, None,
+        "a bound row passed off as unbound stays refused"
+    );
+
+    let all = ["chase-1", "chase-2", "nulled", "before", "huge"];
+    w.manual(&all).await;
+    w.db.wait_until(&format!(
+        "select count(*) = 5 from runs where status <> 'running' and connection_id in {}",
+        sql_list(&all)
+    ))
+    .await;
+    let recorded = recorded_runs(w.dir());
+    for (connection, detail) in [
+        (
+            "chase-1",
+            "was stored for connector chase, but the connection now names amazon",
+        ),
+        ("chase-2", "does not authenticate"),
+        (
+            "nulled",
+            "stored before credentials were bound to their connector",
+        ),
+        ("huge", "longer than any credential can be"),
+    ] {
+        let (status, kind, text): (String, String, String) = sqlx::query_as(
+            "select status, failure_kind, failure_detail from runs where connection_id = $1",
+        )
+        .bind(connection)
+        .fetch_one(&w.db.pool)
+        .await
+        .expect("run");
+        assert_eq!(
+            (status.as_str(), kind.as_str()),
+            ("refused", "credential_unrecoverable"),
+            "{connection}: {text}"
+        );
+        assert!(text.contains(detail), "{connection}: {text}");
+    }
+    let before = &w.runs("before").await[0];
+    assert_eq!(before.status, "succeeded", "{before:?}");
+    assert_eq!(
+        recorded,
+        vec![before.id],
+        "only the bound row reached a child"
+    );
+    let env = w.env(before.id);
+    assert_eq!(env["CHASE_USERNAME"], "dee");
+    assert_eq!(env["CHASE_PASSWORD"], "chase-pw-before");
+    let logs = daemon.logs();
+    assert!(
+        logs.contains("re-encrypted credentials stored before they were bound"),
+        "{logs}"
+    );
+
+    // Storing the credential again is how a connection changes connector.
+    w.set_credential("chase-1", "username_password", Some("ann"), "amazon-pw-1")
+        .await;
+    w.manual(&["chase-1"]).await;
+    w.db.wait_until(
+        "select count(*) = 1 from runs where connection_id = 'chase-1' and status = 'succeeded'",
+    )
+    .await;
+    let run = w.runs("chase-1").await.pop().expect("run");
+    let env = w.env(run.id);
+    assert_eq!(env["AMAZON_USERNAME"], "ann");
+    assert_eq!(env["AMAZON_PASSWORD"], "amazon-pw-1");
+    assert!(!env.values().any(|v| v.contains("chase-pw-1")));
+    w.secrets.lock().unwrap().push("chase-pw-before".to_owned());
+    w.assert_no_leaks(&daemon.logs()).await;
+}
