@@ -74,6 +74,28 @@ fn dev_config(cluster: &Cluster, keys_dir: &Path, exe: &Path) -> String {
     text
 }
 
+/// The private clusters of this checkout: `dev`'s, the tests' and the
+/// benchmark's, each left running for the next start.
+const CLUSTERS: [&str; 3] = [
+    "connectord-dev",
+    "connectord-test-pg",
+    "connectord-bench-pg",
+];
+
+/// `connectord dev --stop`: stops every private cluster of this checkout.
+pub fn stop() -> anyhow::Result<()> {
+    for name in CLUSTERS {
+        let base = pgcluster::cluster_dir(&target_dir().join(name));
+        if Cluster::stop_at(&base)? {
+            println!(
+                "stopped the PostgreSQL cluster in {} (its data stays)",
+                base.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 pub async fn run() -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the connectord binary")?;
     let base = pgcluster::cluster_dir(&target_dir().join("connectord-dev"));
@@ -83,7 +105,7 @@ pub async fn run() -> anyhow::Result<()> {
             .await
             .context("starting PostgreSQL")??
     };
-    tracing::info!(url = %cluster.url("connectord"), data = %cluster.data_dir.display(), "private PostgreSQL is running");
+    tracing::info!(port = cluster.port, data = %cluster.data_dir.display(), "private PostgreSQL is running on 127.0.0.1; its password is in the config written below");
     create_database(&cluster, "connectord").await?;
 
     let keys_dir = base.join("keys");
@@ -91,7 +113,7 @@ pub async fn run() -> anyhow::Result<()> {
         crate::keys::generate(&keys_dir, "k1")?;
     }
     let config_path = base.join("connectord.toml");
-    std::fs::write(&config_path, dev_config(&cluster, &keys_dir, &exe))
+    write_private(&config_path, &dev_config(&cluster, &keys_dir, &exe))
         .with_context(|| format!("writing {}", config_path.display()))?;
     // The private cluster is the point of `dev`: ignore DATABASE_URL here.
     let config = Config::parse(&std::fs::read_to_string(&config_path)?)
@@ -105,8 +127,9 @@ pub async fn run() -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     crate::cli::spawn_signal_handler(shutdown.clone());
+    let watch = format!("{} --config {} runs", exe.display(), config_path.display());
     let result = crate::daemon::run(config, shutdown, |_| {
-        tracing::info!("demo connections run every 15 seconds; watch `connectord runs` or this log. Ctrl-C stops.");
+        tracing::info!("demo connections run every 15 seconds; Ctrl-C stops. In another terminal, watch them with: {watch}");
     })
     .await;
     let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
@@ -116,6 +139,22 @@ pub async fn run() -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "stopping PostgreSQL failed"),
     }
     result
+}
+
+/// Writes the config readable by its owner alone: it holds the cluster's
+/// password.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // An older file keeps its mode through `open`.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(text.as_bytes())
 }
 
 /// Creates `name` on the cluster unless it exists.

@@ -8,8 +8,14 @@
 //! speed wins), and leaves it running so that later processes (other test binaries, the next
 //! `dev` run) reuse it instead of paying for `initdb` again.
 //!
+//! The server listens on loopback only, and every connection needs the superuser's password
+//! (SCRAM): a loopback port is open to every local user, and `dev`'s cluster holds demo
+//! credentials. The password is drawn at `initdb` and kept in a file only the cluster's owner
+//! can read, so whoever can run the tests or `dev` of this checkout can connect, and nobody
+//! else can.
+//!
 //! Layout of the base directory: `lock` (serialises concurrent callers), `port` (the TCP
-//! port, as text), `data` (PGDATA) and `log` (the server log).
+//! port, as text), `password` (mode 0600), `data` (PGDATA) and `log` (the server log).
 //!
 //! PostgreSQL refuses to run as root, so when we are root the server runs as the `postgres`
 //! OS user; [`cluster_dir`] explains where its files can then live.
@@ -65,14 +71,25 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Cluste
 }
 
 /// A private cluster, running once [`Cluster::ensure_running`] has returned it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Cluster {
     pub base_dir: PathBuf,
     pub data_dir: PathBuf,
     pub port: u16,
+    /// The superuser's password, hex; in [`Cluster::url`] and nowhere else.
+    password: String,
     bin_dir: PathBuf,
     /// The (uid, gid) the server runs as when we are root; `None` means "as ourselves".
     run_as: Option<(u32, u32)>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("base_dir", &self.base_dir)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Cluster {
@@ -105,11 +122,25 @@ impl Cluster {
             data_dir: base_dir.join("data"),
             base_dir,
             port: 0,
+            password: String::new(),
             bin_dir: find_bin_dir()?,
             run_as,
         };
-        if !cluster.data_dir.join("PG_VERSION").is_file() {
-            cluster.initdb()?;
+        let password_path = cluster.base_dir.join("password");
+        match fs::read_to_string(&password_path) {
+            Ok(password) if cluster.data_dir.join("PG_VERSION").is_file() => {
+                cluster.password = password.trim().to_owned();
+            }
+            // No cluster, or one made without a password (which let every local user in):
+            // a new one, with a new password. The data is throwaway by design.
+            _ => {
+                cluster.remove_zombie_pid_file()?;
+                if cluster.data_dir.join("PG_VERSION").is_file() {
+                    cluster.stop()?;
+                }
+                cluster.password = new_password(&password_path)?;
+                cluster.initdb()?;
+            }
         }
         let port_path = cluster.base_dir.join("port");
         cluster.port = match fs::read_to_string(&port_path).map(|s| s.trim().parse::<u16>()) {
@@ -130,10 +161,35 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// URL for `database` as the trusted superuser `connectord` over TCP on 127.0.0.1.
-    /// `database` is used verbatim, so it should be a plain identifier.
+    /// URL for `database` as the superuser `connectord`, with its password, over TCP on
+    /// 127.0.0.1. `database` is used verbatim, so it should be a plain identifier.
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://connectord@127.0.0.1:{}/{database}", self.port)
+        let (password, port) = (&self.password, self.port);
+        format!("postgres://connectord:{password}@127.0.0.1:{port}/{database}")
+    }
+
+    /// Stops the cluster rooted at `base_dir`, if there is one there; returns whether there
+    /// was. Its data stays for the next [`Cluster::ensure_running`].
+    pub fn stop_at(base_dir: &Path) -> Result<bool, ClusterError> {
+        let data_dir = base_dir.join("data");
+        if !data_dir.join("PG_VERSION").is_file() {
+            return Ok(false);
+        }
+        let run_as = match euid() {
+            0 => Some(postgres_user().ok_or(ClusterError::NoPostgresUser)?),
+            _ => None,
+        };
+        let cluster = Cluster {
+            base_dir: base_dir.to_path_buf(),
+            data_dir,
+            port: 0,
+            password: String::new(),
+            bin_dir: find_bin_dir()?,
+            run_as,
+        };
+        let _lock = lock_exclusive(&base_dir.join("lock"))?;
+        cluster.stop()?;
+        Ok(true)
     }
 
     /// Stops the server with `pg_ctl stop -m fast`; stopping a stopped server is not an error.
@@ -207,10 +263,18 @@ impl Cluster {
         // The server user cannot create directories in a root-owned base_dir, so we do.
         fs::create_dir(&tmp).map_err(io_err("create", &tmp))?;
         self.chown_to_server_user(&tmp)?;
+        // initdb reads the password from a file, which the server user must be able to read:
+        // a copy beside the scratch directory, readable by that user alone, removed after.
+        let pwfile = self.base_dir.join("password.initdb");
+        write_private(&pwfile, &self.password)?;
+        self.chown_to_server_user(&pwfile)?;
         let mut cmd = self.command("initdb");
-        let flags = "-U connectord --auth=trust --encoding=UTF8 --no-locale --no-sync";
+        let flags = "-U connectord --auth=scram-sha-256 --encoding=UTF8 --no-locale --no-sync";
         cmd.arg("-D").arg(&tmp).args(flags.split(' '));
-        run(&mut cmd, &self.bin_dir.join("initdb"))?;
+        cmd.arg(format!("--pwfile={}", pwfile.display()));
+        let initdb = run(&mut cmd, &self.bin_dir.join("initdb"));
+        fs::remove_file(&pwfile).map_err(io_err("remove", &pwfile))?;
+        initdb?;
         fs::rename(&tmp, &self.data_dir).map_err(io_err("rename into place", &tmp))
     }
 
@@ -376,6 +440,36 @@ fn lock_exclusive(path: &Path) -> Result<File, ClusterError> {
     }
 }
 
+/// Draws a new superuser password and records it, readable by us alone.
+fn new_password(path: &Path) -> Result<String, ClusterError> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 24];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| io_err("draw a password for", path)(io::Error::other("no randomness")))?;
+    let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(path, &password)?;
+    Ok(password)
+}
+
+/// Writes `text` to a new file of mode 0600, replacing any old one.
+fn write_private(path: &Path, text: &str) -> Result<(), ClusterError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err("remove", path)(e)),
+        _ => {}
+    }
+    let mut file = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err("create", path))?;
+    file.write_all(format!("{text}\n").as_bytes())
+        .map_err(io_err("write", path))
+}
+
 /// Asks the kernel for a free loopback port and records it. Someone else may grab it before
 /// the server binds it, which `Cluster::start` handles by retrying.
 fn pick_port(port_path: &Path) -> Result<u16, ClusterError> {
@@ -473,6 +567,7 @@ mod tests {
             base_dir: base.clone(),
             data_dir: data_dir.clone(),
             port: 0,
+            password: String::new(),
             bin_dir: PathBuf::new(),
             run_as: None,
         };
@@ -548,12 +643,38 @@ mod tests {
             "{}",
             describe(&psql)
         );
-        again.stop().expect("stop");
+        // Another local user knows the port but not the password.
+        let without = format!("postgres://connectord@127.0.0.1:{}/postgres", again.port);
+        let refused = Command::new("psql")
+            .arg(&without)
+            .args(["-wXAtc", "select 1"])
+            .env("PGPASSFILE", "/dev/null")
+            .env_remove("PGPASSWORD")
+            .output()
+            .expect("run psql");
+        assert!(!refused.status.success(), "connected without the password");
+        assert!(
+            describe(&refused).contains("password"),
+            "{}",
+            describe(&refused)
+        );
+        let mode = fs::metadata(base.join("password"))
+            .expect("password file")
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(Cluster::stop_at(&base).expect("stop"));
         assert!(
             !connectable(again.port, Duration::ZERO),
             "server still accepts connections"
         );
         again.stop().expect("stopping a stopped cluster");
+        assert!(!Cluster::stop_at(&base.join("data")).expect("no cluster there"));
+        // A cluster without a password file (as made before clusters had
+        // passwords) is made anew, with a new password.
+        fs::remove_file(base.join("password")).expect("remove password");
+        let renewed = Cluster::ensure_running(&base).expect("ensure_running anew");
+        assert_ne!(renewed.url("postgres"), again.url("postgres"));
+        renewed.stop().expect("stop");
         fs::remove_dir_all(&base).expect("clean up");
     }
 }
