@@ -56,7 +56,12 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start a private PostgreSQL, seed demo connections and run the daemon.
-    Dev,
+    Dev {
+        /// Instead, stop this checkout's private PostgreSQL clusters (dev,
+        /// tests, benchmark), which stay up between runs; data is kept.
+        #[arg(long)]
+        stop: bool,
+    },
     /// Run the daemon (systemd ExecStart).
     Run,
     /// Apply database migrations.
@@ -149,6 +154,8 @@ pub enum CredentialsCommand {
         connection: String,
         #[arg(long, value_parser = ["static_secret", "username_password"])]
         kind: String,
+        /// The username; `-` reads it from stdin's first line, before the
+        /// password, so it stays out of argv.
         #[arg(long)]
         username: Option<String>,
     },
@@ -230,12 +237,15 @@ pub fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
-    if let Command::Dev = cli.command {
+    if let Command::Dev { stop } = cli.command {
+        if stop {
+            return crate::dev::stop().map(|()| exit::OK);
+        }
         return crate::dev::run().await.map(|()| exit::OK);
     }
     let config = load_config(cli.config.as_deref())?;
     match cli.command {
-        Command::Dev | Command::DemoConnector => unreachable!("handled above"),
+        Command::Dev { .. } | Command::DemoConnector => unreachable!("handled above"),
         Command::Run => {
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
@@ -473,36 +483,65 @@ async fn connections(config: &Config, command: ConnectionsCommand) -> anyhow::Re
     Ok(exit::OK)
 }
 
+/// Reads stdin to EOF, at most `limit` bytes: a larger input is refused
+/// without being held in memory. The buffer is wiped when dropped.
+fn read_stdin(limit: usize, too_long: &str) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(limit + 1));
+    std::io::stdin()
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .context("reading stdin")?;
+    if bytes.len() > limit {
+        bail!("{too_long}; nothing was stored");
+    }
+    Ok(bytes)
+}
+
+/// `text` without one trailing newline (`\n` or `\r\n`).
+fn chomp(text: &[u8]) -> &[u8] {
+    let text = text.strip_suffix(b"\n").unwrap_or(text);
+    text.strip_suffix(b"\r").unwrap_or(text)
+}
+
+fn secret_field(bytes: &[u8], what: &str) -> anyhow::Result<Secret> {
+    let text =
+        std::str::from_utf8(bytes).with_context(|| format!("the {what} on stdin is not UTF-8"))?;
+    if text.is_empty() {
+        bail!("the {what} on stdin is empty; nothing was stored");
+    }
+    Ok(Secret::new(text.to_owned()))
+}
+
 /// Reads the secret from stdin: everything up to EOF, less one trailing
 /// newline, so `echo secret |` and a file both work. At most
-/// `store::MAX_SECRET_BYTES` (and its newline) are read: a larger input is
-/// refused without being held in memory.
+/// `store::MAX_SECRET_BYTES` (and its newline) are read.
 fn read_secret_from_stdin() -> anyhow::Result<Secret> {
     use std::io::IsTerminal;
     if std::io::stdin().is_terminal() {
         eprintln!("Enter the secret, then press Enter and Ctrl-D:");
     }
     let limit = crate::store::MAX_SECRET_BYTES + 2;
-    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(limit + 1));
-    std::io::stdin()
-        .take(limit as u64 + 1)
-        .read_to_end(&mut bytes)
-        .context("reading the secret from stdin")?;
-    if bytes.len() > limit {
-        bail!("the secret on stdin is longer than 64 KiB; nothing was stored");
+    let bytes = read_stdin(limit, "the secret on stdin is longer than 64 KiB")?;
+    secret_field(chomp(&bytes), "secret")
+}
+
+/// Reads a username (the first line) and a password (the rest, less one
+/// trailing newline) from stdin, for `--username -`: neither then appears
+/// in argv, where every local user can read it.
+fn read_login_from_stdin() -> anyhow::Result<(Secret, Secret)> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        eprintln!("Enter the username, Enter, the password, Enter and Ctrl-D:");
     }
-    let mut end = bytes.len();
-    if bytes[..end].ends_with(b"\n") {
-        end -= 1;
-        if bytes[..end].ends_with(b"\r") {
-            end -= 1;
-        }
-    }
-    let text = std::str::from_utf8(&bytes[..end]).context("the secret on stdin is not UTF-8")?;
-    if text.is_empty() {
-        bail!("the secret on stdin is empty; nothing was stored");
-    }
-    Ok(Secret::new(text.to_owned()))
+    let limit = 2 * crate::store::MAX_SECRET_BYTES + 4;
+    let too_long = "the username and password on stdin are longer than 64 KiB each";
+    let bytes = read_stdin(limit, too_long)?;
+    let Some(newline) = bytes.iter().position(|&b| b == b'\n') else {
+        bail!("with --username -, stdin holds the username on its first line and the password after it; no newline was found, nothing was stored");
+    };
+    let username = secret_field(chomp(&bytes[..=newline]), "username")?;
+    let password = secret_field(chomp(&bytes[newline + 1..]), "password")?;
+    Ok((username, password))
 }
 
 async fn credentials(config: &Config, command: CredentialsCommand) -> anyhow::Result<u8> {
@@ -518,11 +557,15 @@ async fn credentials(config: &Config, command: CredentialsCommand) -> anyhow::Re
                 ("static_secret", Some(_)) => {
                     bail!("--username goes with --kind username_password only")
                 }
+                (_, Some(username)) if username == "-" => {
+                    let (username, password) = read_login_from_stdin()?;
+                    Plaintext::UsernamePassword { username, password }
+                }
                 (_, Some(username)) if !username.is_empty() => Plaintext::UsernamePassword {
                     username: Secret::new(username),
                     password: read_secret_from_stdin()?,
                 },
-                _ => bail!("--kind username_password needs --username NAME (the password is read from stdin)"),
+                _ => bail!("--kind username_password needs --username NAME, or --username - to read it from stdin's first line (the password is read from stdin)"),
             };
             let pool = pool(config).await?;
             warn_on_kind_mismatch(config, &pool, &connection, plaintext.kind()).await?;

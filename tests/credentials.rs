@@ -1420,3 +1420,52 @@ async fn a_credential_goes_only_to_the_connector_it_was_stored_for() {
     w.secrets.lock().unwrap().push("chase-pw-before".to_owned());
     w.assert_no_leaks(&daemon.logs()).await;
 }
+
+/// `--username -` takes the username from stdin's first line and the
+/// password from the rest, so neither is in argv; the child gets both.
+/// Without a second line, nothing is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn username_and_password_both_from_stdin() {
+    let w = World::new().await;
+    w.add_connection("eve-usaa", "usaa").await;
+    let (code, out, err) = w.cli(
+        &[
+            "credentials",
+            "set",
+            "eve-usaa",
+            "--kind",
+            "username_password",
+            "--username",
+            "-",
+        ],
+        "only-a-username",
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("first line"), "{err}");
+    assert_eq!(w.active_credential("eve-usaa").await, None);
+    let (code, out, err) = w.cli(
+        &[
+            "credentials",
+            "set",
+            "eve-usaa",
+            "--kind",
+            "username_password",
+            "--username",
+            "-",
+        ],
+        "eve@example.test\r\npass word\nwith a newline\n",
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    w.secrets
+        .lock()
+        .unwrap()
+        .extend(["eve@example.test".to_owned(), "with a newline".to_owned()]);
+    let _daemon = w.start(&[]).await;
+    w.manual(&["eve-usaa"]).await;
+    w.db.wait_until("select count(*) = 1 from runs where status = 'succeeded'")
+        .await;
+    let run = &w.runs("eve-usaa").await[0];
+    let env = w.env(run.id);
+    assert_eq!(env["USAA_USERNAME"], "eve@example.test");
+    assert_eq!(env["USAA_PASSWORD"], "pass word\nwith a newline");
+}
