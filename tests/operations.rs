@@ -124,6 +124,12 @@ fn the_systemd_unit_verifies() {
         "ProtectHome=yes",
         "RestrictAddressFamilies=",
         "LimitCORE=0",
+        "SystemCallArchitectures=native",
+        "CapabilityBoundingSet=\n",
+        "PrivateMounts=yes",
+        "RemoveIPC=yes",
+        "TasksMax=",
+        "MemoryMax=",
     ] {
         assert!(unit.contains(needed), "the unit lacks {needed}");
     }
@@ -136,10 +142,20 @@ fn the_systemd_unit_verifies() {
             "ProcSubset=",
             "RestrictNamespaces=",
             "PrivateUsers=",
-            "SystemCallFilter=",
         ] {
             assert!(!line.starts_with(breaking), "the unit sets {line}");
         }
+    }
+    // A system call filter must let bubblewrap mount the sandbox's view,
+    // and Chromium install its own filter.
+    let filters: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+        .collect();
+    assert_eq!(filters.len(), 1, "{filters:?}");
+    let groups: Vec<&str> = filters[0].split_whitespace().collect();
+    for needed in ["@system-service", "@mount", "seccomp"] {
+        assert!(groups.contains(&needed), "SystemCallFilter lacks {needed}");
     }
     let analyze = Path::new("/usr/bin/systemd-analyze");
     if !analyze.exists() {
