@@ -22,7 +22,8 @@
 //! - [`keys`], [`secret`]: key files, AES-256-GCM, redacting plaintext.
 //! - [`store`]: writing credentials (set, revoke, delete, rotate).
 //! - [`child_env`], [`spawn`], [`child`], [`protocol`]: the child's
-//!   environment, starting it, its supervision, and what it may print.
+//!   environment, starting it, its supervision, and what it may print;
+//!   [`report`]: what it reports while it runs, bounded and written aside.
 //! - [`sandbox`], [`run_dir`]: the sandbox every child runs in, and each
 //!   run's private directory.
 //! - [`runs`]: writes to `runs` and `interactions`; [`retention`]: pruning.
