@@ -136,28 +136,22 @@ impl Reports {
             }
             Message::Interaction { kind, message } => {
                 if state.opened >= MAX_INTERACTIONS_PER_RUN {
-                    if state.problems.interactions_over_limit == 0 {
-                        tracing::warn!(
-                            event = "run.protocol",
-                            problem = "interactions_over_limit",
-                            limit = MAX_INTERACTIONS_PER_RUN,
-                            "the connector opened more interactions than a run may; ignoring the rest"
-                        );
-                    }
-                    state.problems.interactions_over_limit += 1;
+                    count(
+                        &mut state.problems.interactions_over_limit,
+                        "interactions_over_limit",
+                        MAX_INTERACTIONS_PER_RUN,
+                        "the connector opened more interactions than a run may; ignoring the rest",
+                    );
                     return;
                 }
                 let mut message = message.unwrap_or_default();
                 if message.len() > MAX_INTERACTION_MESSAGE {
-                    if state.problems.messages_truncated == 0 {
-                        tracing::warn!(
-                            event = "run.protocol",
-                            problem = "message_truncated",
-                            limit = MAX_INTERACTION_MESSAGE,
-                            "the connector's interaction message is too long; keeping its start"
-                        );
-                    }
-                    state.problems.messages_truncated += 1;
+                    count(
+                        &mut state.problems.messages_truncated,
+                        "message_truncated",
+                        MAX_INTERACTION_MESSAGE,
+                        "the connector's interaction message is too long; keeping its start",
+                    );
                     truncate(&mut message, MAX_INTERACTION_MESSAGE);
                 }
                 state.opened += 1;
@@ -243,6 +237,14 @@ impl Reports {
             }
         }
     }
+}
+
+/// Counts one occurrence of a problem, logging only the first.
+fn count(counter: &mut u64, problem: &'static str, limit: usize, what: &'static str) {
+    if *counter == 0 {
+        tracing::warn!(event = "run.protocol", problem, limit, "{what}");
+    }
+    *counter += 1;
 }
 
 /// Cuts `s` to at most `max` bytes, on a character boundary.

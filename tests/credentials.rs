@@ -1428,33 +1428,21 @@ async fn a_credential_goes_only_to_the_connector_it_was_stored_for() {
 async fn username_and_password_both_from_stdin() {
     let w = World::new().await;
     w.add_connection("eve-usaa", "usaa").await;
-    let (code, out, err) = w.cli(
-        &[
+    let set = |stdin: &str| {
+        let args = [
             "credentials",
             "set",
             "eve-usaa",
             "--kind",
             "username_password",
-            "--username",
-            "-",
-        ],
-        "only-a-username",
-    );
+        ];
+        w.cli(&[&args[..], &["--username", "-"]].concat(), stdin)
+    };
+    let (code, out, err) = set("only-a-username");
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("first line"), "{err}");
     assert_eq!(w.active_credential("eve-usaa").await, None);
-    let (code, out, err) = w.cli(
-        &[
-            "credentials",
-            "set",
-            "eve-usaa",
-            "--kind",
-            "username_password",
-            "--username",
-            "-",
-        ],
-        "eve@example.test\r\npass word\nwith a newline\n",
-    );
+    let (code, out, err) = set("eve@example.test\r\npass word\nwith a newline\n");
     assert_eq!(code, 0, "{out}{err}");
     w.secrets
         .lock()
