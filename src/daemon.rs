@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::postgres::PgListener;
@@ -15,7 +16,6 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::config::Config;
 use crate::failure::FailureKind;
@@ -26,6 +26,7 @@ use crate::run_dir::RunDirs;
 use crate::runs::{OutcomeWriter, StartWriter};
 use crate::sandbox::SandboxState;
 use crate::schedule::{Backoff, Edit, Engine};
+use crate::supervisor::{Ended, Tasks};
 use crate::systemd::{watchdog_interval, Heartbeats, Notifier};
 
 /// Channels the daemon listens on.
@@ -127,12 +128,17 @@ pub async fn run(
         }
     };
     let known_connectors = config.connectors.keys().cloned().collect();
+    let mut tasks = Tasks::default();
+    let (outcomes, write_outcomes) = OutcomeWriter::new(pool.clone(), instance_id.clone());
+    let (starts, write_starts) = StartWriter::new(pool.clone(), instance_id.clone());
+    tasks.spawn("outcome writer", write_outcomes);
+    tasks.spawn("start writer", write_starts);
     let ctx = Arc::new(Context {
         pool: pool.clone(),
         config: Arc::new(config),
         keyring: keyring.map(Arc::new),
-        outcomes: OutcomeWriter::start(pool.clone(), instance_id.clone()),
-        starts: StartWriter::start(pool.clone(), instance_id.clone()),
+        outcomes,
+        starts,
         instance_id,
         shutdown: shutdown.clone(),
         running: Mutex::new(HashMap::new()),
@@ -152,64 +158,132 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let (edits_tx, edits_rx) = mpsc::channel(4096);
     let stop_loops = CancellationToken::new();
-    let mut loops = JoinSet::new();
 
     let Some(listener) = connect_listener(&pool, &shutdown).await else {
         return Ok(());
     };
-    loops.spawn(listen(listener, edits_tx, wake.clone(), stop_loops.clone()).in_current_span());
+    tasks.spawn(
+        "listener",
+        listen(listener, edits_tx, wake.clone(), stop_loops.clone()),
+    );
 
     let engine = Engine::new(pool.clone(), ctx.config.daemon.catchup_window);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    loops.spawn(
-        engine
-            .run(
-                edits_rx,
-                ctx.config.daemon.reconcile_interval,
-                stop_loops.clone(),
-                ready_tx,
-                heartbeats.clone(),
-            )
-            .in_current_span(),
+    tasks.spawn(
+        "schedule engine",
+        engine.run(
+            edits_rx,
+            ctx.config.daemon.reconcile_interval,
+            stop_loops.clone(),
+            ready_tx,
+            heartbeats.clone(),
+        ),
     );
-    loops.spawn(lease_keeper(ctx.clone(), stop_loops.clone()).in_current_span());
-    loops.spawn(
+    tasks.spawn(
+        "lease keeper",
+        lease_keeper(ctx.clone(), stop_loops.clone()),
+    );
+    tasks.spawn(
+        "retention",
         crate::retention::run(
             pool.clone(),
             ctx.config.retention.clone(),
             stop_loops.clone(),
-        )
-        .in_current_span(),
+        ),
     );
-    let queue_task =
-        tokio::spawn(queue_loop(ctx.clone(), wake, heartbeats.clone()).in_current_span());
+    tasks.spawn(QUEUE, queue_loop(ctx.clone(), wake, heartbeats.clone()));
 
-    tokio::select! {
-        loaded = ready_rx => {
-            let schedules = loaded.unwrap_or(0);
-            tracing::info!(schedules, "connectord ready");
-            notifier.notify("READY=1");
-            loops.spawn(
-                supervisor_link(ctx.clone(), notifier.clone(), heartbeats, stop_loops.clone())
-                    .in_current_span(),
-            );
-            on_ready(schedules);
+    // Until shutdown, every task's end is a failure.
+    let mut failed: Option<&'static str> = None;
+    let mut ready_rx = Some(ready_rx);
+    let mut heartbeats = Some(heartbeats);
+    let mut on_ready = Some(on_ready);
+    loop {
+        tokio::select! {
+            // First: the queue loop returns once it sees shutdown, which
+            // is then no failure.
+            biased;
+            () = shutdown.cancelled() => break,
+            loaded = async { ready_rx.as_mut().expect("guarded").await }, if ready_rx.is_some() => {
+                ready_rx = None;
+                let schedules = loaded.unwrap_or(0);
+                tracing::info!(schedules, "connectord ready");
+                notifier.notify("READY=1");
+                let link = supervisor_link(
+                    ctx.clone(),
+                    notifier.clone(),
+                    heartbeats.take().expect("ready once"),
+                    stop_loops.clone(),
+                );
+                tasks.spawn("systemd link", link);
+                if let Some(on_ready) = on_ready.take() {
+                    on_ready(schedules);
+                }
+            }
+            Some(ended) = tasks.next_ended() => {
+                unexpected(&ended);
+                failed = Some(ended.name);
+                if ended.name == QUEUE {
+                    stop_loops.cancel();
+                }
+                shutdown.cancel();
+                break;
+            }
         }
-        () = shutdown.cancelled() => {}
     }
 
-    shutdown.cancelled().await;
     notifier.notify("STOPPING=1");
     tracing::info!("shutting down: no new runs are claimed; running connectors may finish");
-    // The queue loop returns once every launch has settled its run.
-    if let Err(e) = queue_task.await {
-        tracing::error!(error = %e, "queue loop ended abnormally");
+    // The queue loop returns once every launch has settled its run; then
+    // the loops stop, and the writers once the last handle is gone. Each
+    // of those steps is bounded, so the whole drain is too.
+    let daemon = &ctx.config.daemon;
+    let deadline = daemon.shutdown_grace + daemon.kill_grace * 4 + Duration::from_secs(10);
+    drop(ctx);
+    let drain = async {
+        while let Some(ended) = tasks.next_ended().await {
+            if !ended.returned {
+                unexpected(&ended);
+                failed.get_or_insert(ended.name);
+            }
+            if ended.name == QUEUE {
+                stop_loops.cancel();
+            }
+        }
+    };
+    let stuck = tokio::time::timeout(deadline, drain).await.is_err();
+    if stuck {
+        tracing::error!(
+            ?deadline,
+            "the daemon's tasks did not stop in time; abandoning them"
+        );
+        tasks.abort_all();
     }
-    stop_loops.cancel();
-    while loops.join_next().await.is_some() {}
     pool.close().await;
+    if stuck {
+        anyhow::bail!("the daemon's tasks did not stop within {deadline:?} of shutdown");
+    }
+    if let Some(task) = failed {
+        anyhow::bail!("the daemon stopped because its {task} task ended unexpectedly");
+    }
     tracing::info!("connectord stopped");
     Ok(())
+}
+
+/// The name of the queue loop's task: the drain waits for it first.
+const QUEUE: &str = "queue";
+
+fn unexpected(ended: &Ended) {
+    let how = if ended.returned {
+        "returned"
+    } else {
+        "panicked"
+    };
+    tracing::error!(
+        task = ended.name,
+        "the daemon's {} task {how} unexpectedly; stopping so the service manager restarts the daemon",
+        ended.name
+    );
 }
 
 /// Connects the notification listener, retrying until `stop`. The daemon
@@ -422,6 +496,9 @@ async fn claim_and_launch(
             return Err(e);
         }
     };
+    if !commands.is_empty() {
+        crate::supervisor::fault("queue.claimed");
+    }
     let mut round = Round {
         filled: commands.len() as i64 == limit,
         limited: !full.is_empty(),
@@ -465,6 +542,7 @@ async fn claim_and_launch(
 /// owner stopped renewing (`lost`), about three times per lease.
 async fn lease_keeper(ctx: Arc<Context>, stop: CancellationToken) {
     let period = ctx.config.daemon.lease / 3;
+    let mut failing = false;
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -472,12 +550,23 @@ async fn lease_keeper(ctx: Arc<Context>, stop: CancellationToken) {
             _ = ticker.tick() => {}
             () = stop.cancelled() => return,
         }
-        if let Err(e) = renew_leases(&ctx).await {
-            tracing::debug!(error = %e, "lease renewal failed");
-            continue;
-        }
-        if let Err(e) = rescue(&ctx, false).await {
-            tracing::debug!(error = %e, "lease rescue failed");
+        // Said once when it starts failing and once when it recovers: an
+        // outage must not write a line every few seconds.
+        let result = match renew_leases(&ctx).await {
+            Ok(()) => rescue(&ctx, false).await.map_err(|e| ("rescue", e)),
+            Err(e) => Err(("renewal", e)),
+        };
+        match result {
+            Ok(()) if failing => {
+                tracing::info!("lease renewal and rescue work again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err((what, e)) if !failing => {
+                tracing::warn!(error = %e, "lease {what} failed; running runs may be taken for lost by another daemon if this lasts past their lease");
+                failing = true;
+            }
+            Err(_) => {}
         }
     }
 }
@@ -505,11 +594,10 @@ async fn renew_leases(ctx: &Context) -> Result<(), sqlx::Error> {
     if renewed.len() < ids.len() {
         // Only runs that were asked about and not renewed are lost to us;
         // runs that started after the snapshot were not asked about.
-        if let Ok(running) = ctx.running.lock() {
-            for id in ids.iter().filter(|id| !renewed.contains(id)) {
-                if let Some(superseded) = running.get(id) {
-                    superseded.cancel();
-                }
+        let running = ctx.running();
+        for id in ids.iter().filter(|id| !renewed.contains(id)) {
+            if let Some(superseded) = running.get(id) {
+                superseded.cancel();
             }
         }
     }
@@ -518,19 +606,14 @@ async fn renew_leases(ctx: &Context) -> Result<(), sqlx::Error> {
 
 /// Ids of the runs this daemon has going whose rows are recorded.
 fn running_runs(ctx: &Context) -> Vec<i64> {
-    ctx.running
-        .lock()
-        .map(|running| running.keys().copied().collect())
-        .unwrap_or_default()
+    ctx.running().keys().copied().collect()
 }
 
 /// Ids of the runs this daemon has going, including those whose start is
 /// still being recorded (its write may have landed without its answer).
 fn live_runs(ctx: &Context) -> Vec<i64> {
     let mut ids = running_runs(ctx);
-    if let Ok(starting) = ctx.starting.lock() {
-        ids.extend(starting.iter().copied());
-    }
+    ids.extend(ctx.starting().iter().copied());
     ids
 }
 
@@ -671,7 +754,8 @@ async fn supervisor_link(
     stop: CancellationToken,
 ) {
     if !notifier.is_enabled() {
-        return;
+        // Nothing to tell; a supervised task ends only when asked to.
+        return stop.cancelled().await;
     }
     let watchdog = watchdog_interval();
     let period = watchdog
@@ -699,7 +783,7 @@ async fn supervisor_link(
                 );
             }
         }
-        let running = ctx.running.lock().map(|set| set.len()).unwrap_or(0);
+        let running = ctx.running().len();
         // Bounded, so an outage never holds up the watchdog pings.
         let queued = tokio::time::timeout(
             std::time::Duration::from_secs(2),

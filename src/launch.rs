@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -56,6 +56,18 @@ pub struct Context {
 }
 
 impl Context {
+    /// [`Context::running`], locked. Its entries are plain ids and tokens,
+    /// whole whatever a panicking holder was doing, so a poisoned lock is
+    /// recovered rather than the bookkeeping skipped.
+    pub fn running(&self) -> MutexGuard<'_, HashMap<i64, CancellationToken>> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// [`Context::starting`], locked, as [`Context::running`].
+    pub fn starting(&self) -> MutexGuard<'_, HashSet<i64>> {
+        self.starting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub fn writer(&self) -> Writer<'_> {
         Writer {
             pool: &self.pool,
@@ -162,9 +174,7 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
         )
         .await
     };
-    if let Ok(mut running) = ctx.running.lock() {
-        running.remove(&run_id);
-    }
+    ctx.running().remove(&run_id);
     result
 }
 
@@ -177,18 +187,14 @@ struct Starting<'a> {
 
 impl<'a> Starting<'a> {
     fn new(ctx: &'a Context, run_id: i64) -> Starting<'a> {
-        if let Ok(mut starting) = ctx.starting.lock() {
-            starting.insert(run_id);
-        }
+        ctx.starting().insert(run_id);
         Starting { ctx, run_id }
     }
 }
 
 impl Drop for Starting<'_> {
     fn drop(&mut self) {
-        if let Ok(mut starting) = self.ctx.starting.lock() {
-            starting.remove(&self.run_id);
-        }
+        self.ctx.starting().remove(&self.run_id);
     }
 }
 
@@ -207,9 +213,7 @@ async fn record_start(
     loop {
         match ctx.starts.record(start.clone()).await {
             Ok(true) => {
-                if let Ok(mut running) = ctx.running.lock() {
-                    running.insert(start.run_id, superseded.clone());
-                }
+                ctx.running().insert(start.run_id, superseded.clone());
                 reports.row_recorded();
                 return;
             }

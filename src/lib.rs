@@ -28,7 +28,8 @@
 //!   run's private directory.
 //! - [`runs`]: writes to `runs` and `interactions`; [`retention`]: pruning.
 //! - [`printable`]: outside text escaped before it is logged or printed.
-//! - [`daemon`]: wiring and shutdown; [`systemd`]: the notify protocol;
+//! - [`daemon`]: wiring and shutdown; [`supervisor`]: its tasks, watched
+//!   as one set; [`systemd`]: the notify protocol;
 //!   [`memory`]: giving freed memory back.
 //! - [`cli`], [`dev`], [`pgcluster`], [`logging`]: the command line.
 
@@ -60,4 +61,5 @@ pub mod schedule;
 pub mod secret;
 pub mod spawn;
 pub mod store;
+pub mod supervisor;
 pub mod systemd;

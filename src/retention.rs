@@ -95,7 +95,8 @@ async fn in_batches(
 /// Runs `prune` every `config.interval` until `stop`.
 pub async fn run(pool: PgPool, config: RetentionConfig, stop: CancellationToken) {
     if config.interval.is_zero() {
-        return;
+        // Retention is off; a supervised task ends only when asked to.
+        return stop.cancelled().await;
     }
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

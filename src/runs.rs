@@ -384,11 +384,18 @@ pub type OutcomeWriter = BatchWriter<Outcome>;
 pub type StartWriter = BatchWriter<Start>;
 
 impl<T: Batched> BatchWriter<T> {
-    /// Starts the writer task; it ends when the last handle is dropped.
-    pub fn start(pool: PgPool, instance_id: String) -> BatchWriter<T> {
+    /// A writer, and the task that writes for it, for the caller to run;
+    /// the task ends when the last handle is dropped.
+    pub fn new(
+        pool: PgPool,
+        instance_id: String,
+    ) -> (
+        BatchWriter<T>,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
         let (requests, receiver) = mpsc::channel(1024);
-        tokio::spawn(write_batches(pool, instance_id, receiver));
-        BatchWriter { requests }
+        let task = write_batches(pool, instance_id, receiver);
+        (BatchWriter { requests }, task)
     }
 
     /// Writes one run's row; `Ok(false)` when the run was no longer ours.

@@ -981,3 +981,31 @@ async fn a_locked_table_does_not_stall_a_timeout() {
     )
     .await;
 }
+
+/// A daemon whose queue loop dies (here a fault injected after a claim)
+/// does not sit idle claiming nothing: it logs the task at ERROR and
+/// exits non-zero, so systemd restarts it; the claimed command is not
+/// lost (another daemon rescues it once the lease passes).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_loop_stops_the_daemon_with_an_error() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    connection(&db, &dir.path, "doomed", "ok").await;
+    let faulty = [("CONNECTORD_FAULT", "queue.claimed")];
+    let mut daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &faulty).await;
+    db.exec("insert into run_commands (connection_id) values ('doomed')")
+        .await;
+    let status = daemon.exited().await;
+    let logs = daemon.logs();
+    assert_eq!(status.code(), Some(1), "{status:?}\n{logs}");
+    assert!(
+        logs.contains("the daemon's queue task panicked unexpectedly"),
+        "{logs}"
+    );
+    let rescuer = Daemon::start(&db, &dir.path, &config(&dir.path, "b", ""), &[]).await;
+    db.wait_until(
+        "select count(*) = 1 from runs where connection_id = 'doomed' and status = 'succeeded'",
+    )
+    .await;
+    drop(rescuer);
+}

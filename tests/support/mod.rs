@@ -308,6 +308,22 @@ impl Daemon {
         self.child.id()
     }
 
+    /// Waits for the daemon to exit on its own, for at most [`PATIENCE`].
+    pub async fn exited(&mut self) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for connectord") {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the daemon is still running; log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGTERM, then waits for the exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child's pid.
