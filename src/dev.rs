@@ -113,8 +113,8 @@ pub async fn run() -> anyhow::Result<()> {
         crate::keys::generate(&keys_dir, "k1")?;
     }
     let config_path = base.join("connectord.toml");
-    write_private(&config_path, &dev_config(&cluster, &keys_dir, &exe))
-        .with_context(|| format!("writing {}", config_path.display()))?;
+    // It holds the cluster's password: readable by its owner alone.
+    pgcluster::write_private(&config_path, &dev_config(&cluster, &keys_dir, &exe))?;
     // The private cluster is the point of `dev`: ignore DATABASE_URL here.
     let config = Config::parse(&std::fs::read_to_string(&config_path)?)
         .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
@@ -139,22 +139,6 @@ pub async fn run() -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "stopping PostgreSQL failed"),
     }
     result
-}
-
-/// Writes the config readable by its owner alone: it holds the cluster's
-/// password.
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut file = std::fs::File::options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    // An older file keeps its mode through `open`.
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    file.write_all(text.as_bytes())
 }
 
 /// Creates `name` on the cluster unless it exists.

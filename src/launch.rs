@@ -21,6 +21,7 @@ use crate::child_env::{ChildEnv, PrivateDirs, RunMeta};
 use crate::config::{Config, ConnectorConfig, RetryPolicy};
 use crate::failure::FailureKind;
 use crate::keys::Keyring;
+use crate::protocol::InteractionKind;
 use crate::queue::{self, Claimed, Command};
 use crate::report::Reports;
 use crate::resolver::{self, StoredCredential};
@@ -80,9 +81,6 @@ impl Context {
 /// the child has ended: they should land first, but a locked table must
 /// not hold the outcome (and the connection's next run) back.
 const REPORTS_PATIENCE: Duration = Duration::from_secs(1);
-
-/// The interaction kind that asks the owner to reconnect.
-pub const CREDENTIALS_REQUIRED: &str = "credentials_required";
 
 /// Executes one claimed command to its recorded outcome.
 pub async fn launch(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error> {
@@ -285,7 +283,7 @@ async fn run_in_slot(
                     .open_interaction(
                         &command.connection_id,
                         run_id,
-                        CREDENTIALS_REQUIRED,
+                        InteractionKind::CredentialsRequired.as_str(),
                         &refusal.detail,
                     )
                     .await?;

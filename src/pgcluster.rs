@@ -448,12 +448,13 @@ fn new_password(path: &Path) -> Result<String, ClusterError> {
         .fill(&mut bytes)
         .map_err(|_| io_err("draw a password for", path)(io::Error::other("no randomness")))?;
     let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    write_private(path, &password)?;
+    write_private(path, &format!("{password}\n"))?;
     Ok(password)
 }
 
-/// Writes `text` to a new file of mode 0600, replacing any old one.
-fn write_private(path: &Path, text: &str) -> Result<(), ClusterError> {
+/// Writes `text` to a new file of mode 0600, replacing any old one (whose
+/// mode a rewrite in place would keep).
+pub fn write_private(path: &Path, text: &str) -> Result<(), ClusterError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     match fs::remove_file(path) {
@@ -466,7 +467,7 @@ fn write_private(path: &Path, text: &str) -> Result<(), ClusterError> {
         .mode(0o600)
         .open(path)
         .map_err(io_err("create", path))?;
-    file.write_all(format!("{text}\n").as_bytes())
+    file.write_all(text.as_bytes())
         .map_err(io_err("write", path))
 }
 

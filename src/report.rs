@@ -15,11 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::PgPool;
 use tokio::sync::{mpsc, Notify};
 
 use crate::protocol::{InteractionKind, Message};
-use sqlx::PgPool;
-
 use crate::runs::Writer;
 
 /// How often a run's progress count is written while it runs.
@@ -94,7 +93,6 @@ pub struct Reports {
 pub struct Pending(mpsc::Receiver<Interaction>);
 
 struct TakeState {
-    records: Option<i64>,
     opened: usize,
     problems: Problems,
     /// `None` once closed.
@@ -110,7 +108,6 @@ impl Reports {
             recorded: AtomicBool::new(false),
             changed: Notify::new(),
             state: std::sync::Mutex::new(TakeState {
-                records: None,
                 opened: 0,
                 problems: Problems::default(),
                 queue: Some(queue),
@@ -130,7 +127,6 @@ impl Reports {
         let mut state = self.state();
         match message {
             Message::Progress { records } => {
-                state.records = Some(records);
                 self.latest.store(records, Ordering::SeqCst);
                 self.changed.notify_one();
             }
@@ -169,7 +165,9 @@ impl Reports {
     /// it did wrong.
     pub fn summary(&self) -> (Option<i64>, bool, Problems) {
         let state = self.state();
-        (state.records, state.opened > 0, state.problems)
+        let latest = self.latest.load(Ordering::SeqCst);
+        let records = (latest != NO_COUNT).then_some(latest);
+        (records, state.opened > 0, state.problems)
     }
 
     /// The run's row exists: the latest count can be kept on it.
