@@ -6,9 +6,9 @@ use std::os::unix::fs::PermissionsExt;
 
 use serde::Serialize;
 
-use crate::child_env::{ChildEnv, RunMeta};
 use crate::cli::exit;
 use crate::config::Config;
+use crate::run::child_env::{ChildEnv, RunMeta};
 use crate::sandbox::SandboxState;
 
 /// One finding.
@@ -71,7 +71,7 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<u8> {
         let child_env = ChildEnv::build(config, connector, &meta, Vec::new(), |name| {
             std::env::var_os(name)
         });
-        let found = crate::spawn::find_program(&connector.command, child_env.plain("PATH"));
+        let found = crate::run::spawn::find_program(&connector.command, child_env.plain("PATH"));
         let problem = match found.map(std::fs::metadata) {
             Ok(Ok(meta)) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => None,
             Ok(Ok(_)) => Some(not_executable()),
@@ -168,7 +168,7 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<u8> {
 
 async fn check_database(
     config: &Config,
-    keyring: Option<&crate::keys::Keyring>,
+    keyring: Option<&crate::credentials::keys::Keyring>,
     pool: &sqlx::PgPool,
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -188,11 +188,11 @@ async fn check_database(
     .await?;
     let now = chrono::Utc::now();
     for (id, connection, cron, tz, jitter) in schedules {
-        let rule = crate::cron::parse_cron(&cron).and_then(|expr| {
-            Ok(crate::cron::FireRule {
+        let rule = crate::schedule::cron::parse_cron(&cron).and_then(|expr| {
+            Ok(crate::schedule::cron::FireRule {
                 expr,
-                tz: crate::cron::parse_timezone(&tz)?,
-                jitter: crate::cron::jitter_offset(&connection, jitter),
+                tz: crate::schedule::cron::parse_timezone(&tz)?,
+                jitter: crate::schedule::cron::jitter_offset(&connection, jitter),
             })
         });
         match rule {

@@ -12,10 +12,10 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::keys::Keyring;
+use crate::credentials::keys::Keyring;
+use crate::credentials::secret::{Plaintext, Secret};
 use crate::logging::LogFormat;
 use crate::printable::printable;
-use crate::secret::{Plaintext, Secret};
 
 /// Exit statuses, documented in `--help`.
 pub mod exit {
@@ -263,7 +263,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Check { json } => crate::check::run(&config, json).await,
         Command::Keys(KeysCommand::Generate { id, dir }) => {
             let dir = dir.unwrap_or_else(|| config.keys.resolved_dir());
-            let path = crate::keys::generate(&dir, &id)?;
+            let path = crate::credentials::keys::generate(&dir, &id)?;
             println!("wrote {}", path.display());
             Ok(exit::OK)
         }
@@ -520,7 +520,7 @@ fn read_secret_from_stdin() -> anyhow::Result<Secret> {
     if std::io::stdin().is_terminal() {
         eprintln!("Enter the secret, then press Enter and Ctrl-D:");
     }
-    let limit = crate::store::MAX_SECRET_BYTES + 2;
+    let limit = crate::credentials::store::MAX_SECRET_BYTES + 2;
     let bytes = read_stdin(limit, "the secret on stdin is longer than 64 KiB")?;
     secret_field(chomp(&bytes), "secret")
 }
@@ -533,7 +533,7 @@ fn read_login_from_stdin() -> anyhow::Result<(Secret, Secret)> {
     if std::io::stdin().is_terminal() {
         eprintln!("Enter the username, Enter, the password, Enter and Ctrl-D:");
     }
-    let limit = 2 * crate::store::MAX_SECRET_BYTES + 4;
+    let limit = 2 * crate::credentials::store::MAX_SECRET_BYTES + 4;
     let too_long = "the username and password on stdin are longer than 64 KiB each";
     let bytes = read_stdin(limit, too_long)?;
     let Some(newline) = bytes.iter().position(|&b| b == b'\n') else {
@@ -569,7 +569,8 @@ async fn credentials(config: &Config, command: CredentialsCommand) -> anyhow::Re
             };
             let pool = pool(config).await?;
             warn_on_kind_mismatch(config, &pool, &connection, plaintext.kind()).await?;
-            let id = crate::store::set(&pool, &keyring, &connection, &plaintext).await?;
+            let id =
+                crate::credentials::store::set(&pool, &keyring, &connection, &plaintext).await?;
             println!(
                 "stored credential {id} ({}) for {connection} under key {}",
                 plaintext.kind(),
@@ -578,18 +579,18 @@ async fn credentials(config: &Config, command: CredentialsCommand) -> anyhow::Re
         }
         CredentialsCommand::Revoke { connection } => {
             let pool = pool(config).await?;
-            let id = crate::store::revoke(&pool, &connection).await?;
+            let id = crate::credentials::store::revoke(&pool, &connection).await?;
             println!("revoked credential {id} of {connection}");
         }
         CredentialsCommand::Delete { connection } => {
             let pool = pool(config).await?;
-            let n = crate::store::delete(&pool, &connection).await?;
+            let n = crate::credentials::store::delete(&pool, &connection).await?;
             println!("deleted {n} credential(s) of {connection}");
         }
         CredentialsCommand::Rotate => {
             let keyring = keyring(config)?;
             let pool = pool(config).await?;
-            let rotation = crate::store::rotate(&pool, &keyring).await?;
+            let rotation = crate::credentials::store::rotate(&pool, &keyring).await?;
             println!(
                 "re-encrypted {} credential(s) under key {}; {} already used it",
                 rotation.rotated,
@@ -648,8 +649,8 @@ async fn schedules(config: &Config, command: SchedulesCommand) -> anyhow::Result
             overlap,
             jitter,
         } => {
-            crate::cron::parse_cron(&cron)?;
-            crate::cron::parse_timezone(&tz)?;
+            crate::schedule::cron::parse_cron(&cron)?;
+            crate::schedule::cron::parse_timezone(&tz)?;
             if jitter.is_some_and(|j| j < 0) {
                 bail!("--jitter must not be negative");
             }
@@ -778,10 +779,10 @@ async fn list_schedules(pool: &PgPool, json: bool) -> anyhow::Result<()> {
 }
 
 fn next_fire(row: &ScheduleListRow, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>, String> {
-    let rule = crate::cron::FireRule {
-        expr: crate::cron::parse_cron(&row.cron).map_err(|e| e.to_string())?,
-        tz: crate::cron::parse_timezone(&row.timezone).map_err(|e| e.to_string())?,
-        jitter: crate::cron::jitter_offset(&row.connection_id, row.jitter_seconds),
+    let rule = crate::schedule::cron::FireRule {
+        expr: crate::schedule::cron::parse_cron(&row.cron).map_err(|e| e.to_string())?,
+        tz: crate::schedule::cron::parse_timezone(&row.timezone).map_err(|e| e.to_string())?,
+        jitter: crate::schedule::cron::jitter_offset(&row.connection_id, row.jitter_seconds),
     };
     Ok(rule.next_after(now))
 }

@@ -138,3 +138,44 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
         _ => false,
     }
 }
+
+/// Capped exponential backoff for reconnecting to the database.
+pub struct Backoff {
+    current: Duration,
+    attempts: u32,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(10);
+
+    pub fn new() -> Backoff {
+        Backoff {
+            current: Self::FIRST,
+            attempts: 0,
+        }
+    }
+
+    /// The delay to wait now; the following one doubles, up to the cap.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.current;
+        self.current = (self.current * 2).min(Self::MAX);
+        self.attempts += 1;
+        delay
+    }
+
+    /// How many delays were handed out.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    pub fn peek(&self) -> Duration {
+        self.current
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new()
+    }
+}

@@ -12,8 +12,8 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::credentials::secret::{Plaintext, Secret};
 use crate::pgcluster::{self, Cluster};
-use crate::secret::{Plaintext, Secret};
 
 /// The demo connections: (connection id, connector).
 const DEMO: [(&str, &str); 5] = [
@@ -110,7 +110,7 @@ pub async fn run() -> anyhow::Result<()> {
 
     let keys_dir = base.join("keys");
     if !keys_dir.join("k1.key").exists() {
-        crate::keys::generate(&keys_dir, "k1")?;
+        crate::credentials::keys::generate(&keys_dir, "k1")?;
     }
     let config_path = base.join("connectord.toml");
     // It holds the cluster's password: readable by its owner alone.
@@ -188,7 +188,7 @@ async fn seed(pool: &sqlx::PgPool, config: &Config) -> anyhow::Result<()> {
                     password: Secret::new(format!("demo-password-for-{id}")),
                 }
             };
-            crate::store::set(pool, &keyring, id, &plaintext).await?;
+            crate::credentials::store::set(pool, &keyring, id, &plaintext).await?;
         }
         sqlx::query(
             "insert into schedules (connection_id, cron, jitter_seconds)

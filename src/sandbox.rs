@@ -32,7 +32,7 @@ use libc::c_int;
 use tokio::io::AsyncReadExt;
 
 use crate::config::{Config, ConnectorConfig};
-use crate::spawn::{self, CStrings};
+use crate::run::spawn::{self, CStrings};
 
 /// Where the daemon's executable appears inside, as the init.
 const INIT_INSIDE: &str = "/run/connectord/init";

@@ -1247,18 +1247,19 @@ fn seal_first_layout(
     key_file: &Path,
     connection: &str,
     id: i64,
-    plaintext: &connectord::secret::Plaintext,
+    plaintext: &connectord::credentials::secret::Plaintext,
 ) -> (Vec<u8>, Vec<u8>) {
     use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
     let bytes = std::fs::read(key_file).expect("read key");
     let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &bytes).expect("key"));
-    let aad = connectord::keys::associated_data(&connectord::keys::Binding {
-        connection_id: connection,
-        credential_id: id,
-        kind: plaintext.kind(),
-        key_id: "k1",
-        connector: None,
-    });
+    let aad =
+        connectord::credentials::keys::associated_data(&connectord::credentials::keys::Binding {
+            connection_id: connection,
+            credential_id: id,
+            kind: plaintext.kind(),
+            key_id: "k1",
+            connector: None,
+        });
     let nonce = [7u8; 12];
     let mut buf = plaintext.encode().to_vec();
     key.seal_in_place_append_tag(
@@ -1279,7 +1280,7 @@ fn seal_first_layout(
 /// credential again for the new connector is the way back.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_credential_goes_only_to_the_connector_it_was_stored_for() {
-    use connectord::secret::{Plaintext, Secret};
+    use connectord::credentials::secret::{Plaintext, Secret};
     let w = World::new().await;
     for (id, connector) in [
         ("chase-1", "chase"),

@@ -3,8 +3,8 @@
 //! line parser.
 
 use connectord::config::Config;
-use connectord::cron::{jitter_offset, parse_cron, parse_timezone, FireRule};
-use connectord::protocol::parse_line;
+use connectord::run::protocol::parse_line;
+use connectord::schedule::cron::{jitter_offset, parse_cron, parse_timezone, FireRule};
 use proptest::prelude::*;
 
 /// Fragments that steer generated text toward what the parsers care about.

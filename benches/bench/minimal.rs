@@ -26,7 +26,7 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use connectord::spawn::{self, CStrings};
+use connectord::run::spawn::{self, CStrings};
 
 /// A two-worker multi-thread runtime, like the daemon's on a 2-core machine.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -198,7 +198,7 @@ pub enum SpawnStyle {
     /// `posix_spawn` through the standard library, null stdio and a plain
     /// environment: the ceiling.
     Plain,
-    /// `connectord::spawn`, as `child::spawn` uses it: `clone(CLONE_VM |
+    /// `connectord::run::spawn`, as `child::spawn` uses it: `clone(CLONE_VM |
     /// CLONE_VFORK)`, `PR_SET_PDEATHSIG`, its own process group, piped
     /// stdout and stderr drained by tasks, a pidfd to wait on.
     Connectord,

@@ -80,7 +80,7 @@ pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<Pickup> {
     let ours = spawn_latency(env, SpawnStyle::Connectord).await?;
     report.add(
         Figure::new(
-            "  spawn -> probe running, connectord::spawn",
+            "  spawn -> probe running, connectord::run::spawn",
             Unit::Millis,
             &ours,
         )

@@ -12,8 +12,8 @@ use std::ffi::OsString;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _};
-use connectord::child_env::{ChildEnv, RunMeta};
 use connectord::config::Config;
+use connectord::run::child_env::{ChildEnv, RunMeta};
 
 use super::setup::Env;
 use super::stats::{Figure, Report, Unit};
@@ -53,7 +53,7 @@ pub async fn run(
         let fetched_at = Instant::now();
 
         let started = Instant::now();
-        let resolved = match connectord::resolver::resolve(
+        let resolved = match connectord::credentials::resolver::resolve(
             Some(&stored),
             Some(&env.keyring),
             "probe",

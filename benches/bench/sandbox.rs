@@ -1,7 +1,7 @@
 //! P7, the sandbox's price (SPEC §12): pickup and throughput of the daemon
 //! with the sandbox on, against the minimal daemon (unsandboxed, as in P1
 //! and P2) plus the bare sandbox: the same mechanism (a run directory,
-//! bubblewrap, the init, the probe; `connectord::child::spawn` with
+//! bubblewrap, the init, the probe; `connectord::run::child::spawn` with
 //! `Confinement::Sandboxed`) started from this process with no daemon.
 //! Rounds alternate the sandboxed daemon and the minimal daemon.
 
@@ -14,12 +14,12 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use connectord::child::{self, Confinement, Limits};
-use connectord::child_env::{ChildEnv, PrivateDirs, RunMeta};
 use connectord::config::Config;
-use connectord::run_dir::RunDirs;
+use connectord::credentials::secret::Secret;
+use connectord::run::child::{self, Confinement, Limits};
+use connectord::run::child_env::{ChildEnv, PrivateDirs, RunMeta};
+use connectord::run::dir::RunDirs;
 use connectord::sandbox::{self, SandboxState};
-use connectord::secret::Secret;
 
 use super::daemon::Daemon;
 use super::minimal::{spawn_one_at_a_time, Minimal, SpawnStyle};

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use chrono::{DateTime, TimeZone as _, Timelike as _, Utc};
-use connectord::cron::{jitter_offset, parse_cron, parse_timezone, FireRule};
+use connectord::schedule::cron::{jitter_offset, parse_cron, parse_timezone, FireRule};
 use sqlx::postgres::PgListener;
 
 use super::daemon::{Daemon, Perf};
@@ -128,7 +128,7 @@ pub fn generate(count: usize, connections: &[String], horizon: Duration) -> Vec<
 }
 
 /// What compiling one new distinct expression costs in
-/// `connectord::cron::parse_cron` (strings no generated row uses).
+/// `connectord::schedule::cron::parse_cron` (strings no generated row uses).
 fn parse_cost(count: usize) -> f64 {
     let started = Instant::now();
     let mut parsed = 0usize;

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
-use connectord::keys::Keyring;
+use connectord::credentials::keys::Keyring;
+use connectord::credentials::secret::{Plaintext, Secret};
 use connectord::pgcluster::{cluster_dir, Cluster};
-use connectord::secret::{Plaintext, Secret};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
@@ -215,7 +215,8 @@ impl Env {
             std::fs::remove_dir_all(&keys_dir)
                 .with_context(|| format!("removing {}", keys_dir.display()))?;
         }
-        connectord::keys::generate(&keys_dir, "k1").context("generating the bench key")?;
+        connectord::credentials::keys::generate(&keys_dir, "k1")
+            .context("generating the bench key")?;
         let keyring = Arc::new(Keyring::load(&keys_dir, "k1").context("loading the bench key")?);
 
         let config_path = work.join("connectord.toml");
@@ -493,7 +494,7 @@ async fn seed_connections(
         tasks.spawn(async move {
             for id in chunk {
                 let token = Plaintext::StaticSecret(Secret::new(format!("token-of-{id}")));
-                connectord::store::set(&pool, &keyring, &id, &token)
+                connectord::credentials::store::set(&pool, &keyring, &id, &token)
                     .await
                     .with_context(|| format!("storing the credential of {id}"))?;
             }

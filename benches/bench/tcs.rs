@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use chrono::Utc;
-use connectord::cron::parse_timezone;
+use connectord::schedule::cron::parse_timezone;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_cron_scheduler::{Job, JobScheduler};
 

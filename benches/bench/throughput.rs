@@ -2,7 +2,7 @@
 //! `max_concurrent_runs = 32`; runs per second from just before the insert
 //! to the last `runs.finished_at` among them. Baselines: the minimal daemon
 //! (32 in flight) and a spawn-only loop of the probe (32 in flight), the
-//! ceiling. A second spawn-only loop spawns the way `connectord::child`
+//! ceiling. A second spawn-only loop spawns the way `connectord::run::child`
 //! does, to price that difference on its own. Each batch starts from an
 //! analyzed idle queue.
 
@@ -92,7 +92,7 @@ pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<()> {
     ));
     let ceiling_ours = report.add(
         Figure::new(
-            "throughput, spawn-only, connectord::spawn",
+            "throughput, spawn-only, connectord::run::spawn",
             Unit::PerSecond,
             &ceiling_ours,
         )
@@ -111,7 +111,7 @@ pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<()> {
     if !ballast_ours.is_empty() {
         let ours = report.add(
             Figure::new(
-                "throughput, connectord::spawn, +64 MiB RSS",
+                "throughput, connectord::run::spawn, +64 MiB RSS",
                 Unit::PerSecond,
                 &ballast_ours,
             )

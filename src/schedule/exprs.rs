@@ -15,7 +15,7 @@ use std::hash::{BuildHasher, RandomState};
 
 use hashbrown::HashTable;
 
-use crate::cron::{CronError, CronExpr};
+use crate::schedule::cron::{CronError, CronExpr};
 
 /// An expression's id in the table.
 pub type ExprId = u32;

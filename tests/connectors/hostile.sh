@@ -86,7 +86,7 @@ case "$behaviour" in
     exit 0 ;;
   # Tries to forge log lines and steer the operator's terminal.
   forge)
-    printf '%s\n' '{"type":"log","level":"warn","message":"ok\nWARN run: connectord::launch: run failed FORGED-1 run_id=1"}'
+    printf '%s\n' '{"type":"log","level":"warn","message":"ok\nWARN run: connectord::run::launch: run failed FORGED-1 run_id=1"}'
     printf '%s\n' '{"type":"tele\nWARN FORGED-2"}'
     printf 'plain \033[2K\007 out\rFORGED-3\n'
     printf 'err \033[31m\rFORGED-4\342\200\256\n' >&2

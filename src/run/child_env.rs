@@ -17,8 +17,8 @@ use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 
 use crate::config::{Config, ConnectorConfig};
-use crate::secret::Secret;
-use crate::spawn::CStrings;
+use crate::credentials::secret::Secret;
+use crate::run::spawn::CStrings;
 
 /// One variable's value; secrets keep their redacting wrapper until the
 /// moment they are handed to the spawn call.

@@ -20,12 +20,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::child_env::ChildEnv;
 use crate::config::ConnectorConfig;
 use crate::printable::printable;
-use crate::protocol::{self, Line, Message};
+use crate::run::child_env::ChildEnv;
+use crate::run::protocol::{self, Line, Message};
+use crate::run::spawn::{self, CStrings, Process};
 use crate::sandbox::{self, Report, Sandbox};
-use crate::spawn::{self, CStrings, Process};
 
 /// Longest stdout/stderr line kept; the rest of a longer line is discarded.
 pub const MAX_LINE: usize = 64 * 1024;

@@ -9,7 +9,7 @@
 //! or a log field).
 //!
 //! The payload encoding defined here is what gets encrypted by
-//! [`crate::keys::Keyring::seal`]. The credential kind is deliberately not
+//! [`crate::credentials::keys::Keyring::seal`]. The credential kind is deliberately not
 //! part of the encoding: it is stored in the row's `kind` column and bound to
 //! the ciphertext through the associated data, so a payload can only be
 //! decoded as the kind it was sealed as.

@@ -6,6 +6,11 @@
 //! finish for `shutdown_grace`, terminate the rest, record them
 //! `interrupted` and re-queue their commands.
 
+pub(crate) mod memory;
+pub(crate) mod retention;
+pub(crate) mod supervisor;
+pub(crate) mod systemd;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,16 +23,17 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::failure::FailureKind;
-use crate::keys::Keyring;
-use crate::launch::{self, retry_delay, Context};
+use crate::credentials::keys::Keyring;
+use crate::daemon::supervisor::{Ended, Tasks};
+use crate::daemon::systemd::{watchdog_interval, Heartbeats, Notifier};
+use crate::db::Backoff;
 use crate::queue;
-use crate::run_dir::RunDirs;
-use crate::runs::{OutcomeWriter, StartWriter};
+use crate::run::dir::RunDirs;
+use crate::run::failure::FailureKind;
+use crate::run::launch::{self, retry_delay, Context};
+use crate::run::record::{OutcomeWriter, StartWriter};
 use crate::sandbox::SandboxState;
-use crate::schedule::{Backoff, Edit, Engine};
-use crate::supervisor::{Ended, Tasks};
-use crate::systemd::{watchdog_interval, Heartbeats, Notifier};
+use crate::schedule::{Edit, Engine};
 
 /// Channels the daemon listens on.
 const SCHEDULES_CHANNEL: &str = "connectord_schedules";
@@ -51,7 +57,7 @@ pub fn load_keyring(config: &Config) -> anyhow::Result<Option<Keyring>> {
 /// connector, which are refused until then. Only a daemon holds the keys,
 /// so this is its start's work rather than a migration's.
 async fn bind_connectors(pool: &PgPool, keyring: &Keyring) -> anyhow::Result<()> {
-    let bound = crate::store::bind_connectors(pool, keyring)
+    let bound = crate::credentials::store::bind_connectors(pool, keyring)
         .await
         .context("binding stored credentials to their connector")?;
     if bound.rotated > 0 {
@@ -94,7 +100,7 @@ pub async fn run(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(usize),
 ) -> anyhow::Result<()> {
-    crate::memory::configure();
+    crate::daemon::memory::configure();
     let keyring = load_keyring(&config)?;
     let pool = connect(&config, &shutdown).await?;
     crate::db::migrate(&pool)
@@ -185,7 +191,7 @@ pub async fn run(
     );
     tasks.spawn(
         "retention",
-        crate::retention::run(
+        crate::daemon::retention::run(
             pool.clone(),
             ctx.config.retention.clone(),
             stop_loops.clone(),
@@ -497,7 +503,7 @@ async fn claim_and_launch(
         }
     };
     if !commands.is_empty() {
-        crate::supervisor::fault("queue.claimed");
+        crate::daemon::supervisor::fault("queue.claimed");
     }
     let mut round = Round {
         filled: commands.len() as i64 == limit,

@@ -798,7 +798,7 @@ mod tests {
 
     #[test]
     fn round_trip_with_payload_encoding() {
-        use crate::secret::{Plaintext, Secret};
+        use crate::credentials::secret::{Plaintext, Secret};
         let dir = TempDir::new("payload");
         let ring = keyring(&dir, &["k1"], "k1");
         let plain = Plaintext::UsernamePassword {

@@ -18,8 +18,8 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, Notify};
 
-use crate::protocol::{InteractionKind, Message};
-use crate::runs::Writer;
+use crate::run::protocol::{InteractionKind, Message};
+use crate::run::record::Writer;
 
 /// How often a run's progress count is written while it runs.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);

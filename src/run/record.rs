@@ -16,8 +16,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::failure::FailureKind;
 use crate::queue::Command;
+use crate::run::failure::FailureKind;
 
 /// A spawned child's run, as its row records it.
 #[derive(Debug, Clone)]

@@ -16,8 +16,8 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
 
-use crate::resolver::StoredCredential;
-use crate::store::MAX_CIPHERTEXT_BYTES;
+use crate::credentials::resolver::StoredCredential;
+use crate::credentials::store::MAX_CIPHERTEXT_BYTES;
 
 /// A claimed command, with the overlap policy of its schedule as of the
 /// claim.

@@ -3,8 +3,8 @@
 
 use sqlx::PgPool;
 
-use crate::keys::{Binding, Keyring};
-use crate::secret::Plaintext;
+use crate::credentials::keys::{Binding, Keyring};
+use crate::credentials::secret::Plaintext;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -22,7 +22,7 @@ pub enum StoreError {
         problem: &'static str,
     },
     #[error("encrypting the credential failed: {0}")]
-    Seal(#[from] crate::keys::SealError),
+    Seal(#[from] crate::credentials::keys::SealError),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }

@@ -16,19 +16,19 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::child::{self, Confinement, EndedBy, Exit, Limits};
-use crate::child_env::{ChildEnv, PrivateDirs, RunMeta};
 use crate::config::{Config, ConnectorConfig, RetryPolicy};
-use crate::failure::FailureKind;
-use crate::keys::Keyring;
-use crate::protocol::InteractionKind;
+use crate::credentials::keys::Keyring;
+use crate::credentials::resolver::{self, StoredCredential};
+use crate::db::Backoff;
 use crate::queue::{self, Claimed, Command};
-use crate::report::Reports;
-use crate::resolver::{self, StoredCredential};
-use crate::run_dir::RunDirs;
-use crate::runs::{Finish, Outcome, OutcomeWriter, Start, StartWriter, Writer};
+use crate::run::child::{self, Confinement, EndedBy, Exit, Limits};
+use crate::run::child_env::{ChildEnv, PrivateDirs, RunMeta};
+use crate::run::dir::RunDirs;
+use crate::run::failure::FailureKind;
+use crate::run::protocol::InteractionKind;
+use crate::run::record::{Finish, Outcome, OutcomeWriter, Start, StartWriter, Writer};
+use crate::run::report::Reports;
 use crate::sandbox::{self, SandboxState};
-use crate::schedule::Backoff;
 
 /// What every launch shares.
 pub struct Context {

@@ -1,7 +1,7 @@
 //! The schedule engine: one timer over a heap of next-fire instants.
 //!
-//! Every `schedules` row is a 32-byte [`Slot`](slots::Slot) (its
-//! expression an id into a shared table of texts, see [`exprs`]) and every
+//! Every `schedules` row is a 32-byte [`Slot`](super::slots::Slot) (its
+//! expression an id into a shared table of texts, see [`super::exprs`]) and every
 //! firing row has one heap key. The timer sleeps until the earliest key, at
 //! most a few seconds at a time so a jump of the wall clock is noticed, and
 //! fires every due row in one statement that inserts `run_commands` rows
@@ -11,9 +11,6 @@
 //! the engine keeps no connection ids. Edits arrive by NOTIFY (a schedule
 //! id) and a periodic reconcile re-reads `updated_at` of every row in case a
 //! notification was lost.
-
-mod exprs;
-mod slots;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,10 +24,11 @@ use tokio_util::sync::CancellationToken;
 
 use chrono_tz::Tz;
 
-use crate::cron::{self, CronError, FireRule};
-use crate::systemd::Heartbeats;
-use exprs::{ExprId, Exprs};
-use slots::{from_secs, stamp, to_secs, Slot, Slots, NEVER};
+use super::exprs::{ExprId, Exprs};
+use super::slots::{from_secs, stamp, to_secs, Slot, Slots, NEVER};
+use crate::daemon::systemd::Heartbeats;
+use crate::db::Backoff;
+use crate::schedule::cron::{self, CronError, FireRule};
 
 /// What the listener tells the engine.
 #[derive(Debug)]
@@ -519,7 +517,7 @@ impl Engine {
         }
         // Loading freed the pages of every row read; give them back, so a
         // large table does not leave its high-water mark in our RSS.
-        crate::memory::release_free();
+        crate::daemon::memory::release_free();
         let mut reconcile = tokio::time::interval(reconcile_interval);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         reconcile.reset();
@@ -673,44 +671,3 @@ fn owed(catchup_window: Duration, now: DateTime<Utc>, tick: DateTime<Utc>) -> bo
 
 /// How late a tick may be and still count as on time.
 const ON_TIME_SLACK: Duration = Duration::from_secs(1);
-
-/// Capped exponential backoff for reconnecting to the database.
-pub struct Backoff {
-    current: Duration,
-    attempts: u32,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(250);
-    const MAX: Duration = Duration::from_secs(10);
-
-    pub fn new() -> Backoff {
-        Backoff {
-            current: Self::FIRST,
-            attempts: 0,
-        }
-    }
-
-    /// The delay to wait now; the following one doubles, up to the cap.
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.current;
-        self.current = (self.current * 2).min(Self::MAX);
-        self.attempts += 1;
-        delay
-    }
-
-    /// How many delays were handed out.
-    pub fn attempts(&self) -> u32 {
-        self.attempts
-    }
-
-    pub fn peek(&self) -> Duration {
-        self.current
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff::new()
-    }
-}

@@ -14,9 +14,9 @@
 use std::ffi::OsString;
 
 use crate::config::{ConnectorConfig, CredentialSpec};
-use crate::failure::FailureKind;
-use crate::keys::{Binding, Keyring};
-use crate::secret::{Plaintext, Secret};
+use crate::credentials::keys::{Binding, Keyring};
+use crate::credentials::secret::{Plaintext, Secret};
+use crate::run::failure::FailureKind;
 
 /// Where the injected variables came from (`runs.credential_source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,16 @@
+//! A run, from a claimed command to its recorded outcome: [`launch`]
+//! decides it, [`child_env`] builds the child's environment, [`spawn`] and
+//! [`child`] start and supervise it, [`protocol`] reads what it prints and
+//! [`report`] what it reports while it runs, [`record`] writes `runs`
+//! rows, [`dir`] holds each run's private directory, and [`failure`] names
+//! how a run can fail.
+
+pub mod child;
+pub mod child_env;
+pub mod dir;
+pub mod failure;
+pub mod launch;
+pub mod protocol;
+pub mod record;
+pub mod report;
+pub mod spawn;
