@@ -8,7 +8,12 @@
 
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::run::launch::Context;
 
 /// Where notifications go.
 pub struct Notifier {
@@ -103,5 +108,62 @@ impl Heartbeats {
 impl Default for Heartbeats {
     fn default() -> Self {
         Heartbeats::new()
+    }
+}
+
+/// Keeps systemd informed: `WATCHDOG=1` at half the watchdog interval
+/// while the timer and queue loops make progress, and `STATUS=` with the
+/// running and queued counts.
+pub async fn link(
+    ctx: Arc<Context>,
+    notifier: Arc<Notifier>,
+    heartbeats: Arc<Heartbeats>,
+    stop: CancellationToken,
+) {
+    if !notifier.is_enabled() {
+        // Nothing to tell; a supervised task ends only when asked to.
+        return stop.cancelled().await;
+    }
+    let watchdog = watchdog_interval();
+    let period = watchdog
+        .map(|w| w / 2)
+        .unwrap_or(std::time::Duration::from_secs(10))
+        .min(std::time::Duration::from_secs(10));
+    // Both loops wake every few seconds, or within a pool timeout plus a
+    // capped backoff while the database is away (about 20 s); a loop silent
+    // for longer than this is stuck, not waiting out an outage.
+    let stall = std::time::Duration::from_secs(30)
+        .max(ctx.config.daemon.poll_interval * 3)
+        .max(watchdog.unwrap_or_default());
+    let mut ticker = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        if watchdog.is_some() {
+            if heartbeats.healthy(stall) {
+                notifier.notify("WATCHDOG=1");
+            } else {
+                tracing::error!(
+                    "a daemon loop stopped making progress; withholding the watchdog ping"
+                );
+            }
+        }
+        let running = ctx.leases.held();
+        // Bounded, so an outage never holds up the watchdog pings.
+        let queued = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from run_commands where status = 'pending' and not_before <= now()",
+            )
+            .fetch_one(&ctx.pool),
+        )
+        .await;
+        let queued = match queued {
+            Ok(Ok(queued)) => queued.to_string(),
+            _ => "unknown".to_owned(),
+        };
+        notifier.notify(&format!("STATUS=running {running}, queued {queued}"));
     }
 }

@@ -12,6 +12,8 @@
 //! Launch latency is then one round trip, and every decision is made on
 //! data read at the moment of the claim.
 
+pub(crate) mod dispatch;
+
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};

@@ -7,9 +7,8 @@
 //! resolver, the child's environment with the credential injected last, the
 //! spawn, supervision, and the `runs` row that records the outcome.
 
-use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -25,6 +24,7 @@ use crate::run::child::{self, Confinement, EndedBy, Exit, Limits};
 use crate::run::child_env::{ChildEnv, PrivateDirs, RunMeta};
 use crate::run::dir::RunDirs;
 use crate::run::failure::FailureKind;
+use crate::run::leases::Leases;
 use crate::run::protocol::InteractionKind;
 use crate::run::record::{Finish, Outcome, OutcomeWriter, Start, StartWriter, Writer};
 use crate::run::report::Reports;
@@ -37,12 +37,8 @@ pub struct Context {
     pub keyring: Option<Arc<Keyring>>,
     pub instance_id: String,
     pub shutdown: CancellationToken,
-    /// Runs this daemon has going, whose leases it renews, each with a
-    /// token that stops its child should another daemon take it over.
-    pub running: Mutex<HashMap<i64, CancellationToken>>,
-    /// Runs spawned whose rows are not recorded yet: never taken for lost
-    /// by this daemon's own rescue, and not yet renewed.
-    pub starting: Mutex<HashSet<i64>>,
+    /// The runs this daemon has going, and their leases.
+    pub leases: Leases,
     /// The registry's connector names: the claim takes run slots only for
     /// these.
     pub known_connectors: Vec<String>,
@@ -57,18 +53,6 @@ pub struct Context {
 }
 
 impl Context {
-    /// [`Context::running`], locked. Its entries are plain ids and tokens,
-    /// whole whatever a panicking holder was doing, so a poisoned lock is
-    /// recovered rather than the bookkeeping skipped.
-    pub fn running(&self) -> MutexGuard<'_, HashMap<i64, CancellationToken>> {
-        self.running.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// [`Context::starting`], locked, as [`Context::running`].
-    pub fn starting(&self) -> MutexGuard<'_, HashSet<i64>> {
-        self.starting.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     pub fn writer(&self) -> Writer<'_> {
         Writer {
             pool: &self.pool,
@@ -172,28 +156,8 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
         )
         .await
     };
-    ctx.running().remove(&run_id);
+    ctx.leases.release(run_id);
     result
-}
-
-/// A run in [`Context::starting`] for as long as its start is being
-/// recorded, however that ends (the caller may stop waiting).
-struct Starting<'a> {
-    ctx: &'a Context,
-    run_id: i64,
-}
-
-impl<'a> Starting<'a> {
-    fn new(ctx: &'a Context, run_id: i64) -> Starting<'a> {
-        ctx.starting().insert(run_id);
-        Starting { ctx, run_id }
-    }
-}
-
-impl Drop for Starting<'_> {
-    fn drop(&mut self) {
-        self.ctx.starting().remove(&self.run_id);
-    }
 }
 
 /// Records the spawned child's run row, waiting out a database outage, and
@@ -206,12 +170,12 @@ async fn record_start(
     superseded: &CancellationToken,
     reports: &Reports,
 ) {
-    let _starting = Starting::new(ctx, start.run_id);
+    let _starting = ctx.leases.starting(start.run_id);
     let mut backoff = Backoff::new();
     loop {
         match ctx.starts.record(start.clone()).await {
             Ok(true) => {
-                ctx.running().insert(start.run_id, superseded.clone());
+                ctx.leases.hold(start.run_id, superseded.clone());
                 reports.row_recorded();
                 return;
             }

@@ -2,15 +2,18 @@
 //! decides it, [`child_env`] builds the child's environment, [`spawn`] and
 //! [`child`] start and supervise it, [`protocol`] reads what it prints and
 //! [`report`] what it reports while it runs, [`record`] writes `runs`
-//! rows, [`dir`] holds each run's private directory, and [`failure`] names
-//! how a run can fail.
+//! rows, [`dir`] holds each run's private directory, [`failure`] names
+//! how a run can fail, and [`leases`] keeps the leases of the runs going
+//! while `rescue` settles those of daemons that stopped.
 
 pub mod child;
 pub mod child_env;
 pub mod dir;
 pub mod failure;
 pub mod launch;
+pub mod leases;
 pub mod protocol;
 pub mod record;
 pub mod report;
+pub(crate) mod rescue;
 pub mod spawn;

@@ -217,6 +217,26 @@ pub async fn start_many(
     .await
 }
 
+/// The one statement that enqueues retries, for a `with` clause: `$ended`
+/// is a relation of ended runs with columns `run_id`, `connection_id`,
+/// `schedule_id`, `next_attempt` and `retry_ms` (null: the policy grants
+/// no retry). Both ways a run ends, its outcome and its rescue, enqueue
+/// through it, in the statement that ends the run.
+macro_rules! enqueue_retries {
+    ($ended:literal) => {
+        concat!(
+            "insert into run_commands (connection_id, trigger, schedule_id, attempt,
+                                       parent_run_id, not_before)
+             select connection_id, 'retry', schedule_id, next_attempt, run_id,
+                    now() + retry_ms * interval '1 millisecond'
+             from ",
+            $ended,
+            " where retry_ms is not null"
+        )
+    };
+}
+pub(crate) use enqueue_retries;
+
 /// Ends runs, frees their slots (settles their commands) and enqueues their
 /// retries, in one statement for any number of runs. Returns the ids of the
 /// runs it ended; a run missing from it was no longer ours (fenced: its
@@ -227,7 +247,7 @@ pub async fn finish_many(
     instance_id: &str,
     outcomes: &[Outcome],
 ) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar(concat!(
         r#"
         with input as (
             select * from unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::int[],
@@ -276,17 +296,12 @@ pub async fn finish_many(
                 run_id = case when i.requeue then null else rc.run_id end
             from input i join r on r.id = i.run_id
             where rc.id = i.command_id
-        ), retry as (
-            insert into run_commands (connection_id, trigger, schedule_id, attempt,
-                                      parent_run_id, not_before)
-            select i.connection_id, 'retry', i.schedule_id, i.next_attempt, i.run_id,
-                   now() + i.retry_ms * interval '1 millisecond'
-            from input i join r on r.id = i.run_id
-            where i.retry_ms is not null
-        )
+        ), retry as ("#,
+        enqueue_retries!("(select i.* from input i join r on r.id = i.run_id) ended"),
+        r#")
         select id from r
         "#,
-    )
+    ))
     .bind(instance_id)
     .bind(column(outcomes, |o| o.run_id))
     .bind(column(outcomes, |o| o.finish.status))

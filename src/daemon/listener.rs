@@ -1,0 +1,104 @@
+//! Notifications: one session that `LISTEN`s for schedule edits and new
+//! commands and forwards them, to the schedule engine and the queue.
+
+use std::sync::Arc;
+
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::db::Backoff;
+use crate::schedule::Edit;
+
+/// Channels the daemon listens on.
+pub const SCHEDULES_CHANNEL: &str = "connectord_schedules";
+pub const COMMANDS_CHANNEL: &str = "connectord_commands";
+
+/// Connects the notification listener, retrying until `stop`. The daemon
+/// listens before it loads schedules, so no edit made after "ready" can be
+/// missed.
+pub async fn connect(pool: &PgPool, stop: &CancellationToken) -> Option<PgListener> {
+    let mut backoff = Backoff::new();
+    loop {
+        let attempt = async {
+            let mut listener = PgListener::connect_with(pool).await?;
+            listener
+                .listen_all([SCHEDULES_CHANNEL, COMMANDS_CHANNEL])
+                .await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        match attempt.await {
+            Ok(listener) => return Some(listener),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for notifications; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
+                    () = stop.cancelled() => return None,
+                }
+            }
+        }
+    }
+}
+
+/// Forwards notifications: schedule edits to the engine, new commands to
+/// the queue. A lost connection is re-established by the listener, after
+/// which everything is re-read, since notifications sent meanwhile are lost.
+pub async fn listen(
+    mut listener: PgListener,
+    edits: mpsc::Sender<Edit>,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Backoff::new();
+    let mut failing = false;
+    loop {
+        let received = tokio::select! {
+            received = listener.try_recv() => received,
+            () = stop.cancelled() => return,
+        };
+        match received {
+            Ok(Some(notification)) => {
+                if failing {
+                    tracing::info!("listening for notifications again");
+                    failing = false;
+                    backoff = Backoff::new();
+                }
+                match notification.channel() {
+                    SCHEDULES_CHANNEL => match notification.payload().parse::<i64>() {
+                        Ok(id) => {
+                            if edits.try_send(Edit::Row(id)).is_err() {
+                                // The engine is behind; a full re-read covers
+                                // whatever did not fit.
+                                let _ = edits.send(Edit::Reconcile).await;
+                            }
+                        }
+                        Err(_) => {
+                            let _ = edits.send(Edit::Reconcile).await;
+                        }
+                    },
+                    _ => wake.notify_one(),
+                }
+            }
+            Ok(None) => {
+                // Connection lost; the next call reconnects and re-listens.
+                if !failing {
+                    tracing::warn!("notification connection lost; reconnecting");
+                }
+                failing = true;
+                let _ = edits.send(Edit::Reconcile).await;
+                wake.notify_one();
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "notification connection failed; reconnecting with backoff");
+                }
+                failing = true;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+}
