@@ -10,6 +10,7 @@ use crate::cli::exit;
 use crate::config::Config;
 use crate::run::child_env::{ChildEnv, RunMeta};
 use crate::sandbox::SandboxState;
+use crate::vocabulary::{CredentialKind, Trigger};
 
 /// One finding.
 #[derive(Debug, Serialize)]
@@ -64,7 +65,7 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<u8> {
         let meta = RunMeta {
             run_id: 0,
             connection_id: "",
-            trigger: "manual",
+            trigger: Trigger::Manual,
             attempt: 1,
             private: None,
         };
@@ -233,19 +234,20 @@ async fn check_database(
         }
     }
 
-    let credentials: Vec<(i64, String, String, String, String, Option<String>)> = sqlx::query_as(
-        "select cr.id, cr.connection_id, c.connector, cr.kind, cr.key_id, cr.sealed_for
+    let credentials: Vec<(i64, String, String, CredentialKind, String, Option<String>)> =
+        sqlx::query_as(
+            "select cr.id, cr.connection_id, c.connector, cr.kind, cr.key_id, cr.sealed_for
          from credentials cr join connections c on c.id = cr.connection_id
          where cr.status = 'active' order by cr.id",
-    )
-    .fetch_all(pool)
-    .await?;
+        )
+        .fetch_all(pool)
+        .await?;
     for (id, connection, connector, kind, key_id, sealed_for) in credentials {
         let mut kind_accepted = true;
         if let Some(entry) = config.connectors.get(&connector) {
             // A connector that needs no credential never reads it: no
             // mismatch is possible.
-            if entry.credential.is_some() && entry.mapping_for(&kind).is_none() {
+            if entry.credential.is_some() && entry.mapping_for(kind).is_none() {
                 kind_accepted = false;
                 report.defect(
                     "credential",

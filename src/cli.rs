@@ -16,6 +16,7 @@ use crate::credentials::keys::Keyring;
 use crate::credentials::secret::{Plaintext, Secret};
 use crate::logging::LogFormat;
 use crate::printable::printable;
+use crate::vocabulary::CredentialKind;
 
 /// Exit statuses, documented in `--help`.
 pub mod exit {
@@ -614,7 +615,7 @@ async fn warn_on_kind_mismatch(
     config: &Config,
     pool: &PgPool,
     connection: &str,
-    kind: &str,
+    kind: CredentialKind,
 ) -> anyhow::Result<()> {
     let connector: Option<String> =
         sqlx::query_scalar("select connector from connections where id = $1")

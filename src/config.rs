@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::vocabulary::CredentialKind;
+
 /// The whole config file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -269,10 +271,10 @@ pub enum CredentialSpec {
 
 impl CredentialSpec {
     /// The stored `credentials.kind` this mapping reads.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> CredentialKind {
         match self {
-            CredentialSpec::StaticSecret { .. } => "static_secret",
-            CredentialSpec::UsernamePassword { .. } => "username_password",
+            CredentialSpec::StaticSecret { .. } => CredentialKind::StaticSecret,
+            CredentialSpec::UsernamePassword { .. } => CredentialKind::UsernamePassword,
         }
     }
 
@@ -291,7 +293,7 @@ impl CredentialSpec {
 impl ConnectorConfig {
     /// The mapping for a stored kind: the declared credential first, then an
     /// explicitly accepted variant. `None` is a kind mismatch.
-    pub fn mapping_for(&self, stored_kind: &str) -> Option<&CredentialSpec> {
+    pub fn mapping_for(&self, stored_kind: CredentialKind) -> Option<&CredentialSpec> {
         self.credential
             .iter()
             .chain(self.accepts.iter())
@@ -430,8 +432,25 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    #[error("config file {path}: {source}")]
+    Invalid { path: PathBuf, source: ParseError },
+}
+
+/// Config text that is not a valid config. Every message names where the
+/// problem is, and none quotes a line that may hold a password.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    /// Not TOML, or not the config's shape: an unknown key, a wrong type,
+    /// a bad value. The message names the line, column and key.
+    #[error("{0}")]
+    Toml(String),
+    #[error("[connectors.{connector}] declares kind {kind:?} twice across credential and accepts")]
+    KindDeclaredTwice {
+        connector: String,
+        kind: &'static str,
+    },
+    #[error("[connectors.{connector}] has `accepts` but no `credential`")]
+    AcceptsWithoutCredential { connector: String },
 }
 
 impl Config {
@@ -441,19 +460,19 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let mut config = Config::parse(&text).map_err(|message| ConfigError::Invalid {
+        let mut config = Config::parse(&text).map_err(|source| ConfigError::Invalid {
             path: path.to_owned(),
-            message,
+            source,
         })?;
         config.apply_env();
         config.source = Some(path.to_owned());
         Ok(config)
     }
 
-    /// Parses and validates config text; the error is the parser's message,
-    /// which names the line, column and key.
-    pub fn parse(text: &str) -> Result<Config, String> {
-        let config: Config = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ParseError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ParseError::Toml(toml_error(text, &e)))?;
         config.validate()?;
         Ok(config)
     }
@@ -469,22 +488,22 @@ impl Config {
     }
 
     /// Cross-field checks the types cannot express.
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), ParseError> {
         for (name, connector) in &self.connectors {
             let mut declared = Vec::new();
             for spec in connector.credential.iter().chain(&connector.accepts) {
                 if declared.contains(&spec.kind()) {
-                    return Err(format!(
-                        "[connectors.{name}] declares kind {:?} twice across credential and accepts",
-                        spec.kind()
-                    ));
+                    return Err(ParseError::KindDeclaredTwice {
+                        connector: name.clone(),
+                        kind: spec.kind().as_str(),
+                    });
                 }
                 declared.push(spec.kind());
             }
             if !connector.accepts.is_empty() && connector.credential.is_none() {
-                return Err(format!(
-                    "[connectors.{name}] has `accepts` but no `credential`"
-                ));
+                return Err(ParseError::AcceptsWithoutCredential {
+                    connector: name.clone(),
+                });
             }
         }
         Ok(())
@@ -557,7 +576,7 @@ mod tests {
         let chase = &config.connectors["chase"];
         assert_eq!(chase.timeout, Duration::from_secs(1800));
         assert_eq!(
-            chase.mapping_for("static_secret"),
+            chase.mapping_for(CredentialKind::StaticSecret),
             Some(&CredentialSpec::StaticSecret {
                 env: "CHASE_PASSWORD".into()
             })
@@ -574,7 +593,7 @@ mod tests {
     #[test]
     fn bad_input_names_line_and_key() {
         let check = |text: &str, expected: &[&str]| {
-            let err = Config::parse(text).expect_err(text);
+            let err = Config::parse(text).expect_err(text).to_string();
             for part in expected {
                 assert!(err.contains(part), "{err:?} lacks {part:?}");
             }
@@ -655,7 +674,7 @@ mod tests {
                 .credential
                 .as_ref()
                 .map(CredentialSpec::kind),
-            Some("static_secret")
+            Some(CredentialKind::StaticSecret)
         );
     }
 

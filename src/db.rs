@@ -119,23 +119,53 @@ pub async fn migrations_current(pool: &PgPool) -> Result<bool, sqlx::Error> {
     Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
 }
 
-/// Whether an error means the database is (for now) unreachable, as
-/// opposed to a statement that will never succeed.
-pub fn is_transient(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Tls(_) => true,
-        // Class 08 is "connection exception"; 57P01–57P03 are the server
-        // shutting down or starting up; 57014 is a statement cancelled,
-        // by `statement_timeout` or an operator, which may pass.
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08") || code.starts_with("57P") || code == "57014"
-        }),
-        _ => false,
+/// What a failed statement means to its caller, decided here for every
+/// statement the daemon sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The database is (for now) unreachable or refusing work: wait and
+    /// send the statement again.
+    Transient,
+    /// Another daemon took a run slot the statement wanted first: nothing
+    /// was written, and the next claim sees the connection busy. Two
+    /// claims taking slots of the same connections in opposite orders may
+    /// instead deadlock; PostgreSQL then aborts one, which is the same
+    /// race lost.
+    LostSlotRace,
+    /// The statement will never succeed as it is.
+    Fatal,
+}
+
+impl Failure {
+    pub fn of(error: &sqlx::Error) -> Failure {
+        match error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_) => Failure::Transient,
+            sqlx::Error::Database(db) => {
+                let code = db.code();
+                let code = code.as_deref().unwrap_or_default();
+                if db.constraint() == Some("run_commands_one_slot") || code == "40P01" {
+                    Failure::LostSlotRace
+                } else if code.starts_with("08") || code.starts_with("57P") || code == "57014" {
+                    // Class 08 is "connection exception"; 57P01–57P03 are
+                    // the server shutting down or starting up; 57014 is a
+                    // statement cancelled, by `statement_timeout` or an
+                    // operator, which may pass.
+                    Failure::Transient
+                } else {
+                    Failure::Fatal
+                }
+            }
+            _ => Failure::Fatal,
+        }
+    }
+
+    pub fn is_transient(error: &sqlx::Error) -> bool {
+        Failure::of(error) == Failure::Transient
     }
 }
 

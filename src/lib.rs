@@ -23,3 +23,4 @@ pub mod queue;
 pub mod run;
 pub mod sandbox;
 pub mod schedule;
+pub mod vocabulary;

@@ -1256,7 +1256,7 @@ fn seal_first_layout(
         connectord::credentials::keys::associated_data(&connectord::credentials::keys::Binding {
             connection_id: connection,
             credential_id: id,
-            kind: plaintext.kind(),
+            kind: plaintext.kind().as_str(),
             key_id: "k1",
             connector: None,
         });

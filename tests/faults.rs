@@ -570,7 +570,11 @@ async fn a_claim_that_loses_the_slot_race_claims_nothing() {
     a.commit().await.expect("commit a");
     let (mut b, result) = racing.await.expect("join");
     let error = result.expect_err("two slots for one connection");
-    assert!(queue::lost_slot_race(&error), "{error}");
+    assert_eq!(
+        connectord::db::Failure::of(&error),
+        connectord::db::Failure::LostSlotRace,
+        "{error}"
+    );
     let (status, run_id): (String, Option<i64>) =
         sqlx::query_as("select status, run_id from run_commands where id = $1")
             .bind(second)

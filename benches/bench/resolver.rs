@@ -71,7 +71,7 @@ pub async fn run(
             &RunMeta {
                 run_id: i as i64,
                 connection_id: connection,
-                trigger: "manual",
+                trigger: connectord::vocabulary::Trigger::Manual,
                 attempt: 1,
                 private: None,
             },

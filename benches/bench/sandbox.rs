@@ -159,7 +159,7 @@ impl Bare {
             &RunMeta {
                 run_id: id,
                 connection_id: "bench-0000",
-                trigger: "manual",
+                trigger: connectord::vocabulary::Trigger::Manual,
                 attempt: 1,
                 private: Some(PrivateDirs {
                     home: sandbox::HOME_INSIDE,

@@ -806,12 +806,12 @@ mod tests {
             password: Secret::new("p".to_owned()),
         };
         let b = Binding {
-            kind: plain.kind(),
+            kind: plain.kind().as_str(),
             ..binding("k1")
         };
         let sealed = ring.seal(&b, &plain.encode()).unwrap();
         let opened = ring.open(&b, &sealed.nonce, &sealed.ciphertext).unwrap();
-        match Plaintext::decode(b.kind, &opened).unwrap() {
+        match Plaintext::decode(b.kind.parse().unwrap(), &opened).unwrap() {
             Plaintext::UsernamePassword { username, password } => {
                 assert_eq!(username.expose(), "u");
                 assert_eq!(password.expose(), "p");

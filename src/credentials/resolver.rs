@@ -17,24 +17,8 @@ use crate::config::{ConnectorConfig, CredentialSpec};
 use crate::credentials::keys::{Binding, Keyring};
 use crate::credentials::secret::{Plaintext, Secret};
 use crate::run::failure::FailureKind;
-
-/// Where the injected variables came from (`runs.credential_source`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CredentialSource {
-    Store,
-    ProcessEnv,
-    None,
-}
-
-impl CredentialSource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CredentialSource::Store => "store",
-            CredentialSource::ProcessEnv => "process_env",
-            CredentialSource::None => "none",
-        }
-    }
-}
+pub use crate::vocabulary::CredentialSource;
+use crate::vocabulary::{CredentialKind, CredentialStatus};
 
 /// Variables to inject last into the child's environment.
 pub struct Resolved {
@@ -56,8 +40,8 @@ pub struct Refusal {
 /// Ciphertext only; nothing here is plaintext.
 pub struct StoredCredential {
     pub id: i64,
-    pub kind: String,
-    pub status: String,
+    pub kind: CredentialKind,
+    pub status: CredentialStatus,
     pub key_id: String,
     pub nonce: Vec<u8>,
     /// `None` when the stored ciphertext is longer than any credential
@@ -100,9 +84,9 @@ pub fn resolve(
             credential_id: Some(row.id),
         })
     };
-    match row.status.as_str() {
-        "active" => {}
-        "revoked" => {
+    match row.status {
+        CredentialStatus::Active => {}
+        CredentialStatus::Revoked => {
             return refuse(
                 FailureKind::CredentialRevoked,
                 format!(
@@ -111,7 +95,7 @@ pub fn resolve(
                 ),
             )
         }
-        "deleted" => {
+        CredentialStatus::Deleted => {
             return refuse(
                 FailureKind::CredentialDeleted,
                 format!(
@@ -120,14 +104,8 @@ pub fn resolve(
                 ),
             )
         }
-        other => {
-            return refuse(
-                FailureKind::CredentialUnrecoverable,
-                format!("credential {} has unknown status {other:?}", row.id),
-            )
-        }
     }
-    let Some(mapping) = connector.mapping_for(&row.kind) else {
+    let Some(mapping) = connector.mapping_for(row.kind) else {
         return refuse(
             FailureKind::CredentialKindMismatch,
             format!(
@@ -182,7 +160,7 @@ pub fn resolve(
     let binding = Binding {
         connection_id,
         credential_id: row.id,
-        kind: &row.kind,
+        kind: row.kind.as_str(),
         key_id: &row.key_id,
         connector: Some(connector_name),
     };
@@ -195,7 +173,7 @@ pub fn resolve(
             )
         }
     };
-    let plaintext = match Plaintext::decode(&row.kind, &bytes) {
+    let plaintext = match Plaintext::decode(row.kind, &bytes) {
         Ok(plaintext) => plaintext,
         Err(e) => {
             return refuse(
@@ -283,7 +261,7 @@ fn accepted_kinds(connector: &ConnectorConfig) -> String {
         .credential
         .iter()
         .chain(&connector.accepts)
-        .map(CredentialSpec::kind)
+        .map(|spec| spec.kind().as_str())
         .collect();
     kinds.join(", ")
 }

@@ -18,6 +18,8 @@ use std::fmt;
 
 use zeroize::Zeroizing;
 
+use crate::vocabulary::CredentialKind;
+
 /// The text shown in place of a secret value wherever it is formatted.
 const REDACTED: &str = "[redacted]";
 
@@ -84,9 +86,6 @@ pub enum Plaintext {
 /// of the payload, so these errors are safe to log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PayloadError {
-    /// The row's kind column names a kind this build does not know.
-    #[error("unknown credential kind {0:?}")]
-    UnknownKind(String),
     /// The payload has no bytes at all, not even the version byte.
     #[error("credential payload is empty")]
     Empty,
@@ -106,10 +105,10 @@ pub enum PayloadError {
 
 impl Plaintext {
     /// The value stored in the row's `kind` column for this payload.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> CredentialKind {
         match self {
-            Plaintext::StaticSecret(_) => "static_secret",
-            Plaintext::UsernamePassword { .. } => "username_password",
+            Plaintext::StaticSecret(_) => CredentialKind::StaticSecret,
+            Plaintext::UsernamePassword { .. } => CredentialKind::UsernamePassword,
         }
     }
 
@@ -156,13 +155,10 @@ impl Plaintext {
     /// length prefix is checked against the bytes that remain before
     /// anything is allocated, so a corrupt prefix cannot cause a huge
     /// allocation.
-    pub fn decode(kind: &str, bytes: &[u8]) -> Result<Plaintext, PayloadError> {
-        // The kind is checked before the bytes so that an unknown kind is
-        // reported as such even when the payload is also damaged.
+    pub fn decode(kind: CredentialKind, bytes: &[u8]) -> Result<Plaintext, PayloadError> {
         let field_names: &[&'static str] = match kind {
-            "static_secret" => &["secret"],
-            "username_password" => &["username", "password"],
-            other => return Err(PayloadError::UnknownKind(other.to_owned())),
+            CredentialKind::StaticSecret => &["secret"],
+            CredentialKind::UsernamePassword => &["username", "password"],
         };
         let (&version, mut rest) = bytes.split_first().ok_or(PayloadError::Empty)?;
         if version != FORMAT_VERSION {
@@ -285,9 +281,9 @@ mod tests {
     #[test]
     fn static_secret_round_trips() {
         let plain = static_secret();
-        assert_eq!(plain.kind(), "static_secret");
+        assert_eq!(plain.kind(), CredentialKind::StaticSecret);
         let encoded = plain.encode();
-        match Plaintext::decode("static_secret", &encoded).unwrap() {
+        match Plaintext::decode(CredentialKind::StaticSecret, &encoded).unwrap() {
             Plaintext::StaticSecret(s) => assert_eq!(s.expose(), VALUE),
             other => panic!("wrong variant: {other:?}"),
         }
@@ -296,9 +292,9 @@ mod tests {
     #[test]
     fn username_password_round_trips() {
         let plain = username_password();
-        assert_eq!(plain.kind(), "username_password");
+        assert_eq!(plain.kind(), CredentialKind::UsernamePassword);
         let encoded = plain.encode();
-        match Plaintext::decode("username_password", &encoded).unwrap() {
+        match Plaintext::decode(CredentialKind::UsernamePassword, &encoded).unwrap() {
             Plaintext::UsernamePassword { username, password } => {
                 assert_eq!(username.expose(), "alice@example.com");
                 assert_eq!(password.expose(), VALUE);
@@ -377,33 +373,34 @@ mod tests {
     fn structural_errors_are_specific() {
         let encoded = static_secret().encode();
         assert_eq!(
-            Plaintext::decode("static_secret", &[]).unwrap_err(),
+            Plaintext::decode(CredentialKind::StaticSecret, &[]).unwrap_err(),
             PayloadError::Empty
         );
-        assert_eq!(
-            Plaintext::decode("ssh_key", &encoded).unwrap_err(),
-            PayloadError::UnknownKind("ssh_key".to_owned())
-        );
+        assert!("ssh_key".parse::<CredentialKind>().is_err());
         let mut wrong_version = encoded.to_vec();
         wrong_version[0] = 2;
         assert_eq!(
-            Plaintext::decode("static_secret", &wrong_version).unwrap_err(),
+            Plaintext::decode(CredentialKind::StaticSecret, &wrong_version).unwrap_err(),
             PayloadError::UnsupportedVersion(2)
         );
         let mut trailing = encoded.to_vec();
         trailing.push(0);
         assert_eq!(
-            Plaintext::decode("static_secret", &trailing).unwrap_err(),
+            Plaintext::decode(CredentialKind::StaticSecret, &trailing).unwrap_err(),
             PayloadError::TrailingBytes(1)
         );
         // A static secret's bytes are not a complete username/password pair.
         assert_eq!(
-            Plaintext::decode("username_password", &encoded).unwrap_err(),
+            Plaintext::decode(CredentialKind::UsernamePassword, &encoded).unwrap_err(),
             PayloadError::Truncated { field: "password" }
         );
         // A length prefix claiming 4 GiB must be rejected, not allocated.
         assert_eq!(
-            Plaintext::decode("static_secret", &[1, 0xff, 0xff, 0xff, 0xff, b'a']).unwrap_err(),
+            Plaintext::decode(
+                CredentialKind::StaticSecret,
+                &[1, 0xff, 0xff, 0xff, 0xff, b'a']
+            )
+            .unwrap_err(),
             PayloadError::Truncated { field: "secret" }
         );
     }
@@ -412,12 +409,12 @@ mod tests {
     fn invalid_utf8_is_rejected() {
         let bytes = [1, 0, 0, 0, 2, 0xc3, 0x28];
         assert_eq!(
-            Plaintext::decode("static_secret", &bytes).unwrap_err(),
+            Plaintext::decode(CredentialKind::StaticSecret, &bytes).unwrap_err(),
             PayloadError::InvalidUtf8 { field: "secret" }
         );
         let bytes = [1, 0, 0, 0, 1, b'u', 0, 0, 0, 1, 0xff];
         assert_eq!(
-            Plaintext::decode("username_password", &bytes).unwrap_err(),
+            Plaintext::decode(CredentialKind::UsernamePassword, &bytes).unwrap_err(),
             PayloadError::InvalidUtf8 { field: "password" }
         );
     }
@@ -451,7 +448,7 @@ mod tests {
                 }
                 bytes
             };
-            for kind in ["static_secret", "username_password", "other"] {
+            for &kind in CredentialKind::ALL {
                 // Success is fine; the only requirement is no panic, and a
                 // success must re-encode to exactly the same bytes.
                 if let Ok(plain) = Plaintext::decode(kind, &bytes) {

@@ -88,7 +88,7 @@ pub async fn set(
         &Binding {
             connection_id,
             credential_id: id,
-            kind,
+            kind: kind.as_str(),
             key_id: keyring.primary_id(),
             connector: Some(&connector),
         },

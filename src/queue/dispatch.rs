@@ -9,7 +9,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::daemon::systemd::Heartbeats;
-use crate::db::Backoff;
+use crate::db::{Backoff, Failure};
 use crate::queue;
 use crate::run::launch::{self, Context};
 
@@ -121,7 +121,7 @@ async fn claim_and_launch(
         Ok(commands) => commands,
         // Another daemon took a slot this claim wanted: nothing was
         // claimed, and the next claim sees that connection busy.
-        Err(e) if queue::lost_slot_race(&e) => {
+        Err(e) if Failure::of(&e) == Failure::LostSlotRace => {
             tracing::debug!("another daemon claimed a run slot first; claiming again");
             return Ok(Round {
                 filled: true,

@@ -20,6 +20,7 @@ use sqlx::{PgConnection, PgPool, Row};
 
 use crate::credentials::resolver::StoredCredential;
 use crate::credentials::store::MAX_CIPHERTEXT_BYTES;
+use crate::vocabulary::{Overlap, Trigger};
 
 /// A claimed command, with the overlap policy of its schedule as of the
 /// claim.
@@ -27,11 +28,11 @@ use crate::credentials::store::MAX_CIPHERTEXT_BYTES;
 pub struct Command {
     pub id: i64,
     pub connection_id: String,
-    pub trigger: String,
+    pub trigger: Trigger,
     pub schedule_id: Option<i64>,
     pub scheduled_for: Option<DateTime<Utc>>,
     pub attempt: i32,
-    pub overlap: Option<String>,
+    pub overlap: Option<Overlap>,
     /// The connection's connector as of the claim; `None` when the
     /// connection does not exist.
     pub connector: Option<String>,
@@ -41,7 +42,7 @@ impl Command {
     /// A scheduled command whose schedule says to skip, not wait, when the
     /// connection already has a run going.
     pub fn skips_on_overlap(&self) -> bool {
-        self.trigger == "scheduled" && self.overlap.as_deref() != Some("queue")
+        self.trigger == Trigger::Scheduled && self.overlap != Some(Overlap::Queue)
     }
 }
 
@@ -80,7 +81,7 @@ pub struct Claimed {
 ///
 /// Two daemons claiming commands of one free connection at the same moment
 /// both try to take its slot: one statement wins, the other fails with a
-/// unique violation (see [`lost_slot_race`]) and claims nothing.
+/// unique violation (see [`Failure::LostSlotRace`](crate::db::Failure)) and claims nothing.
 pub async fn claim(
     session: &mut PgConnection,
     instance_id: &str,
@@ -227,17 +228,6 @@ fn claimed_from_row(row: &PgRow) -> Result<Claimed, sqlx::Error> {
         enabled: row.try_get("enabled")?,
         run_id: row.try_get("run_id")?,
         credential,
-    })
-}
-
-/// Whether a claim failed because another daemon took the slot of one of
-/// its connections first: nothing was claimed, and the next claim sees the
-/// connection busy. Two claims taking slots of the same connections in
-/// opposite orders may instead deadlock; PostgreSQL then aborts one, which
-/// is the same race lost.
-pub fn lost_slot_race(error: &sqlx::Error) -> bool {
-    error.as_database_error().is_some_and(|e| {
-        e.constraint() == Some("run_commands_one_slot") || e.code().as_deref() == Some("40P01")
     })
 }
 

@@ -19,6 +19,7 @@ use std::os::unix::ffi::OsStrExt;
 use crate::config::{Config, ConnectorConfig};
 use crate::credentials::secret::Secret;
 use crate::run::spawn::CStrings;
+use crate::vocabulary::Trigger;
 
 /// One variable's value; secrets keep their redacting wrapper until the
 /// moment they are handed to the spawn call.
@@ -57,7 +58,7 @@ fn value_bytes(value: &EnvValue) -> &[u8] {
 pub struct RunMeta<'a> {
     pub run_id: i64,
     pub connection_id: &'a str,
-    pub trigger: &'a str,
+    pub trigger: Trigger,
     pub attempt: i32,
     /// A sandboxed child's private directories, as it sees them.
     pub private: Option<PrivateDirs<'a>>,
@@ -101,7 +102,10 @@ impl ChildEnv {
             "CONNECTORD_CONNECTION_ID",
             EnvValue::Plain(meta.connection_id.into()),
         );
-        env.set("CONNECTORD_TRIGGER", EnvValue::Plain(meta.trigger.into()));
+        env.set(
+            "CONNECTORD_TRIGGER",
+            EnvValue::Plain(meta.trigger.as_str().into()),
+        );
         env.set(
             "CONNECTORD_ATTEMPT",
             EnvValue::Plain(meta.attempt.to_string().into()),
@@ -186,7 +190,7 @@ mod tests {
         let meta = RunMeta {
             run_id: 7,
             connection_id: "alice-github",
-            trigger: "scheduled",
+            trigger: Trigger::Scheduled,
             attempt: 2,
             private: None,
         };
@@ -224,7 +228,7 @@ mod tests {
         let meta = RunMeta {
             run_id: 1,
             connection_id: "alice-chase",
-            trigger: "manual",
+            trigger: Trigger::Manual,
             attempt: 1,
             private: None,
         };
@@ -244,7 +248,7 @@ mod tests {
         let meta = RunMeta {
             run_id: 1,
             connection_id: "alice-chase",
-            trigger: "manual",
+            trigger: Trigger::Manual,
             attempt: 1,
             private: Some(PrivateDirs {
                 home: "/run/connector/home",

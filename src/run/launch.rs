@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::config::{Config, ConnectorConfig, RetryPolicy};
 use crate::credentials::keys::Keyring;
 use crate::credentials::resolver::{self, StoredCredential};
-use crate::db::Backoff;
+use crate::db::{Backoff, Failure};
 use crate::queue::{self, Claimed, Command};
 use crate::run::child::{self, Confinement, EndedBy, Exit, Limits};
 use crate::run::child_env::{ChildEnv, PrivateDirs, RunMeta};
@@ -26,9 +26,12 @@ use crate::run::dir::RunDirs;
 use crate::run::failure::FailureKind;
 use crate::run::leases::Leases;
 use crate::run::protocol::InteractionKind;
-use crate::run::record::{Finish, Outcome, OutcomeWriter, Start, StartWriter, Writer};
+use crate::run::record::{
+    CredentialUsed, Finish, Outcome, OutcomeWriter, Start, StartWriter, Writer,
+};
 use crate::run::report::Reports;
 use crate::sandbox::{self, SandboxState};
+use crate::vocabulary::RunStatus;
 
 /// What every launch shares.
 pub struct Context {
@@ -130,7 +133,7 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
                 .insert_final(
                     &command,
                     Some(&connector_name),
-                    "skipped",
+                    RunStatus::Skipped,
                     FailureKind::Overlap,
                     detail,
                 )
@@ -151,7 +154,8 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
             &command,
             run_id,
             credential.as_ref(),
-            (&connector_name, connector),
+            &connector_name,
+            connector,
             &superseded,
         )
         .await
@@ -184,7 +188,7 @@ async fn record_start(
                 superseded.cancel();
                 return;
             }
-            Err(e) if crate::db::is_transient(&e) => {
+            Err(e) if Failure::is_transient(&e) => {
                 if backoff.attempts() == 0 {
                     tracing::warn!(error = %e, "cannot record the run's start; retrying until the database answers");
                 }
@@ -206,7 +210,8 @@ async fn run_in_slot(
     command: &Command,
     run_id: i64,
     stored: Option<&StoredCredential>,
-    (connector_name, connector): (&str, &ConnectorConfig),
+    connector_name: &str,
+    connector: &ConnectorConfig,
     superseded: &CancellationToken,
 ) -> Result<(), sqlx::Error> {
     // A run that needs the sandbox is refused when the machine cannot give
@@ -263,8 +268,11 @@ async fn run_in_slot(
             .await;
         }
     };
-    let source = resolved.source.as_str();
-    let credential = (resolved.credential_id, Some(source));
+    let source = resolved.source;
+    let credential = CredentialUsed {
+        id: resolved.credential_id,
+        source: Some(source),
+    };
 
     // A sandboxed run gets its private directory, and a sandbox never
     // goes without one.
@@ -282,7 +290,7 @@ async fn run_in_slot(
         &RunMeta {
             run_id,
             connection_id: &command.connection_id,
-            trigger: &command.trigger,
+            trigger: command.trigger,
             attempt: command.attempt,
             private: run_dir.as_ref().map(|_| PrivateDirs {
                 home: sandbox::HOME_INSIDE,
@@ -316,7 +324,7 @@ async fn run_in_slot(
     tracing::info!(
         event = "run.started",
         pid,
-        credential_source = source,
+        credential_source = source.as_str(),
         "connector started"
     );
     let started = std::time::Instant::now();
@@ -380,16 +388,23 @@ async fn run_in_slot(
     if let Some((_, run_dir)) = run_dir {
         run_dir.remove().await;
     }
-    let (status, kind, exit_code, mut detail) = classify(outcome, raised_interaction);
+    let exit_code = match outcome.exit {
+        Exit::Code(code) => Some(code),
+        Exit::Signal(_) => None,
+    };
+    let (status, kind, mut detail) = match classify(outcome, raised_interaction) {
+        Verdict::Succeeded => (RunStatus::Succeeded, None, String::new()),
+        Verdict::Failed { kind, detail } => (RunStatus::Failed, Some(kind), detail),
+    };
     if let Some(problems) = problems.describe() {
         detail = format!("{detail}; {problems}");
     }
     let retry_after = kind.and_then(|k| retry_delay(&connector.retry, command.attempt, k));
     let duration_ms = started.elapsed().as_millis() as u64;
-    if status == "succeeded" {
+    if status == RunStatus::Succeeded {
         tracing::info!(
             event = "run.finished",
-            status,
+            status = status.as_str(),
             duration_ms,
             records,
             "run succeeded"
@@ -397,7 +412,7 @@ async fn run_in_slot(
     } else {
         tracing::warn!(
             event = "run.finished",
-            status,
+            status = status.as_str(),
             failure_kind = kind.map(FailureKind::as_str),
             exit_code,
             duration_ms,
@@ -408,7 +423,7 @@ async fn run_in_slot(
     let finish = Finish {
         status,
         failure_kind: kind,
-        detail: (status != "succeeded").then_some(detail),
+        detail: (status != RunStatus::Succeeded).then_some(detail),
         exit_code,
         records,
         pid: Some(pid),
@@ -440,13 +455,12 @@ async fn refuse(
     } else {
         tracing::warn!(event = "run.refused", failure_kind = %kind, "launch refused: {detail}");
     }
-    let finish = Finish {
-        status: "refused",
-        failure_kind: Some(kind),
-        detail: Some(detail),
-        ..Finish::default()
+    let finish = Finish::without_child(RunStatus::Refused, kind, detail);
+    let credential = CredentialUsed {
+        id: credential_id,
+        source: None,
     };
-    settle(ctx, run_id, command, (credential_id, None), finish).await
+    settle(ctx, run_id, command, credential, finish).await
 }
 
 /// Records a child that could not be started, retried by policy.
@@ -455,23 +469,20 @@ async fn fail_spawn(
     run_id: i64,
     command: &Command,
     connector: &ConnectorConfig,
-    credential: (Option<i64>, Option<&'static str>),
+    credential: CredentialUsed,
     detail: String,
 ) -> Result<(), sqlx::Error> {
     let retry_after = retry_delay(&connector.retry, command.attempt, FailureKind::SpawnFailed);
     tracing::warn!(
         event = "run.finished",
-        status = "failed",
-        failure_kind = "spawn_failed",
+        status = RunStatus::Failed.as_str(),
+        failure_kind = FailureKind::SpawnFailed.as_str(),
         retry_in_ms = retry_after.map(|d| d.as_millis() as u64),
         "{detail}"
     );
     let finish = Finish {
-        status: "failed",
-        failure_kind: Some(FailureKind::SpawnFailed),
-        detail: Some(detail),
         retry_after,
-        ..Finish::default()
+        ..Finish::without_child(RunStatus::Failed, FailureKind::SpawnFailed, detail)
     };
     settle(ctx, run_id, command, credential, finish).await
 }
@@ -484,8 +495,8 @@ async fn settle(
     ctx: &Context,
     run_id: i64,
     command: &Command,
-    credential: (Option<i64>, Option<&'static str>),
-    finish: Finish<'static>,
+    credential: CredentialUsed,
+    finish: Finish,
 ) -> Result<(), sqlx::Error> {
     let outcome = Outcome::new(run_id, command, credential, finish);
     let mut backoff = Backoff::new();
@@ -497,7 +508,7 @@ async fn settle(
                 tracing::warn!("the run was settled by another daemon while it ran (its lease expired); this outcome is discarded");
                 return Ok(());
             }
-            Err(e) if crate::db::is_transient(&e) => {
+            Err(e) if Failure::is_transient(&e) => {
                 if backoff.attempts() == 0 {
                     tracing::warn!(error = %e, "cannot record the run's outcome; retrying until the database answers");
                 }
@@ -516,37 +527,29 @@ async fn settle(
     }
 }
 
-/// Maps how the child ended onto the run's status and failure kind.
-fn classify(
-    outcome: child::Outcome,
-    raised_interaction: bool,
-) -> (&'static str, Option<FailureKind>, Option<i32>, String) {
-    let exit_code = match outcome.exit {
-        Exit::Code(code) => Some(code),
-        Exit::Signal(_) => None,
-    };
+/// How a child's end reads as a run's outcome.
+enum Verdict {
+    Succeeded,
+    Failed { kind: FailureKind, detail: String },
+}
+
+/// Maps how the child ended onto the run's outcome.
+fn classify(outcome: child::Outcome, raised_interaction: bool) -> Verdict {
+    let failed = |kind, detail: String| Verdict::Failed { kind, detail };
     match (outcome.ended_by, outcome.exit) {
-        (Some(EndedBy::Shutdown), Exit::Code(0)) | (None, Exit::Code(0)) => {
-            ("succeeded", None, exit_code, String::new())
-        }
-        (Some(EndedBy::Shutdown), _) => (
-            "failed",
-            Some(FailureKind::Interrupted),
-            exit_code,
+        (Some(EndedBy::Shutdown), Exit::Code(0)) | (None, Exit::Code(0)) => Verdict::Succeeded,
+        (Some(EndedBy::Shutdown), _) => failed(
+            FailureKind::Interrupted,
             "the daemon shut down while the connector ran; the command is re-queued".to_owned(),
         ),
-        (Some(EndedBy::Superseded), _) => (
-            "failed",
-            Some(FailureKind::Lost),
-            exit_code,
+        (Some(EndedBy::Superseded), _) => failed(
+            FailureKind::Lost,
             "another daemon took the run over after its lease expired".to_owned(),
         ),
         // The owner must act before another attempt can succeed, however
         // the child then ended.
-        (ended_by, exit) if raised_interaction => (
-            "failed",
-            Some(FailureKind::InteractionRequired),
-            exit_code,
+        (ended_by, exit) if raised_interaction => failed(
+            FailureKind::InteractionRequired,
             match ended_by {
                 Some(EndedBy::Timeout) => {
                     "the connector asked for the owner and then ran past its timeout".to_owned()
@@ -557,22 +560,16 @@ fn classify(
                 ),
             },
         ),
-        (Some(EndedBy::Timeout), _) => (
-            "failed",
-            Some(FailureKind::TimedOut),
-            exit_code,
+        (Some(EndedBy::Timeout), _) => failed(
+            FailureKind::TimedOut,
             "the connector ran past its timeout and was terminated".to_owned(),
         ),
-        (None, Exit::Code(code)) => (
-            "failed",
-            Some(FailureKind::ExitNonzero),
-            exit_code,
+        (None, Exit::Code(code)) => failed(
+            FailureKind::ExitNonzero,
             format!("the connector exited with code {code}"),
         ),
-        (None, Exit::Signal(signal)) => (
-            "failed",
-            Some(FailureKind::Signaled),
-            exit_code,
+        (None, Exit::Signal(signal)) => failed(
+            FailureKind::Signaled,
             format!("the connector was killed by signal {signal}"),
         ),
     }
@@ -595,7 +592,7 @@ async fn refuse_unadmitted(
 ) -> Result<(), sqlx::Error> {
     let run_id = ctx
         .writer()
-        .insert_final(command, connector, "refused", kind, detail)
+        .insert_final(command, connector, RunStatus::Refused, kind, detail)
         .await?;
     if kind == FailureKind::ConnectorUnknown {
         // A registry that lacks a connector in use is the operator's to fix.

@@ -16,8 +16,10 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::db::Failure;
 use crate::queue::Command;
 use crate::run::failure::FailureKind;
+use crate::vocabulary::{CredentialSource, RunStatus};
 
 /// A spawned child's run, as its row records it.
 #[derive(Debug, Clone)]
@@ -28,7 +30,7 @@ pub struct Start {
     pub pid: u32,
     pub started_at: DateTime<Utc>,
     pub credential_id: Option<i64>,
-    pub credential_source: &'static str,
+    pub credential_source: CredentialSource,
     pub lease: Duration,
 }
 
@@ -39,9 +41,9 @@ pub struct Writer<'a> {
 }
 
 /// The final state of a run.
-#[derive(Debug, Clone, Default)]
-pub struct Finish<'a> {
-    pub status: &'a str,
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub status: RunStatus,
     pub failure_kind: Option<FailureKind>,
     pub detail: Option<String>,
     pub exit_code: Option<i32>,
@@ -56,6 +58,33 @@ pub struct Finish<'a> {
     pub retry_after: Option<Duration>,
 }
 
+impl Finish {
+    /// A run that ended without a child: refused, or its spawn failed.
+    pub fn without_child(status: RunStatus, kind: FailureKind, detail: String) -> Finish {
+        Finish {
+            status,
+            failure_kind: Some(kind),
+            detail: Some(detail),
+            exit_code: None,
+            records: None,
+            pid: None,
+            started_at: None,
+            requeue: false,
+            retry_after: None,
+        }
+    }
+}
+
+/// The credential a run used, as its row records it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CredentialUsed {
+    /// The stored row resolved (or refused).
+    pub id: Option<i64>,
+    /// Where the injected variables came from; `None` when nothing was
+    /// injected (a refusal).
+    pub source: Option<CredentialSource>,
+}
+
 impl Writer<'_> {
     /// Records a run that never took the slot (refused before it, or
     /// skipped because of overlap) and marks its command done.
@@ -63,7 +92,7 @@ impl Writer<'_> {
         &self,
         command: &Command,
         connector: Option<&str>,
-        status: &str,
+        status: RunStatus,
         kind: FailureKind,
         detail: &str,
     ) -> Result<i64, sqlx::Error> {
@@ -82,7 +111,7 @@ impl Writer<'_> {
         .bind(command.id)
         .bind(&command.connection_id)
         .bind(connector)
-        .bind(&command.trigger)
+        .bind(command.trigger)
         .bind(command.schedule_id)
         .bind(command.scheduled_for)
         .bind(command.attempt)
@@ -135,9 +164,8 @@ impl Writer<'_> {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub run_id: i64,
-    pub finish: Finish<'static>,
-    pub credential_id: Option<i64>,
-    pub credential_source: Option<&'static str>,
+    pub finish: Finish,
+    pub credential: CredentialUsed,
     pub command_id: i64,
     pub connection_id: String,
     pub connector: Option<String>,
@@ -150,14 +178,13 @@ impl Outcome {
     pub fn new(
         run_id: i64,
         command: &Command,
-        (credential_id, credential_source): (Option<i64>, Option<&'static str>),
-        finish: Finish<'static>,
+        credential: CredentialUsed,
+        finish: Finish,
     ) -> Outcome {
         Outcome {
             run_id,
             finish,
-            credential_id,
-            credential_source,
+            credential,
             command_id: command.id,
             connection_id: command.connection_id.clone(),
             connector: command.connector.clone(),
@@ -311,8 +338,8 @@ pub async fn finish_many(
     .bind(column(outcomes, |o| o.finish.detail.as_deref()))
     .bind(column(outcomes, |o| o.finish.exit_code))
     .bind(column(outcomes, |o| o.finish.records))
-    .bind(column(outcomes, |o| o.credential_id))
-    .bind(column(outcomes, |o| o.credential_source))
+    .bind(column(outcomes, |o| o.credential.id))
+    .bind(column(outcomes, |o| o.credential.source))
     .bind(column(outcomes, |o| o.finish.requeue))
     .bind(column(outcomes, |o| o.command_id))
     .bind(column(outcomes, |o| o.connection_id.as_str()))
@@ -440,7 +467,7 @@ async fn write_batches<T: Batched>(
                 }
             }
             // The database is away: every caller retries with its backoff.
-            Err(e) if crate::db::is_transient(&e) => {
+            Err(e) if Failure::is_transient(&e) => {
                 let reason = e.to_string();
                 for reply in replies {
                     let _ = reply.send(Err(sqlx::Error::Io(std::io::Error::other(reason.clone()))));
