@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor as _, PgConnection, PgPool};
 
 use crate::config::DatabaseConfig;
@@ -38,6 +38,16 @@ const DAEMON_SESSION: &[&str] = &[
     // daemon's statements needs a bitmap scan: they are key lookups,
     // ordered walks of partial indexes and whole-table reads.
     "set enable_bitmapscan = off",
+    // Every hot statement reaches its rows by key. With force_generic_plan
+    // a statement is planned once per connection, on the statistics of that
+    // moment: planned while a table was small (a fresh install, a quiet
+    // night after retention, an analyze of a nearly empty table) a lookup
+    // by primary key became a sequential scan, and stayed one through the
+    // next burst, reading every command once per run. The statements that
+    // read a whole table (the schedule load and reconcile) walk the
+    // primary key in order anyway; `tests/plans.rs` counts the rows each
+    // table gives up per run under four states of the statistics.
+    "set enable_seqscan = off",
     // JIT compiles a plan whose estimated cost passes `jit_above_cost`, at
     // milliseconds per execution. No statement of the daemon is worth it,
     // and a plan that falls back to a node the claim session disables is
@@ -51,7 +61,13 @@ const DAEMON_SESSION: &[&str] = &[
 ];
 
 /// The daemon's pool, with [`DAEMON_SESSION`] applied to every connection.
+/// Its sessions are named `connectord` in `pg_stat_activity` unless the URL
+/// names them.
 pub async fn connect_daemon(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
+    let mut options: PgConnectOptions = config.url.parse()?;
+    if options.get_application_name().is_none() {
+        options = options.application_name("connectord");
+    }
     pool_options(config)
         .after_connect(|conn, _meta| {
             Box::pin(async move {
@@ -59,7 +75,7 @@ pub async fn connect_daemon(config: &DatabaseConfig) -> Result<PgPool, sqlx::Err
                 Ok(())
             })
         })
-        .connect(&config.url)
+        .connect_with(options)
         .await
 }
 
@@ -70,14 +86,10 @@ pub async fn connect_daemon(config: &DatabaseConfig) -> Result<PgPool, sqlx::Err
 /// with the tables: 0.19 ms against 0.11 ms per claim after a migration
 /// dropped the column statistics, measured. Nested loops over index
 /// lookups are right for a claim whatever the statistics say.
-const CLAIM_SESSION: &[&str] = &[
-    "set enable_hashjoin = off",
-    "set enable_mergejoin = off",
-    "set enable_seqscan = off",
-];
+const CLAIM_SESSION: &[&str] = &["set enable_hashjoin = off", "set enable_mergejoin = off"];
 
-/// A connection for the queue loop's claims, out of the pool (see
-/// `daemon::queue_loop`), with [`CLAIM_SESSION`] applied.
+/// A connection for the dispatch loop's claims, out of the pool (see
+/// `queue::dispatch`), with [`CLAIM_SESSION`] applied.
 pub async fn claim_session(pool: &PgPool) -> Result<PgConnection, sqlx::Error> {
     let mut conn = pool.acquire().await?.detach();
     apply_session(&mut conn, CLAIM_SESSION).await;

@@ -120,7 +120,10 @@ pub async fn claim(
                    and row_number() over (partition by p.connection_id order by p.id) = 1
                        as takes_slot
             from picked p
-            left join connections c on c.id = p.connection_id
+            left join lateral (
+                select c.connector, c.enabled from connections c
+                where c.id = p.connection_id offset 0
+            ) c on true
         ), claimed as (
             -- The picked commands are updated by id through the primary key,
             -- with no join for the planner to order: a plan cached while
@@ -144,12 +147,20 @@ pub async fn claim(
                octet_length(cred.ciphertext) as ciphertext_len
         from claimed cl
         join admitted a on a.id = cl.id
-        left join schedules s on s.id = cl.schedule_id
+        -- Each a probe by key through a fenced lateral (`offset 0`): as
+        -- joins, a plan made while the tables were small walked every
+        -- schedule and credential once per claimed command.
+        left join lateral (
+            select s.overlap from schedules s where s.id = cl.schedule_id offset 0
+        ) s on true
         -- The active credential, through its unique index; a connection
         -- without one is read again by `latest_credential` (refusals only).
-        left join credentials cred
-            on cred.connection_id = cl.connection_id and cred.status = 'active'
-               and cl.run_id is not null
+        left join lateral (
+            select * from credentials cred
+            where cred.connection_id = cl.connection_id and cred.status = 'active'
+              and cl.run_id is not null
+            offset 0
+        ) cred on true
         "#,
     )
     .bind(instance_id)

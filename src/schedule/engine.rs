@@ -405,9 +405,11 @@ impl Engine {
                 .collect();
             let written: Vec<usize> = chunk.iter().map(|&(at, _)| at).collect();
             sqlx::query(
+                // `s.id = any($1)` makes the rows a probe of the primary
+                // key whatever the statistics say (see `fire`).
                 "update schedules s set next_fire_at = n.next
                  from unnest($1::bigint[], $2::timestamptz[]) as n(id, next)
-                 where s.id = n.id and s.next_fire_at is distinct from n.next",
+                 where s.id = any($1) and s.id = n.id and s.next_fire_at is distinct from n.next",
             )
             .bind(&ids)
             .bind(&nexts)
@@ -635,15 +637,19 @@ async fn fire(conn: &mut PgConnection, fires: &[Fire]) -> Result<(), sqlx::Error
             select * from unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[])
                 as t(schedule_id, fire_at, next_at)
         ), inserted as (
+            -- `s.id = any($1)`: the schedules are probed by primary key
+            -- whatever the statistics say. A plan made while the table
+            -- was small joined by walking all of it, once per tick.
             insert into run_commands (connection_id, trigger, schedule_id, scheduled_for)
             select s.connection_id, 'scheduled', t.schedule_id, t.fire_at
             from t join schedules s on s.id = t.schedule_id
+            where s.id = any($1)
             on conflict (schedule_id, scheduled_for) do nothing
             returning schedule_id
         )
         update schedules s
         set last_fired_at = greatest(s.last_fired_at, t.fire_at), next_fire_at = t.next_at
-        from t where s.id = t.schedule_id
+        from t where s.id = any($1) and s.id = t.schedule_id
         "#,
     )
     .bind(&ids)
