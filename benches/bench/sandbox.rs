@@ -23,10 +23,10 @@ use connectord::sandbox::{self, SandboxState};
 
 use super::daemon::Daemon;
 use super::minimal::{spawn_one_at_a_time, Minimal, SpawnStyle};
-use super::pickup::sample;
+use super::pickup::{sample, Pace};
 use super::setup::{realtime_ns, Env};
 use super::stats::{Figure, Report, Unit};
-use super::throughput::once;
+use super::throughput::{once, Statistics};
 
 pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<()> {
     report.say("");
@@ -43,15 +43,24 @@ pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<()> {
         let tag = format!("sandbox-{round}");
         let mut daemon = Daemon::start(env, Some(&config_path), "info", &tag)?;
         daemon.wait_ready(Duration::from_secs(30)).await?;
-        sample(env, per_round, true, &mut ours).await?;
+        sample(env, per_round, true, Pace::Paused, &mut ours).await?;
         if round < env.mode.throughput_rounds {
-            ours_tput.push(once(env, report, env.mode.throughput_commands / 4, true).await?);
+            ours_tput.push(
+                once(
+                    env,
+                    report,
+                    env.mode.throughput_commands / 4,
+                    true,
+                    Statistics::IdleWithHistory,
+                )
+                .await?,
+            );
         }
         daemon.stop().await?;
 
         env.wait_quiet(Duration::from_secs(30)).await?;
         let daemon = Minimal::start(&env.url, &env.probe, &env.fifo, 32).await?;
-        sample(env, per_round, false, &mut minimal).await?;
+        sample(env, per_round, false, Pace::Paused, &mut minimal).await?;
         daemon.stop().await?;
 
         bare_pickup.extend(bare_latency(env, &bare, 100).await?);
