@@ -132,6 +132,23 @@ fn retries(ctx: &Context, leftovers: &[Leftover]) -> Vec<Option<f64>> {
         .collect()
 }
 
+/// The end of both settling statements: the retries of the runs in their
+/// `lost` relation (`id`, `connection_id`, `schedule_id`, `attempt`,
+/// `instance_id`, `retry_ms`), and those runs for the log.
+macro_rules! enqueue_lost_retries {
+    () => {
+        concat!(
+            ", retry as (",
+            enqueue_retries!(
+                "(select id as run_id, connection_id, schedule_id, attempt + 1 as next_attempt,
+                         retry_ms
+                  from lost) ended"
+            ),
+            ") select id, connection_id, instance_id, retry_ms from lost"
+        )
+    };
+}
+
 /// Records expired `running` rows `lost`, frees their slots and enqueues
 /// their retries. The conditions are read again under the row locks, so a
 /// lease renewed since they were found keeps its run.
@@ -160,13 +177,8 @@ async fn settle_running(
              update run_commands rc set status = 'done'
              from lost
              where rc.id = lost.command_id and rc.status = 'claimed' and rc.run_id = lost.id
-         ), retry as (",
-        enqueue_retries!(
-            "(select id as run_id, connection_id, schedule_id, attempt + 1 as next_attempt, retry_ms
-              from lost) ended"
-        ),
-        ")
-         select id, connection_id, instance_id, retry_ms from lost"
+         )",
+        enqueue_lost_retries!()
     ))
     .bind(&ids)
     .bind(retries(ctx, running))
@@ -221,13 +233,8 @@ async fn settle_orphaned(
              update run_commands rc set status = 'done'
              from lost
              where rc.id = lost.command_id
-         ), retry as (",
-        enqueue_retries!(
-            "(select id as run_id, connection_id, schedule_id, attempt + 1 as next_attempt, retry_ms
-              from lost) ended"
-        ),
-        ")
-         select id, connection_id, instance_id, retry_ms from lost"
+         )",
+        enqueue_lost_retries!()
     ))
     .bind(&commands)
     .bind(&run_ids)
