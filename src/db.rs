@@ -1,4 +1,5 @@
-//! The connection pool and the embedded migrations.
+//! The connection pool, the embedded migrations, and the database address
+//! as messages may show it (without its password).
 
 use std::time::Duration;
 
@@ -219,5 +220,128 @@ impl Backoff {
 impl Default for Backoff {
     fn default() -> Self {
         Backoff::new()
+    }
+}
+
+/// The URL without its password (in the user part or a `password=`
+/// parameter), for messages.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some(scheme) = url.find("://") else {
+        return redact_keywords(url).unwrap_or_else(|| UNPARSABLE.to_owned());
+    };
+    // The user part ends at the last '@': a password may hold an unencoded
+    // '@', '?' or '/', so nothing after the scheme can be split off first.
+    let (prefix, rest) = match url[scheme + 3..].rfind('@') {
+        Some(at) => {
+            let at = scheme + 3 + at;
+            let userinfo = &url[scheme + 3..at];
+            let prefix = match userinfo.find(':') {
+                Some(colon) => format!("{}{}:[redacted]@", &url[..scheme + 3], &userinfo[..colon]),
+                None => url[..=at].to_owned(),
+            };
+            (prefix, &url[at + 1..])
+        }
+        None => (url[..scheme + 3].to_owned(), &url[scheme + 3..]),
+    };
+    let mut out = prefix;
+    match rest.split_once('?') {
+        None => out.push_str(rest),
+        Some((base, query)) => {
+            out.push_str(base);
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                        format!("{key}=[redacted]")
+                    }
+                    _ => param.to_owned(),
+                })
+                .collect();
+            out.push('?');
+            out.push_str(&params.join("&"));
+        }
+    }
+    out
+}
+
+/// What is printed for a database address that cannot be parsed.
+const UNPARSABLE: &str = "(unparsable URL)";
+
+/// A keyword/value connection string (`host=h password='x y'`) with its
+/// password redacted; `None` if it is not one.
+fn redact_keywords(text: &str) -> Option<String> {
+    let mut out = Vec::new();
+    let mut rest = text.trim_start();
+    while !rest.is_empty() {
+        let eq = rest.find('=')?;
+        let key = rest[..eq].trim();
+        if key.is_empty() || key.contains(char::is_whitespace) {
+            return None;
+        }
+        let after = rest[eq + 1..].trim_start();
+        let value_len = if let Some(inner) = after.strip_prefix('\'') {
+            let mut end = None;
+            let mut escaped = false;
+            for (i, c) in inner.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '\'' if !escaped => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            end? + 2
+        } else {
+            after.find(char::is_whitespace).unwrap_or(after.len())
+        };
+        let value = &after[..value_len];
+        out.push(if key.eq_ignore_ascii_case("password") {
+            format!("{key}=[redacted]")
+        } else {
+            format!("{key}={value}")
+        });
+        rest = after[value_len..].trim_start();
+    }
+    (!out.is_empty()).then(|| out.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        for (url, expected) in [
+            ("postgres://u:pw@h/db", "postgres://u:[redacted]@h/db"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            (
+                "postgres://u@h/db?sslmode=require&password=qsecret",
+                "postgres://u@h/db?sslmode=require&password=[redacted]",
+            ),
+            (
+                "postgres://u:p%40ss@h:5432/db?PASSWORD=x",
+                "postgres://u:[redacted]@h:5432/db?PASSWORD=[redacted]",
+            ),
+            ("not a url", "(unparsable URL)"),
+            // An unencoded '?', '@' or '/' in the password.
+            ("postgres://u:pa?ss@h/db", "postgres://u:[redacted]@h/db"),
+            (
+                "postgres://u:p@ss/w?rd@h/db?sslmode=disable",
+                "postgres://u:[redacted]@h/db?sslmode=disable",
+            ),
+            (
+                "host=h user=u password=s3cret dbname=d",
+                "host=h user=u password=[redacted] dbname=d",
+            ),
+            (
+                "host=h password='it\\'s a secret' dbname=d",
+                "host=h password=[redacted] dbname=d",
+            ),
+            ("host=h password='unterminated", "(unparsable URL)"),
+        ] {
+            assert_eq!(redact_url(url), expected, "{url}");
+        }
     }
 }

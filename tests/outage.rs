@@ -9,7 +9,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use connectord::pgcluster::{cluster_dir, Cluster};
+use connectord::dev::pgcluster::{cluster_dir, Cluster};
 use support::{Daemon, Scratch, TestDb};
 
 #[tokio::test(flavor = "multi_thread")]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context as _};
 use connectord::credentials::keys::Keyring;
 use connectord::credentials::secret::{Plaintext, Secret};
-use connectord::pgcluster::{cluster_dir, Cluster};
+use connectord::dev::pgcluster::{cluster_dir, Cluster};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::sync::mpsc;

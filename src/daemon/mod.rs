@@ -9,6 +9,7 @@
 pub(crate) mod listener;
 pub(crate) mod memory;
 pub(crate) mod retention;
+pub(crate) mod shutdown;
 pub(crate) mod supervisor;
 pub(crate) mod systemd;
 

@@ -28,8 +28,8 @@ fn server_url() -> &'static str {
             }
         }
         let preferred = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/connectord-test-pg");
-        let base = connectord::pgcluster::cluster_dir(&preferred);
-        let cluster = connectord::pgcluster::Cluster::ensure_running(&base)
+        let base = connectord::dev::pgcluster::cluster_dir(&preferred);
+        let cluster = connectord::dev::pgcluster::Cluster::ensure_running(&base)
             .unwrap_or_else(|e| panic!("cannot start the test PostgreSQL: {e}"));
         cluster.url("postgres")
     })

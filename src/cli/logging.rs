@@ -8,15 +8,18 @@ use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Pretty on a terminal, compact otherwise.
     Auto,
+    /// Human-readable lines, coloured on a terminal.
     Pretty,
+    /// One line per event, for a file or journald.
     Compact,
+    /// One JSON object per line, for journald and log shippers.
     Json,
 }
 
-pub fn init(format: LogFormat) {
+pub(crate) fn init(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()

@@ -5,15 +5,21 @@
 //! stored credentials and frequent schedules, and runs the daemon in the
 //! foreground until Ctrl-C. The data stays for next time.
 
+// Public for the tests' and the benchmark's private PostgreSQL, which
+// they reach as `connectord::dev::pgcluster`; not part of the library's API.
+#[doc(hidden)]
+pub mod pgcluster;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
+use self::pgcluster::Cluster;
+use crate::admin;
 use crate::config::Config;
 use crate::credentials::secret::{Plaintext, Secret};
-use crate::pgcluster::{self, Cluster};
 
 /// The demo connections: (connection id, connector).
 const DEMO: [(&str, &str); 5] = [
@@ -23,6 +29,10 @@ const DEMO: [(&str, &str); 5] = [
     ("bob-usaa", "usaa"),
     ("alice-github", "github"),
 ];
+
+/// How often the demo connections run: every 15 seconds, so a newcomer
+/// sees runs at once.
+const DEMO_CRON: &str = "*/15 * * * * *";
 
 /// The directory for dev data: beside the binary's `target/`, else
 /// `./target`.
@@ -83,7 +93,7 @@ const CLUSTERS: [&str; 3] = [
 ];
 
 /// `connectord dev --stop`: stops every private cluster of this checkout.
-pub fn stop() -> anyhow::Result<()> {
+pub(crate) fn stop() -> anyhow::Result<()> {
     for name in CLUSTERS {
         let base = pgcluster::cluster_dir(&target_dir().join(name));
         if Cluster::stop_at(&base)? {
@@ -96,7 +106,7 @@ pub fn stop() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run() -> anyhow::Result<()> {
+pub(crate) async fn run() -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the connectord binary")?;
     let base = pgcluster::cluster_dir(&target_dir().join("connectord-dev"));
     let cluster = {
@@ -126,7 +136,7 @@ pub async fn run() -> anyhow::Result<()> {
     pool.close().await;
 
     let shutdown = CancellationToken::new();
-    crate::cli::spawn_signal_handler(shutdown.clone());
+    crate::daemon::shutdown::spawn_signal_handler(shutdown.clone());
     let watch = format!("{} --config {} runs", exe.display(), config_path.display());
     let result = crate::daemon::run(config, shutdown, |_| {
         tracing::info!("demo connections run every 15 seconds; Ctrl-C stops. In another terminal, watch them with: {watch}");
@@ -141,7 +151,8 @@ pub async fn run() -> anyhow::Result<()> {
     result
 }
 
-/// Creates `name` on the cluster unless it exists.
+/// Creates `name` on the cluster unless it exists. Public for the tests.
+#[doc(hidden)]
 pub async fn create_database(cluster: &Cluster, name: &str) -> anyhow::Result<()> {
     let admin = sqlx::PgPool::connect(&cluster.url("postgres")).await?;
     let exists: bool =
@@ -164,22 +175,9 @@ async fn seed(pool: &sqlx::PgPool, config: &Config) -> anyhow::Result<()> {
     let keyring =
         crate::daemon::load_keyring(config)?.context("the dev key directory is missing")?;
     for (id, connector) in DEMO {
-        sqlx::query(
-            "insert into connections (id, connector, owner) values ($1, $2, $3)
-             on conflict (id) do nothing",
-        )
-        .bind(id)
-        .bind(connector)
-        .bind(id.split('-').next().unwrap_or("demo"))
-        .execute(pool)
-        .await?;
-        let has_credential: bool = sqlx::query_scalar(
-            "select exists (select 1 from credentials where connection_id = $1)",
-        )
-        .bind(id)
-        .fetch_one(pool)
-        .await?;
-        if !has_credential {
+        let owner = id.split('-').next().unwrap_or("demo");
+        admin::add_connection(pool, id, connector, Some(owner)).await?;
+        if !admin::has_credential(pool, id).await? {
             let plaintext = if connector == "github" {
                 Plaintext::StaticSecret(Secret::new(format!("demo-token-for-{id}")))
             } else {
@@ -190,14 +188,7 @@ async fn seed(pool: &sqlx::PgPool, config: &Config) -> anyhow::Result<()> {
             };
             crate::credentials::store::set(pool, &keyring, id, &plaintext).await?;
         }
-        sqlx::query(
-            "insert into schedules (connection_id, cron, jitter_seconds)
-             select $1, '*/15 * * * * *', 0
-             where not exists (select 1 from schedules where connection_id = $1)",
-        )
-        .bind(id)
-        .execute(pool)
-        .await?;
+        admin::add_schedule_unless_any(pool, id, DEMO_CRON).await?;
     }
     tracing::info!(connections = DEMO.len(), "demo connections seeded");
     Ok(())
@@ -205,7 +196,7 @@ async fn seed(pool: &sqlx::PgPool, config: &Config) -> anyhow::Result<()> {
 
 /// The bundled demo connector: reports which credential variables it
 /// received (names and lengths, never values), some progress, and exits 0.
-pub fn demo_connector() -> ExitCode {
+pub(crate) fn demo_connector() -> ExitCode {
     let connection = std::env::var("CONNECTORD_CONNECTION_ID").unwrap_or_default();
     let names = std::env::var("DEMO_CREDENTIAL_VARS").unwrap_or_default();
     let mut received = Vec::new();

@@ -6,11 +6,12 @@ use std::os::unix::fs::PermissionsExt;
 
 use serde::Serialize;
 
-use crate::cli::exit;
+use super::exit;
+use crate::admin;
 use crate::config::Config;
 use crate::run::child_env::{ChildEnv, RunMeta};
 use crate::sandbox::SandboxState;
-use crate::vocabulary::{CredentialKind, Trigger};
+use crate::vocabulary::Trigger;
 
 /// One finding.
 #[derive(Debug, Serialize)]
@@ -43,7 +44,7 @@ impl Report {
     }
 }
 
-pub async fn run(config: &Config, json: bool) -> anyhow::Result<u8> {
+pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<u8> {
     let mut report = Report::default();
     report.ok(
         "config",
@@ -145,7 +146,7 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<u8> {
             "database",
             format!(
                 "cannot connect to {}: {e}",
-                crate::cli::redact_url(&config.database.url)
+                crate::db::redact_url(&config.database.url)
             ),
         ),
         Ok(pool) => {
@@ -182,13 +183,19 @@ async fn check_database(
     }
     report.ok("database", "reachable; migrations current");
 
-    let schedules: Vec<(i64, String, String, String, i32)> = sqlx::query_as(
-        "select id, connection_id, cron, timezone, jitter_seconds from schedules order by id",
-    )
-    .fetch_all(pool)
-    .await?;
+    let mut schedules = admin::schedules(pool).await?;
+    // By id, as an operator fixing rows goes through them.
+    schedules.sort_by_key(|row| row.id);
     let now = chrono::Utc::now();
-    for (id, connection, cron, tz, jitter) in schedules {
+    for row in schedules {
+        let admin::ScheduleRow {
+            id,
+            connection_id: connection,
+            cron,
+            timezone: tz,
+            jitter_seconds: jitter,
+            ..
+        } = row;
         let rule = crate::schedule::cron::parse_cron(&cron).and_then(|expr| {
             Ok(crate::schedule::cron::FireRule {
                 expr,
@@ -221,12 +228,8 @@ async fn check_database(
         }
     }
 
-    let connections: Vec<(String, String)> =
-        sqlx::query_as("select id, connector from connections order by id")
-            .fetch_all(pool)
-            .await?;
-    for (id, connector) in &connections {
-        if !config.connectors.contains_key(connector) {
+    for admin::ConnectionRow { id, connector, .. } in admin::connections(pool).await? {
+        if !config.connectors.contains_key(&connector) {
             report.defect(
                 "connection",
                 format!("connection {id} names connector {connector:?}, which the registry lacks"),
@@ -234,15 +237,15 @@ async fn check_database(
         }
     }
 
-    let credentials: Vec<(i64, String, String, CredentialKind, String, Option<String>)> =
-        sqlx::query_as(
-            "select cr.id, cr.connection_id, c.connector, cr.kind, cr.key_id, cr.sealed_for
-         from credentials cr join connections c on c.id = cr.connection_id
-         where cr.status = 'active' order by cr.id",
-        )
-        .fetch_all(pool)
-        .await?;
-    for (id, connection, connector, kind, key_id, sealed_for) in credentials {
+    for credential in admin::active_credentials(pool).await? {
+        let admin::ActiveCredentialRow {
+            id,
+            connection_id: connection,
+            connector,
+            kind,
+            key_id,
+            sealed_for,
+        } = credential;
         let mut kind_accepted = true;
         if let Some(entry) = config.connectors.get(&connector) {
             // A connector that needs no credential never reads it: no

@@ -1,0 +1,338 @@
+//! The operator's statements: every read and write the command line makes
+//! on `connections`, `credentials`, `schedules`, `runs` and `interactions`
+//! (outside what `credentials::store` and `queue` own), and the rows `dev`
+//! seeds. They live here once, so the commands, `dev` and the tests share
+//! one copy of each statement instead of writing it again.
+//!
+//! Nothing here prints or decides: a function returns rows, or says what
+//! it found (a row inserted or not, a connection missing), and the caller
+//! words it.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use crate::vocabulary::CredentialKind;
+
+/// A `connections` row as the operator sees it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct ConnectionRow {
+    pub id: String,
+    pub connector: String,
+    pub owner: Option<String>,
+    pub enabled: bool,
+}
+
+/// Adds a connection; `false` when one with this id exists, which is then
+/// left as it is.
+pub async fn add_connection(
+    pool: &PgPool,
+    id: &str,
+    connector: &str,
+    owner: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
+        "insert into connections (id, connector, owner) values ($1, $2, $3)
+         on conflict (id) do nothing",
+    )
+    .bind(id)
+    .bind(connector)
+    .bind(owner)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+/// Every connection, by id.
+pub async fn connections(pool: &PgPool) -> Result<Vec<ConnectionRow>, sqlx::Error> {
+    sqlx::query_as("select id, connector, owner, enabled from connections order by id")
+        .fetch_all(pool)
+        .await
+}
+
+/// The connector a connection names; `None` when there is no such
+/// connection.
+pub async fn connector_of(pool: &PgPool, connection: &str) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("select connector from connections where id = $1")
+        .bind(connection)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Whether the connection has any credential row, whatever its status.
+pub async fn has_credential(pool: &PgPool, connection: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("select exists (select 1 from credentials where connection_id = $1)")
+        .bind(connection)
+        .fetch_one(pool)
+        .await
+}
+
+/// An active credential with what `check` compares it against: never its
+/// ciphertext.
+#[derive(Debug, sqlx::FromRow)]
+pub struct ActiveCredentialRow {
+    pub id: i64,
+    pub connection_id: String,
+    /// The connector its connection names now.
+    pub connector: String,
+    pub kind: CredentialKind,
+    pub key_id: String,
+    /// The connector it was stored for; `None` for rows stored before the
+    /// connector was part of the associated data.
+    pub sealed_for: Option<String>,
+}
+
+/// Every active credential, by id.
+pub async fn active_credentials(pool: &PgPool) -> Result<Vec<ActiveCredentialRow>, sqlx::Error> {
+    sqlx::query_as(
+        "select cr.id, cr.connection_id, c.connector, cr.kind, cr.key_id, cr.sealed_for
+         from credentials cr join connections c on c.id = cr.connection_id
+         where cr.status = 'active' order by cr.id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// A `schedules` row as the operator sees it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct ScheduleRow {
+    pub id: i64,
+    pub connection_id: String,
+    pub cron: String,
+    pub timezone: String,
+    pub enabled: bool,
+    pub overlap: String,
+    pub jitter_seconds: i32,
+    pub last_fired_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+/// Every schedule, by connection and id.
+pub async fn schedules(pool: &PgPool) -> Result<Vec<ScheduleRow>, sqlx::Error> {
+    sqlx::query_as(
+        "select id, connection_id, cron, timezone, enabled, overlap, jitter_seconds,
+                last_fired_at, last_error
+         from schedules order by connection_id, id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// What `schedules set` writes; the caller has checked the cron text and
+/// the zone.
+#[derive(Debug)]
+pub struct ScheduleSpec<'a> {
+    pub cron: &'a str,
+    pub timezone: &'a str,
+    pub overlap: &'a str,
+    /// `None` keeps a replaced schedule's jitter (a new one gets 0).
+    pub jitter_seconds: Option<i32>,
+}
+
+/// Creates or replaces the connection's schedule; `false`, and nothing
+/// written, when the connection does not exist. The connection's row is
+/// locked meanwhile, so two concurrent calls do not both insert.
+pub async fn set_schedule(
+    pool: &PgPool,
+    connection: &str,
+    spec: &ScheduleSpec<'_>,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let exists: Option<String> =
+        sqlx::query_scalar("select id from connections where id = $1 for update")
+            .bind(connection)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if exists.is_none() {
+        return Ok(false);
+    }
+    let updated = sqlx::query(
+        "update schedules set cron = $2, timezone = $3, overlap = $4,
+                              jitter_seconds = coalesce($5, jitter_seconds)
+         where connection_id = $1",
+    )
+    .bind(connection)
+    .bind(spec.cron)
+    .bind(spec.timezone)
+    .bind(spec.overlap)
+    .bind(spec.jitter_seconds)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if updated == 0 {
+        sqlx::query(
+            "insert into schedules (connection_id, cron, timezone, overlap, jitter_seconds)
+             values ($1, $2, $3, $4, coalesce($5, 0))",
+        )
+        .bind(connection)
+        .bind(spec.cron)
+        .bind(spec.timezone)
+        .bind(spec.overlap)
+        .bind(spec.jitter_seconds)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Gives the connection a schedule of `cron` (UTC, no jitter, the other
+/// columns' defaults) unless it has one: `dev`'s seed, which leaves an
+/// operator's edit alone.
+pub async fn add_schedule_unless_any(
+    pool: &PgPool,
+    connection: &str,
+    cron: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into schedules (connection_id, cron, jitter_seconds)
+         select $1, $2, 0
+         where not exists (select 1 from schedules where connection_id = $1)",
+    )
+    .bind(connection)
+    .bind(cron)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Pauses every schedule of the connection; returns how many it has.
+pub async fn pause_schedules(pool: &PgPool, connection: &str) -> Result<u64, sqlx::Error> {
+    set_schedules_enabled(pool, connection, false).await
+}
+
+/// Resumes every schedule of the connection; returns how many it has.
+pub async fn resume_schedules(pool: &PgPool, connection: &str) -> Result<u64, sqlx::Error> {
+    set_schedules_enabled(pool, connection, true).await
+}
+
+async fn set_schedules_enabled(
+    pool: &PgPool,
+    connection: &str,
+    enabled: bool,
+) -> Result<u64, sqlx::Error> {
+    Ok(
+        sqlx::query("update schedules set enabled = $2 where connection_id = $1")
+            .bind(connection)
+            .bind(enabled)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+    )
+}
+
+/// Which runs to list, newest first.
+#[derive(Debug)]
+pub struct RunFilter {
+    pub connection: Option<String>,
+    pub status: Option<String>,
+    /// Only runs created at or after this instant.
+    pub since: Option<DateTime<Utc>>,
+    pub limit: i64,
+}
+
+/// The `where` clause runs are listed with; `$1`..`$4` are connection,
+/// status, limit and since.
+const RUNS_FILTER: &str =
+    "where ($1::text is null or connection_id = $1) and ($2::text is null or status = $2)
+       and ($4::timestamptz is null or created_at >= $4)
+     order by id desc limit $3";
+
+/// A `runs` row as the operator's table shows it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct RunRow {
+    pub id: i64,
+    pub connection_id: String,
+    pub trigger: String,
+    pub attempt: i32,
+    pub status: String,
+    pub failure_kind: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// The runs `filter` selects.
+pub async fn runs(pool: &PgPool, filter: &RunFilter) -> Result<Vec<RunRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "select id, connection_id, trigger, attempt, status, failure_kind, created_at, started_at,
+                finished_at
+         from runs {RUNS_FILTER}"
+    ))
+    .bind(&filter.connection)
+    .bind(&filter.status)
+    .bind(filter.limit)
+    .bind(filter.since)
+    .fetch_all(pool)
+    .await
+}
+
+/// The runs `filter` selects, each as a JSON object: every column under
+/// its name, plus `duration_ms`.
+pub async fn runs_json(pool: &PgPool, filter: &RunFilter) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "select (to_jsonb(r) || jsonb_build_object('duration_ms',
+                 (extract(epoch from finished_at - started_at) * 1000)::bigint))::text
+         from runs r {RUNS_FILTER}"
+    ))
+    .bind(&filter.connection)
+    .bind(&filter.status)
+    .bind(filter.limit)
+    .bind(filter.since)
+    .fetch_all(pool)
+    .await
+}
+
+/// How the run that settled a command ended.
+#[derive(Debug, sqlx::FromRow)]
+pub struct RunOutcome {
+    pub run_id: i64,
+    pub status: String,
+    pub failure_kind: Option<String>,
+    pub failure_detail: Option<String>,
+}
+
+/// The outcome of the command's latest run, once the command is done;
+/// `None` while it is pending, claimed or running. An interrupted run puts
+/// its command back to pending and another run follows, so only a done
+/// command has its outcome.
+pub async fn command_outcome(
+    pool: &PgPool,
+    command_id: i64,
+) -> Result<Option<RunOutcome>, sqlx::Error> {
+    sqlx::query_as(
+        "select r.id as run_id, r.status, r.failure_kind, r.failure_detail
+         from run_commands c join runs r on r.command_id = c.id
+         where c.id = $1 and c.status = 'done' and r.status <> 'running'
+         order by r.id desc limit 1",
+    )
+    .bind(command_id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// An `interactions` row as the operator sees it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct InteractionRow {
+    pub id: i64,
+    pub connection_id: String,
+    pub kind: String,
+    pub status: String,
+    pub message: Option<String>,
+    /// The whole row as a JSON object, every column under its name.
+    pub json: String,
+}
+
+/// Interactions, newest first; only the open ones with `open_only`.
+pub async fn interactions(
+    pool: &PgPool,
+    open_only: bool,
+) -> Result<Vec<InteractionRow>, sqlx::Error> {
+    sqlx::query_as(
+        "select id, connection_id, kind, status, message, to_jsonb(i)::text as json
+         from interactions i where (not $1 or status = 'open') order by id desc",
+    )
+    .bind(open_only)
+    .fetch_all(pool)
+    .await
+}
