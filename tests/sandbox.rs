@@ -556,14 +556,29 @@ async fn no_process_outlives_its_run() {
     );
     assert!(run_processes(&record, run_id).is_empty());
 
-    // SIGTERM, then `kill -9`, of the daemon mid-run.
+    // SIGTERM, then `kill -9`, of the daemon mid-run. The run SIGTERM
+    // interrupts is re-queued, so the next daemon starts it again: that
+    // run is the one `kill -9` interrupts.
+    let mut interrupted = 0;
+    let mut restarted = None;
     for signal in [libc::SIGTERM, libc::SIGKILL] {
-        let daemon = if signal == libc::SIGTERM {
-            &daemon
+        let (daemon, run_id) = if signal == libc::SIGTERM {
+            (&daemon, setup.trigger("victim-2").await)
         } else {
-            &setup.start("", &[]).await
+            let daemon = restarted.insert(setup.start("", &[]).await);
+            let again = format!("connection_id = 'victim-2' and id > {interrupted}");
+            setup
+                .db
+                .wait_until(&format!(
+                    "select count(*) = 1 from runs where {again} and pid is not null"
+                ))
+                .await;
+            let run_id = setup
+                .db
+                .scalar(&format!("select id from runs where {again}"))
+                .await;
+            (&*daemon, run_id)
         };
-        let run_id = setup.trigger("victim-2").await;
         wait_for_file(&record.join(format!("{run_id}.env"))).await;
         // bubblewrap, the init, the connector and its leftover at least.
         let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -588,6 +603,7 @@ async fn no_process_outlives_its_run() {
                 (status.as_str(), kind.as_deref()),
                 ("failed", Some("interrupted"))
             );
+            interrupted = run_id;
         }
     }
 }
