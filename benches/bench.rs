@@ -1,8 +1,8 @@
-//! The connectord benchmark (issue 5): the real daemon against baselines
-//! measured in the same run.
+//! The connectord benchmark: the real daemon against baselines measured in
+//! the same run. `docs/PERFORMANCE.md` describes every figure.
 //!
 //! ```text
-//! cargo bench --bench bench -- --short    # the default; under two minutes
+//! cargo bench --bench bench -- --short    # the default
 //! cargo bench --bench bench -- --full     # >= 2,000 pickup samples, 30 s idle, 500 edits
 //! cargo bench --bench bench -- --short --only pickup,resolver --perf
 //! ```
@@ -12,8 +12,8 @@
 //! test cluster), creates a fresh database, compiles `benches/probe.c` as
 //! the connector, and runs `connectord --config F run` as a child process
 //! (the binary cargo built for this bench). Every figure is printed as one
-//! line (p50, p90, p99, max, n, ratio to its baseline), then the issue's
-//! targets; the lines are also kept in `target/connectord-bench/results.txt`.
+//! line (p50, p90, p99, max, n, ratio to its baseline), then the targets;
+//! the lines are also kept in `target/connectord-bench/results.txt`.
 //!
 //! # Layout
 //!

@@ -26,18 +26,18 @@ fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
 /// PostgreSQL 12) costs the performance it buys, not the connection.
 const DAEMON_SESSION: &[&str] = &[
     // The daemon's statements are few, prepared once per connection and
-    // run thousands of times. PostgreSQL planned the claim afresh on every
-    // run (0.35-0.45 ms of planning against 0.1-0.9 ms of execution,
-    // measured), because a custom plan never looks costlier than the
-    // generic one.
+    // run thousands of times. PostgreSQL plans a statement afresh on every
+    // run while a custom plan looks no costlier than the generic one, and
+    // planning the claim costs about as much as running it (see the design
+    // decisions in docs/PERFORMANCE.md).
     "set plan_cache_mode = force_generic_plan",
     // The claim must walk the pending index in order and stop at its limit.
     // When the statistics predate a backlog (a handful of pending rows
-    // estimated), PostgreSQL preferred a bitmap scan of every pending
-    // command and a sort: 4.5 ms per claim at 4,000 pending against 0.7 ms
-    // for the ordered index scan, measured on the same data. None of the
-    // daemon's statements needs a bitmap scan: they are key lookups,
-    // ordered walks of partial indexes and whole-table reads.
+    // estimated), PostgreSQL prefers a bitmap scan of every pending command
+    // and a sort, whose cost grows with the backlog, to the ordered index
+    // scan that stops at the limit. None of the daemon's statements needs a
+    // bitmap scan: they are key lookups, ordered walks of partial indexes
+    // and whole-table reads.
     "set enable_bitmapscan = off",
     // Every hot statement reaches its rows by key. With force_generic_plan
     // a statement is planned once per connection, on the statistics of that
@@ -83,10 +83,10 @@ pub async fn connect_daemon(config: &DatabaseConfig) -> Result<PgPool, sqlx::Err
 /// What the claim session sets on top of [`DAEMON_SESSION`]. The claim
 /// looks up at most 64 commands by key; a plan made while statistics are
 /// missing or stale (after a migration, or before a backlog) may instead
-/// hash every connection or every running run on each claim, which grows
-/// with the tables: 0.19 ms against 0.11 ms per claim after a migration
-/// dropped the column statistics, measured. Nested loops over index
-/// lookups are right for a claim whatever the statistics say.
+/// hash every connection or every running run on each claim, a cost that
+/// grows with the tables while the claim's own work does not. Nested loops
+/// over index lookups are right for a claim whatever the statistics say
+/// (see the design decisions in docs/PERFORMANCE.md).
 const CLAIM_SESSION: &[&str] = &["set enable_hashjoin = off", "set enable_mergejoin = off"];
 
 /// A connection for the dispatch loop's claims, out of the pool (see

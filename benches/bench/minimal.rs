@@ -202,7 +202,7 @@ pub enum SpawnStyle {
     /// CLONE_VFORK)`, `PR_SET_PDEATHSIG`, its own process group, piped
     /// stdout and stderr drained by tasks, a pidfd to wait on.
     Connectord,
-    /// The same guarantees the way connectord had them before: the standard
+    /// The same guarantees the obvious way, for comparison: the standard
     /// library with a `pre_exec` hook, which makes it `fork`.
     ForkHook,
 }

@@ -128,7 +128,7 @@ pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<Pickup> {
             &fork,
         )
         .against(&plain)
-        .note("the same guarantees through std's fork path (before)"),
+        .note("the same guarantees through std's fork path"),
     );
     for (figure, how) in [(&connectord, ""), (&connectord_b2b, ", back to back")] {
         if let (Some(r50), Some(r99)) = (figure.ratio_p50(), figure.ratio_p99()) {

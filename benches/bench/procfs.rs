@@ -1,7 +1,7 @@
 //! What `/proc` says about a process: resident memory and CPU time.
 //!
-//! CPU is read two ways. `utime + stime` from `/proc/<pid>/stat` is what the
-//! issue names, but it counts in clock ticks (10 ms), too coarse for the
+//! CPU is read two ways. `utime + stime` from `/proc/<pid>/stat` is the
+//! usual measure, but it counts in clock ticks (10 ms), too coarse for the
 //! 0.1 %-of-a-core target over a 10 s window (that is exactly one tick), so
 //! the on-CPU nanoseconds of every thread from `/proc/<pid>/task/*/schedstat`
 //! are reported next to it.

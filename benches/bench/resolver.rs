@@ -5,8 +5,8 @@
 //! calls them: the claim statement hands `resolver::resolve` the
 //! connection's active credential row (ciphertext), the resolver decrypts
 //! it, and `ChildEnv::build` assembles the environment. Fetching that row
-//! on its own, a round trip the launch path used to make before the claim
-//! returned it, is reported next to it for comparison.
+//! on its own, the round trip the claim saves by returning it, is reported
+//! next to it for comparison.
 
 use std::ffi::OsString;
 use std::time::Instant;
@@ -105,7 +105,7 @@ pub async fn run(
             Unit::Millis,
             &fetch_only,
         )
-        .note("one round trip; now part of the claim"),
+        .note("one round trip; the claim returns the row"),
     );
     match (whole.summary, pickup.and_then(|p| p.summary)) {
         (Some(w), Some(p)) => {

@@ -357,12 +357,12 @@ impl Env {
     }
 }
 
-/// The daemon config: unsandboxed, so P1 and P2 keep measuring what they
-/// always did; the sandbox section writes its own variant
+/// The daemon config: unsandboxed, so P1 and P2 measure the daemon's own
+/// work without the sandbox's; the sandbox section writes its own variant
 /// (`Env::sandboxed_config`).
 fn config_text(url: &str, keys: &Path, probe: &Path, fifo: &Path, max_connections: u32) -> String {
     // max_concurrency is above max_concurrent_runs so the daemon-wide limit
-    // of 32 (the issue's) is the one that binds.
+    // of 32 is the one that binds.
     format!(
         r#"[database]
 url = "{url}"

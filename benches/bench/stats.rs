@@ -1,9 +1,9 @@
 //! Percentiles, and the report: one line per figure, then the targets.
 //!
 //! Every figure is printed as soon as it is measured, so a run that is
-//! interrupted still shows what it got, and again at the end next to the
-//! issue's targets. The same lines are appended to a results file under the
-//! bench's work directory for `docs/PERFORMANCE.md`.
+//! interrupted still shows what it got, and the targets at the end. The
+//! same lines are appended to a results file under the bench's work
+//! directory.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -201,7 +201,7 @@ fn describe_ratio(ratio: f64, unit: Unit) -> String {
     }
 }
 
-/// A target of the issue, checked against measured figures.
+/// A target, checked against measured figures.
 pub struct Check {
     pub label: String,
     pub measured: String,
@@ -261,7 +261,7 @@ impl Report {
 
     pub fn finish(&mut self) {
         self.say("");
-        self.say("== targets (issue 5) ==");
+        self.say("== targets ==");
         let lines: Vec<String> = self
             .checks
             .iter()

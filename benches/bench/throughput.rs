@@ -122,7 +122,7 @@ pub async fn run(env: &mut Env, report: &mut Report) -> anyhow::Result<()> {
             &ceiling_fork,
         )
         .against(&ceiling_ours)
-        .note("the same guarantees through std's fork path (before)"),
+        .note("the same guarantees through std's fork path"),
     );
     if !ballast_ours.is_empty() {
         let ours = report.add(

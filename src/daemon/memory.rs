@@ -5,10 +5,10 @@
 //! mmap threshold each time a large block is freed (up to 32 MiB) and its
 //! trim threshold to twice that, so after the load large blocks come from
 //! a thread's arena, and that arena's top, which `malloc_trim` does not
-//! trim outside the main arena, stays resident: 2 MiB of the 7 MiB that
-//! 100,000 schedules cost. Fixed at glibc's own starting values, large
-//! blocks keep their own mappings (unmapped when freed) and arena tops are
-//! trimmed past 128 KiB.
+//! trim outside the main arena, stays resident: freed memory of the load,
+//! a sizeable share of what the schedules themselves keep. Fixed at
+//! glibc's own starting values, large blocks keep their own mappings
+//! (unmapped when freed) and arena tops are trimmed past 128 KiB.
 
 /// glibc's default for both thresholds, fixed.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -67,10 +67,10 @@ pub struct Claimed {
 /// plan walks the pending index in order and stops at `limit`, whatever the
 /// statistics say. With joins, and statistics from before a backlog arrived
 /// (they estimate a handful of pending rows), the plan joined and sorted
-/// every pending command on every claim: 6.4 ms per claim at 4,000 pending
-/// against 0.9 ms now, measured with the same stale statistics. The joins
-/// to connections, schedules and credentials stay probes by key through
-/// the claim session's settings (see `db::claim_session`).
+/// every pending command on every claim, so each claim cost more the longer
+/// the backlog. The joins to connections, schedules and credentials stay
+/// probes by key through the claim session's settings (see
+/// `db::claim_session`, and the design decisions in docs/PERFORMANCE.md).
 ///
 /// A command waits (is not claimed) while its connection has a run going,
 /// unless it is a scheduled tick of an `overlap = 'skip'` schedule, which is
@@ -128,8 +128,7 @@ pub async fn claim(
             -- The picked commands are updated by id through the primary key,
             -- with no join for the planner to order: a plan cached while
             -- the table was nearly empty put such a join the wrong way round
-            -- and walked every command once per picked row (60 ms per claim
-            -- at 4,000 pending).
+            -- and walked every command once per picked row.
             update run_commands rc
             set status = 'claimed', claimed_by = $1, claimed_at = now(),
                 run_id = case when rc.id = any(array(select id from admitted where takes_slot))

@@ -401,9 +401,9 @@ type Request<T> = (T, oneshot::Sender<Result<bool, sqlx::Error>>);
 /// that arrives while the writer is idle goes out at once, alone; writes
 /// that arrive while a statement is in flight go out together in the next
 /// one. Nothing waits on a timer, so a lone run is never delayed, and under
-/// load the per-statement cost (parse, plan, commit) is shared. Measured:
-/// the single-run outcome statement cost PostgreSQL 0.18 ms per run and was
-/// the largest per-run cost of a throughput run.
+/// load the per-statement cost (parse, plan, commit) is shared: one
+/// statement per run was the largest cost PostgreSQL paid per run (see the
+/// design decisions in docs/PERFORMANCE.md).
 ///
 /// A caller that stops waiting does not cancel its write: the statement is
 /// the writer's, so a connection is never dropped mid-statement.
