@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use support::{cli, Daemon, Scratch, TestDb};
+use support::{cli, Config, Connector, Daemon, Scratch, TestDb};
 
 const USERNAME: &str = "alice.chase";
 const PASSWORD: &str = "correct-horse-42";
@@ -126,19 +126,16 @@ async fn chromium_logs_in_from_inside_the_sandbox() {
     let (url, logins) = login_site().await;
     let keys = dir.path.join("keys");
     let script = browser_dir().join("login.js");
-    let config = format!(
-        "[keys]\ndir = {keys:?}\n\n\
-         [daemon]\ninstance_id = \"browser\"\nshutdown_grace = \"1s\"\nkill_grace = \"500ms\"\n\n\
-         [connectors.chase]\ncommand = \"node\"\nargs = [{script:?}]\ntimeout = \"2m\"\n\
-         env = {{ LOGIN_URL = {url:?} }}\nread_only_paths = [{browser:?}]\n\
-         retry = {{ max_attempts = 1 }}\n\
-         credential = {{ kind = \"username_password\", username_env = \"CHASE_USERNAME\", password_env = \"CHASE_PASSWORD\" }}\n",
-        keys = keys.display().to_string(),
-        script = script.display().to_string(),
-        browser = browser_dir().display().to_string(),
+    let config = Config::new(&dir.path, "browser").connector(
+        Connector::new("chase", "node")
+            .args(&[script.to_str().expect("UTF-8")])
+            .timeout("2m")
+            .env("LOGIN_URL", url.as_str())
+            .read_only(&browser_dir())
+            .no_retry()
+            .username_password("CHASE_USERNAME", "CHASE_PASSWORD"),
     );
-    let config_path = dir.path.join("connectord.toml");
-    std::fs::write(&config_path, &config).expect("config");
+    let config_path = config.write(&dir.path.join("connectord.toml"));
     let keys_arg = keys.to_str().expect("utf-8");
     let (code, out, err) = cli(
         &db,

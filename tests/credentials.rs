@@ -17,7 +17,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use support::{cli, recorded_env, recorded_runs, stand_in, Daemon, Scratch, TestDb, PATIENCE};
+use support::{
+    cli, recorded_env, recorded_runs, stand_in, Config, Connector, Daemon, Scratch, TestDb,
+    PATIENCE,
+};
 
 /// The credential variables each connector of [`registry`] declares.
 const CREDENTIAL_VARS: &[(&str, &[&str])] = &[
@@ -47,47 +50,42 @@ fn all_credential_vars() -> impl Iterator<Item = &'static str> {
 /// connector per registry entry, recording into `dir`. The child allowlist
 /// deliberately names credential variables: those must still never pass
 /// from the host into a child (SPEC §4 step 2).
-fn registry(dir: &Path) -> String {
-    let script = stand_in();
-    let record = dir.display().to_string();
-    let keys = dir.join("keys").display().to_string();
-    let connector = |name: &str, credential: &str| {
-        format!(
-            "[connectors.{name}]\ncommand = {script:?}\nenv = {{ RECORD_DIR = {record:?} }}\nread_write_paths = [{record:?}]\n\
-             retry = {{ max_attempts = 3, backoff = \"100ms\", max_backoff = \"1s\" }}\n{credential}\n\n"
-        )
-    };
-    let mut text = format!(
-        "[keys]\ndir = {keys:?}\nprimary = \"k1\"\n\n\
-         [daemon]\ninstance_id = \"creds\"\nshutdown_grace = \"2s\"\nkill_grace = \"500ms\"\nlease = \"3s\"\n\n\
-         [child_env]\ninherit = [\"PATH\", \"HOME\", \"LANG\", \"GITHUB_TOKEN\", \"CHASE_USERNAME\", \
-         \"CHASE_PASSWORD\", \"FALLBACK_TOKEN\"]\n\n"
-    );
+fn registry(dir: &Path) -> Config {
+    let connector =
+        |name: &str| Connector::recording(name, stand_in(), dir).retry(3, "100ms", "1s");
+    let inherit = vec![
+        "PATH",
+        "HOME",
+        "LANG",
+        "GITHUB_TOKEN",
+        "CHASE_USERNAME",
+        "CHASE_PASSWORD",
+        "FALLBACK_TOKEN",
+    ];
+    let mut config = Config::new(dir, "creds")
+        .set("keys", "primary", "k1")
+        .daemon("shutdown_grace", "2s")
+        .daemon("lease", "3s")
+        .set("child_env", "inherit", inherit);
     for name in ["amazon", "chase", "reddit", "usaa"] {
         let upper = name.to_uppercase();
-        text += &connector(
-            name,
-            &format!(
-                "credential = {{ kind = \"username_password\", username_env = \"{upper}_USERNAME\", \
-                 password_env = \"{upper}_PASSWORD\" }}"
-            ),
+        config = config.connector(
+            connector(name)
+                .username_password(&format!("{upper}_USERNAME"), &format!("{upper}_PASSWORD")),
         );
     }
-    text += &connector(
-        "github",
-        "credential = { kind = \"static_secret\", env = \"GITHUB_TOKEN\" }",
-    );
-    text += &connector(
-        "legacy",
-        "credential = { kind = \"username_password\", username_env = \"LEGACY_USERNAME\", \
-         password_env = \"LEGACY_PASSWORD\" }\n\
-         accepts = [{ kind = \"static_secret\", env = \"LEGACY_PASSWORD\" }]",
-    );
-    text += &connector(
-        "fallback",
-        "credential = { kind = \"static_secret\", env = \"FALLBACK_TOKEN\" }\nallow_env_fallback = true",
-    );
-    text
+    config
+        .connector(connector("github").static_secret("GITHUB_TOKEN"))
+        .connector(
+            connector("legacy")
+                .username_password("LEGACY_USERNAME", "LEGACY_PASSWORD")
+                .also_accepts_static_secret("LEGACY_PASSWORD"),
+        )
+        .connector(
+            connector("fallback")
+                .static_secret("FALLBACK_TOKEN")
+                .set("allow_env_fallback", true),
+        )
 }
 
 /// One run as a user sees it in `runs`.
@@ -121,7 +119,7 @@ impl World {
         let db = TestDb::new().await;
         let dir = Scratch::new();
         let config = dir.path.join("connectord.toml");
-        std::fs::write(&config, registry(&dir.path)).expect("write config");
+        registry(&dir.path).write(&config);
         let keys = dir.path.join("keys");
         let keys = keys.to_str().expect("utf-8 path");
         let (code, out, err) = cli(

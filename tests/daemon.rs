@@ -11,37 +11,36 @@ mod support;
 
 use std::path::Path;
 
-use support::{cli, recorded_env, recorded_runs, stand_in, Daemon, Scratch, TestDb};
+use support::{
+    cli, recorded_env, recorded_runs, stand_in, Config, Connector, Daemon, Scratch, TestDb,
+};
 
 /// A config with stand-in connectors: `ok`, `flaky` (fails its first
 /// attempt), `failing`, `slow` (past its timeout) and `stubborn` (ignores
 /// SIGTERM past its timeout).
-fn config(dir: &Path, instance: &str) -> String {
-    let script = stand_in();
-    let record = dir.display();
-    let retry_thrice = "retry = { max_attempts = 3, backoff = \"100ms\", max_backoff = \"1s\" }";
-    let no_retry = "retry = { max_attempts = 1 }";
-    let connector = |name: &str, behaviour: &str, extra: &str| {
-        format!(
-            "[connectors.{name}]\ncommand = {script:?}\n\
-             env = {{ RECORD_DIR = \"{record}\", BEHAVIOUR = \"{behaviour}\" }}\nread_write_paths = [\"{record}\"]\n{extra}\n\n"
-        )
+fn config(dir: &Path, instance: &str) -> Config {
+    let connector = |name: &str, behaviour: &str| {
+        Connector::recording(name, stand_in(), dir).env("BEHAVIOUR", behaviour)
     };
-    format!(
-        "[keys]\ndir = \"{record}/keys\"\n\n\
-         [daemon]\ninstance_id = {instance:?}\nshutdown_grace = \"2s\"\nkill_grace = \"500ms\"\nlease = \"3s\"\n\n{}{}{}{}{}",
-        connector("ok", "ok", retry_thrice),
-        connector("flaky", "fail-first", retry_thrice),
-        connector("failing", "fail", no_retry),
-        connector("slow", "hang", &format!("timeout = \"1s\"\n{retry_thrice}")),
-        connector("stubborn", "ignore-term", &format!("timeout = \"1s\"\n{no_retry}")),
-    )
+    let retry_thrice = |c: Connector| c.retry(3, "100ms", "1s");
+    Config::new(dir, instance)
+        .daemon("shutdown_grace", "2s")
+        .daemon("lease", "3s")
+        .connector(retry_thrice(connector("ok", "ok")))
+        .connector(retry_thrice(connector("flaky", "fail-first")))
+        .connector(connector("failing", "fail").no_retry())
+        .connector(retry_thrice(connector("slow", "hang").timeout("1s")))
+        .connector(
+            connector("stubborn", "ignore-term")
+                .timeout("1s")
+                .no_retry(),
+        )
 }
 
 /// [`config`] with a reconcile every 300 ms, for tests of what only the
 /// reconcile finds.
-fn reconciling_config(dir: &Path) -> String {
-    config(dir, "a").replace("[daemon]\n", "[daemon]\nreconcile_interval = \"300ms\"\n")
+fn reconciling_config(dir: &Path) -> Config {
+    config(dir, "a").daemon("reconcile_interval", "300ms")
 }
 
 async fn add_connection(db: &TestDb, id: &str, connector: &str) {
@@ -359,15 +358,7 @@ const FLUSH: &str = "select pg_stat_force_next_flush()";
 /// Ends `setup` (run as one batch, on one connection) with a flush of that
 /// connection's read counters, so that none of its reads are counted later;
 /// autovacuum is kept off the tables, so the statistics stay as set up.
-/// `None` before PostgreSQL 15, which cannot flush on request.
-async fn set_up_counted(db: &TestDb, setup: &str) -> Option<()> {
-    let version: i32 = db
-        .scalar("select current_setting('server_version_num')::int")
-        .await;
-    if version < 150_000 {
-        eprintln!("skipped: counting reads needs PostgreSQL 15 or later");
-        return None;
-    }
+async fn set_up_counted(db: &TestDb, setup: &str) {
     db.exec(&format!(
         "alter table run_commands set (autovacuum_enabled = false);
          alter table runs set (autovacuum_enabled = false);
@@ -375,7 +366,6 @@ async fn set_up_counted(db: &TestDb, setup: &str) -> Option<()> {
          {FLUSH};"
     ))
     .await;
-    Some(())
 }
 
 /// A finished run asks whether its connection has pending commands (to
@@ -395,9 +385,7 @@ async fn a_finished_run_probes_only_its_own_connections_pending_commands() {
                  insert into run_commands (connection_id, not_before)
                  select 'c' || (g % 400), now() + interval '1 hour'
                  from generate_series(0, 1999) as g";
-    if set_up_counted(&db, setup).await.is_none() {
-        return;
-    }
+    set_up_counted(&db, setup).await;
     let index_reads = "select indexrelname::text, idx_tup_read, 0::bigint
                        from pg_stat_user_indexes where relname = 'run_commands' order by 1";
     let before = reads(&db, index_reads).await;
@@ -455,9 +443,7 @@ async fn a_claim_reads_no_whole_table_whatever_the_statistics() {
                  insert into run_commands (connection_id) values ('c7');
                  insert into run_commands (connection_id, trigger, schedule_id, scheduled_for)
                  select 'c8', 'scheduled', id, now() from schedules where connection_id = 'c8'";
-    if set_up_counted(&db, setup).await.is_none() {
-        return;
-    }
+    set_up_counted(&db, setup).await;
     let table_reads = "select relname::text, seq_scan, coalesce(idx_tup_fetch, 0)
                        from pg_stat_user_tables
                        where relname in ('connections', 'credentials', 'schedules')
@@ -649,10 +635,7 @@ async fn a_missed_tick_inside_the_window_fires_once_after_downtime() {
     // The smallest pool, and more rows than one page of the load: the
     // catch-up tick and the error, both in the first page, must be written
     // without a connection of their own while the load reads on.
-    let config = format!(
-        "[database]\nmax_connections = 2\n\n{}",
-        config(&dir.path, "a")
-    );
+    let config = config(&dir.path, "a").set("database", "max_connections", 2);
     let daemon = Daemon::start(&db, &dir.path, &config, &[]).await;
     db.wait_until("select count(*) = 1 from runs where connection_id = 'minutely'")
         .await;
@@ -732,15 +715,15 @@ async fn concurrency_limits_hold() {
     let dir = Scratch::new();
     let hold = dir.path.join("hold");
     std::fs::write(&hold, "").expect("hold file");
-    let mut config =
-        config(&dir.path, "a").replace("[daemon]\n", "[daemon]\nmax_concurrent_runs = 3\n");
-    config.push_str(&format!(
-        "[connectors.limited]\ncommand = {:?}\nmax_concurrency = 2\nenv = {{ RECORD_DIR = \"{record}\", BEHAVIOUR = \"wait-file\" }}\nread_write_paths = [\"{record}\"]\n\n\
-         [connectors.wide]\ncommand = {:?}\nmax_concurrency = 10\nenv = {{ RECORD_DIR = \"{record}\", BEHAVIOUR = \"wait-file\" }}\nread_write_paths = [\"{record}\"]\n",
-        stand_in(),
-        stand_in(),
-        record = dir.path.display(),
-    ));
+    let waiting = |name: &str, max_concurrency: i64| {
+        Connector::recording(name, stand_in(), &dir.path)
+            .env("BEHAVIOUR", "wait-file")
+            .set("max_concurrency", max_concurrency)
+    };
+    let config = config(&dir.path, "a")
+        .daemon("max_concurrent_runs", 3)
+        .connector(waiting("limited", 2))
+        .connector(waiting("wide", 10));
     for i in 0..4 {
         add_connection(&db, &format!("l{i}"), "limited").await;
         add_connection(&db, &format!("w{i}"), "wide").await;

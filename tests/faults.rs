@@ -9,7 +9,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::{cli, recorded_env, Daemon, Scratch, TestDb};
+use support::{cli, recorded_env, Config, Connector, Daemon, Scratch, TestDb};
 
 fn hostile() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -20,22 +20,22 @@ fn hostile() -> String {
 
 /// A config with one `hostile` connector whose behaviour is chosen per
 /// connection by a file, plus `missing` and `not-executable` connectors.
-fn config(dir: &Path, instance: &str, daemon_extra: &str) -> String {
-    let record = dir.display();
-    let script = hostile();
+fn config(dir: &Path, instance: &str) -> Config {
     let not_executable = dir.join("not-executable");
     std::fs::write(&not_executable, "#!/bin/sh\nexit 0\n").expect("write file");
-    format!(
-        "[keys]\ndir = \"{record}/keys\"\n\n\
-         [daemon]\ninstance_id = {instance:?}\nshutdown_grace = \"1s\"\nkill_grace = \"500ms\"\nlease = \"2s\"\n{daemon_extra}\n\n\
-         [connectors.hostile]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\nread_write_paths = [\"{record}\"]\ntimeout = \"2m\"\n\
-         retry = {{ max_attempts = 3, backoff = \"100ms\", max_backoff = \"1s\" }}\n\n\
-         [connectors.hasty]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\nread_write_paths = [\"{record}\"]\ntimeout = \"1s\"\n\
-         retry = {{ max_attempts = 3, backoff = \"100ms\", max_backoff = \"1s\" }}\n\n\
-         [connectors.missing]\ncommand = \"/nonexistent/connector\"\nretry = {{ max_attempts = 2, backoff = \"100ms\" }}\n\n\
-         [connectors.not-executable]\ncommand = {:?}\nretry = {{ max_attempts = 1 }}\n",
-        not_executable.display().to_string()
-    )
+    let scripted = |name: &str, timeout: &str| {
+        Connector::recording(name, hostile(), dir)
+            .timeout(timeout)
+            .retry(3, "100ms", "1s")
+    };
+    let mut missing_retry = toml::Table::new();
+    missing_retry.insert("max_attempts".into(), 2.into());
+    missing_retry.insert("backoff".into(), "100ms".into());
+    Config::new(dir, instance)
+        .connector(scripted("hostile", "2m"))
+        .connector(scripted("hasty", "1s"))
+        .connector(Connector::new("missing", "/nonexistent/connector").set("retry", missing_retry))
+        .connector(Connector::new("not-executable", &not_executable).no_retry())
 }
 
 /// Adds a connection of the hostile connector with a behaviour.
@@ -116,7 +116,7 @@ async fn sigterm_interrupts_and_requeues() {
     let db = TestDb::new().await;
     let dir = Scratch::new();
     connection(&db, &dir.path, "hung", "hang").await;
-    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
     db.exec("insert into run_commands (connection_id) values ('hung')")
         .await;
     let (run_id, pid) = wait_for_child(&db, &dir.path, "hung").await;
@@ -144,7 +144,7 @@ async fn sigterm_interrupts_and_requeues() {
     );
 
     behave(&dir.path, "hung", "ok");
-    let _next = Daemon::start(&db, &dir.path, &config(&dir.path, "b", ""), &[]).await;
+    let _next = Daemon::start(&db, &dir.path, &config(&dir.path, "b"), &[]).await;
     db.wait_until("select count(*) = 1 from runs where status = 'succeeded' and attempt = 1 and instance_id = 'b'")
         .await;
 }
@@ -160,7 +160,7 @@ async fn sigterm_lets_a_running_child_finish_within_grace() {
     let daemon = Daemon::start(
         &db,
         &dir.path,
-        &config(&dir.path, "a", "").replace("shutdown_grace = \"1s\"", "shutdown_grace = \"1m\""),
+        &config(&dir.path, "a").daemon("shutdown_grace", "1m"),
         &[],
     )
     .await;
@@ -185,7 +185,7 @@ async fn kill_9_loses_the_run_and_another_daemon_retries_it() {
     let db = TestDb::new().await;
     let dir = Scratch::new();
     connection(&db, &dir.path, "victim", "hang").await;
-    let a = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    let a = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
     db.exec("insert into run_commands (connection_id) values ('victim')")
         .await;
     let (run_id, pid) = wait_for_child(&db, &dir.path, "victim").await;
@@ -197,7 +197,7 @@ async fn kill_9_loses_the_run_and_another_daemon_retries_it() {
     drop(a);
 
     behave(&dir.path, "victim", "ok");
-    let b = Daemon::start(&db, &dir.path, &config(&dir.path, "b", ""), &[]).await;
+    let b = Daemon::start(&db, &dir.path, &config(&dir.path, "b"), &[]).await;
     db.wait_until(&format!(
         "select status = 'failed' and failure_kind = 'lost' from runs where id = {run_id}"
     ))
@@ -224,7 +224,7 @@ async fn output_floods_do_not_grow_memory() {
     connection(&db, &dir.path, "lines", "flood-lines").await;
     connection(&db, &dir.path, "utf8", "invalid-utf8").await;
     connection(&db, &dir.path, "chatty", "chatty").await;
-    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
     // Warm up with one ordinary run so the baseline includes a launch.
     db.exec("insert into run_commands (connection_id) values ('utf8'), ('chatty')")
         .await;
@@ -291,7 +291,7 @@ async fn overlap_skip_and_queue() {
             ('skipper', '* * * * * *', 'skip'), ('queuer', '* * * * * *', 'queue')",
     )
     .await;
-    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
     db.wait_until(
         "select count(*) >= 2 from runs where connection_id = 'skipper' and status = 'skipped' and failure_kind = 'overlap'",
     )
@@ -392,7 +392,7 @@ async fn bad_input_gets_typed_outcomes() {
     .await;
     connection(&db, &dir.path, "fine", "ok").await;
     connection(&db, &dir.path, "doomed", "ok").await;
-    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
     // A command for a connection that is deleted before it is claimed: hold
     // it back with not_before, delete the connection, then release it.
     db.exec(
@@ -462,7 +462,7 @@ async fn a_short_key_file_stops_start_up() {
     std::fs::write(&key, [7u8; 17]).expect("write key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let config_path = dir.path.join("c.toml");
-    std::fs::write(&config_path, config(&dir.path, "a", "")).expect("write config");
+    config(&dir.path, "a").write(&config_path);
     let (code, _, stderr) = cli(&db, Some(&config_path), &["run"], "");
     assert_eq!(code, 1);
     assert!(
@@ -483,9 +483,9 @@ async fn three_daemons_race_without_duplicates_or_gaps() {
     db.exec("insert into schedules (connection_id, cron, overlap) select id, '* * * * * *', 'queue' from connections")
         .await;
     let daemons = [
-        Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await,
-        Daemon::start(&db, &dir.path, &config(&dir.path, "b", ""), &[]).await,
-        Daemon::start(&db, &dir.path, &config(&dir.path, "c", ""), &[]).await,
+        Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await,
+        Daemon::start(&db, &dir.path, &config(&dir.path, "b"), &[]).await,
+        Daemon::start(&db, &dir.path, &config(&dir.path, "c"), &[]).await,
     ];
     // Let every schedule fire at least six times while all three run.
     db.wait_until("select coalesce(min(n) >= 6 and count(*) = 30, false) from (select count(*) n from run_commands group by schedule_id) t")
@@ -607,7 +607,7 @@ async fn a_claim_left_by_a_dead_daemon_is_lost_and_retried() {
     .expect("orphaned claim");
     db.exec("insert into run_commands (connection_id) values ('orphaned')")
         .await;
-    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
     db.wait_until("select count(*) = 2 from runs where status = 'succeeded'")
         .await;
     assert!(daemon.stop().success());
@@ -647,24 +647,27 @@ async fn a_start_recorded_too_late_stops_its_child() {
     let dir = Scratch::new();
     connection(&db, &dir.path, "late", "progress-hold").await;
     std::fs::write(dir.path.join("hold.late"), "").expect("hold");
-    // The first running row inserted waits 3 s, past two leases of 1 s.
+    // The first running row inserted waits for a lock the test holds until
+    // the other daemon has settled the run.
+    let mut gate = db.pool.acquire().await.expect("connection");
+    sqlx::query("select pg_advisory_lock(7001)")
+        .execute(&mut *gate)
+        .await
+        .expect("hold the gate");
     db.exec(
         "create table delay_once (armed boolean);
          insert into delay_once values (true);
          create function delay_first_start() returns trigger language plpgsql as $$
          begin
              update delay_once set armed = false where armed;
-             if found then perform pg_sleep(3); end if;
+             if found then perform pg_advisory_xact_lock(7001); end if;
              return new;
          end $$;
          create trigger delay_first_start before insert on runs
              for each row when (new.status = 'running') execute function delay_first_start();",
     )
     .await;
-    // Leases of 1 s instead of the helper's 2 s (a second `lease` key would
-    // not parse).
-    let fast_lease =
-        |instance| config(&dir.path, instance, "").replace("lease = \"2s\"", "lease = \"1s\"");
+    let fast_lease = |instance| config(&dir.path, instance).daemon("lease", "1s");
     let a = Daemon::start(&db, &dir.path, &fast_lease("a"), &[]).await;
     db.exec("insert into run_commands (connection_id) values ('late')")
         .await;
@@ -677,6 +680,14 @@ async fn a_start_recorded_too_late_stops_its_child() {
         .await;
     let pid = started_child(&dir.path, reserved).await;
     let b = Daemon::start(&db, &dir.path, &fast_lease("b"), &[]).await;
+    db.wait_until(&format!(
+        "select count(*) = 1 from runs where id = {reserved} and failure_kind = 'lost'"
+    ))
+    .await;
+    sqlx::query("select pg_advisory_unlock(7001)")
+        .execute(&mut *gate)
+        .await
+        .expect("open the gate");
     wait_for_gone(pid).await;
     assert!(a.logs().contains("slot was given to another daemon"));
     let (status, kind, owner): (String, String, Option<String>) =
@@ -713,7 +724,7 @@ async fn progress_reported_before_the_run_row_exists_is_kept() {
              for each row when (new.status = 'running') execute function slow_start();",
     )
     .await;
-    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
     db.exec("insert into run_commands (connection_id) values ('eager')")
         .await;
     db.wait_until(
@@ -737,7 +748,7 @@ async fn an_interaction_then_a_timeout_is_not_retried() {
     db.exec("insert into connections (id, connector) values ('asker', 'hasty')")
         .await;
     behave(&dir.path, "asker", "ask-then-hang");
-    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
     db.exec("insert into run_commands (connection_id) values ('asker')")
         .await;
     db.wait_until("select count(*) = 1 from runs where status = 'failed'")
@@ -763,7 +774,7 @@ async fn an_escaped_grandchild_does_not_hold_the_run() {
     let db = TestDb::new().await;
     let dir = Scratch::new();
     connection(&db, &dir.path, "escaper", "escape").await;
-    let config = config(&dir.path, "a", "") + "\n[sandbox]\nenabled = false\n";
+    let config = config(&dir.path, "a").set("sandbox", "enabled", false);
     let _daemon = Daemon::start(&db, &dir.path, &config, &[]).await;
     db.exec("insert into run_commands (connection_id) values ('escaper')")
         .await;
@@ -792,7 +803,7 @@ async fn a_superseded_run_stops_its_child() {
     let dir = Scratch::new();
     connection(&db, &dir.path, "contested", "progress-hold").await;
     std::fs::write(dir.path.join("hold.contested"), "").expect("hold");
-    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
     db.exec("insert into run_commands (connection_id) values ('contested')")
         .await;
     let (run_id, pid) = wait_for_child(&db, &dir.path, "contested").await;
@@ -836,8 +847,7 @@ async fn a_child_cannot_forge_log_lines_in_any_format() {
         let dir = Scratch::new();
         connection(&db, &dir.path, "forger", "forge").await;
         let daemon =
-            Daemon::start_with_format(&db, &dir.path, &config(&dir.path, "a", ""), &[], format)
-                .await;
+            Daemon::start_with_format(&db, &dir.path, &config(&dir.path, "a"), &[], format).await;
         db.exec("insert into run_commands (connection_id) values ('forger')")
             .await;
         db.wait_until("select count(*) = 1 from runs where status = 'succeeded'")
@@ -880,7 +890,7 @@ async fn the_cli_prints_outside_text_escaped() {
     let db = TestDb::new().await;
     let dir = Scratch::new();
     let config = dir.path.join("cli.toml");
-    std::fs::write(&config, self::config(&dir.path, "a", "")).expect("config");
+    self::config(&dir.path, "a").write(&config);
     db.exec(
         "insert into connections (id, connector, owner) values ('esc-1', 'hostile', E'own\\033[2Ker');
          insert into interactions (connection_id, run_id, kind, message)
@@ -918,7 +928,7 @@ async fn an_interaction_flood_is_bounded_and_reported() {
     let db = TestDb::new().await;
     let dir = Scratch::new();
     connection(&db, &dir.path, "flooder", "ask-flood").await;
-    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    let daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
     db.exec("insert into run_commands (connection_id) values ('flooder')")
         .await;
     db.wait_until("select count(*) = 1 from runs where status = 'failed'")
@@ -960,7 +970,7 @@ async fn a_locked_table_does_not_stall_a_timeout() {
     db.exec("insert into connections (id, connector) values ('stalled', 'hasty')")
         .await;
     behave(&dir.path, "stalled", "report-then-hang");
-    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &[]).await;
+    let _daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &[]).await;
     let mut lock = db.pool.begin().await.expect("begin");
     sqlx::query("lock table interactions in access exclusive mode")
         .execute(&mut *lock)
@@ -996,7 +1006,7 @@ async fn a_dead_loop_stops_the_daemon_with_an_error() {
     let dir = Scratch::new();
     connection(&db, &dir.path, "doomed", "ok").await;
     let faulty = [("CONNECTORD_FAULT", "queue.claimed")];
-    let mut daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a", ""), &faulty).await;
+    let mut daemon = Daemon::start(&db, &dir.path, &config(&dir.path, "a"), &faulty).await;
     db.exec("insert into run_commands (connection_id) values ('doomed')")
         .await;
     let status = daemon.exited().await;
@@ -1006,7 +1016,7 @@ async fn a_dead_loop_stops_the_daemon_with_an_error() {
         logs.contains("the daemon's queue task panicked unexpectedly"),
         "{logs}"
     );
-    let rescuer = Daemon::start(&db, &dir.path, &config(&dir.path, "b", ""), &[]).await;
+    let rescuer = Daemon::start(&db, &dir.path, &config(&dir.path, "b"), &[]).await;
     db.wait_until(
         "select count(*) = 1 from runs where connection_id = 'doomed' and status = 'succeeded'",
     )

@@ -9,27 +9,24 @@ mod support;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
-use support::{cli, recorded_env, stand_in, Daemon, Scratch, TestDb};
+use support::{cli, recorded_env, stand_in, Config, Connector, Daemon, Scratch, TestDb};
 
 /// A registry with a token connector and a browser connector, keys in the
 /// scratch dir under `primary`.
-fn config(dir: &Path, primary: &str, extra: &str) -> String {
-    let script = stand_in();
-    let record = dir.display();
-    format!(
-        "[keys]\ndir = \"{record}/keys\"\nprimary = {primary:?}\n\n\
-         [daemon]\ninstance_id = \"ops\"\nshutdown_grace = \"1s\"\nkill_grace = \"500ms\"\nlease = \"3s\"\n\n{extra}\n\
-         [connectors.github]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\nread_write_paths = [\"{record}\"]\n\
-         credential = {{ kind = \"static_secret\", env = \"GITHUB_TOKEN\" }}\n\n\
-         [connectors.chase]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\nread_write_paths = [\"{record}\"]\n\
-         credential = {{ kind = \"username_password\", username_env = \"CHASE_USERNAME\", password_env = \"CHASE_PASSWORD\" }}\n"
-    )
+fn config(dir: &Path, primary: &str) -> Config {
+    Config::new(dir, "ops")
+        .set("keys", "primary", primary)
+        .daemon("lease", "3s")
+        .connector(github(dir, &stand_in()))
+        .connector(
+            Connector::recording("chase", stand_in(), dir)
+                .username_password("CHASE_USERNAME", "CHASE_PASSWORD"),
+        )
 }
 
-fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write config");
-    path
+/// The token connector, running `command`.
+fn github(dir: &Path, command: &str) -> Connector {
+    Connector::recording("github", command, dir).static_secret("GITHUB_TOKEN")
 }
 
 fn generate_key(db: &TestDb, dir: &Path, id: &str) {
@@ -70,7 +67,7 @@ async fn notify_protocol() {
     let daemon = Daemon::start(
         &db,
         &dir.path,
-        &config(&dir.path, "k1", ""),
+        &config(&dir.path, "k1"),
         &[
             ("NOTIFY_SOCKET", socket_path.to_str().expect("utf-8")),
             ("WATCHDOG_USEC", "1000000"),
@@ -193,8 +190,8 @@ async fn no_log_format_carries_a_secret() {
     let db = TestDb::new().await;
     let dir = Scratch::new();
     generate_key(&db, &dir.path, "k1");
-    let config_text = config(&dir.path, "k1", "");
-    let config_path = write_config(&dir.path, "c.toml", &config_text);
+    let config = config(&dir.path, "k1");
+    let config_path = config.write(&dir.path.join("c.toml"));
     db.exec("insert into connections (id, connector) values ('alice-chase', 'chase'), ('bob-github', 'github'), ('carol-github', 'github')")
         .await;
     run_ok(
@@ -225,14 +222,9 @@ async fn no_log_format_carries_a_secret() {
     );
     let secrets = ["alice.user-7731", "hunter2-chase-pw", "ghp_tokenBOB4242"];
     for (i, format) in ["json", "compact", "pretty"].into_iter().enumerate() {
-        let daemon = Daemon::start_with_format(
-            &db,
-            &dir.path,
-            &config_text,
-            &[("GITHUB_TOKEN", "")],
-            format,
-        )
-        .await;
+        let daemon =
+            Daemon::start_with_format(&db, &dir.path, &config, &[("GITHUB_TOKEN", "")], format)
+                .await;
         db.exec("insert into run_commands (connection_id) values ('alice-chase'), ('bob-github'), ('carol-github')")
             .await;
         db.wait_until(&format!(
@@ -276,7 +268,7 @@ async fn key_rotation_end_to_end() {
     let db = TestDb::new().await;
     let dir = Scratch::new();
     generate_key(&db, &dir.path, "k1");
-    let k1 = write_config(&dir.path, "k1.toml", &config(&dir.path, "k1", ""));
+    let k1 = config(&dir.path, "k1").write(&dir.path.join("k1.toml"));
     db.exec("insert into connections (id, connector) values ('alice-chase', 'chase'), ('bob-github', 'github')")
         .await;
     run_ok(
@@ -307,8 +299,8 @@ async fn key_rotation_end_to_end() {
     );
 
     generate_key(&db, &dir.path, "k2");
-    let k2_text = config(&dir.path, "k2", "");
-    let k2 = write_config(&dir.path, "k2.toml", &k2_text);
+    let k2_config = config(&dir.path, "k2");
+    let k2 = k2_config.write(&dir.path.join("k2.toml"));
     let out = run_ok(&db, &k2, &["credentials", "rotate"], "");
     assert!(out.contains("re-encrypted 2"), "{out}");
     let keys: Vec<String> = sqlx::query_scalar("select distinct key_id from credentials")
@@ -320,7 +312,7 @@ async fn key_rotation_end_to_end() {
     let out = run_ok(&db, &k2, &["check"], "");
     assert!(out.contains("0 defect(s)"), "{out}");
 
-    let _daemon = Daemon::start(&db, &dir.path, &k2_text, &[]).await;
+    let _daemon = Daemon::start(&db, &dir.path, &k2_config, &[]).await;
     db.exec("insert into run_commands (connection_id) values ('alice-chase'), ('bob-github')")
         .await;
     db.wait_until("select count(*) = 2 from runs where status = 'succeeded'")
@@ -369,11 +361,11 @@ async fn retention_keeps_what_matters() {
     let _daemon = Daemon::start(
         &db,
         &dir.path,
-        &config(
-            &dir.path,
-            "k1",
-            "[retention]\nruns = \"7d\"\ncommands = \"7d\"\ninteractions = \"7d\"\nbatch = 1\n",
-        ),
+        &config(&dir.path, "k1")
+            .set("retention", "runs", "7d")
+            .set("retention", "commands", "7d")
+            .set("retention", "interactions", "7d")
+            .set("retention", "batch", 1),
         &[],
     )
     .await;
@@ -423,7 +415,7 @@ async fn check_reports_defects() {
     let db = TestDb::new().await;
     let dir = Scratch::new();
     generate_key(&db, &dir.path, "k1");
-    let good = write_config(&dir.path, "good.toml", &config(&dir.path, "k1", ""));
+    let good = config(&dir.path, "k1").write(&dir.path.join("good.toml"));
     db.exec("insert into connections (id, connector) values ('bob-github', 'github');
              insert into schedules (connection_id, cron, timezone) values ('bob-github', '0 9 * * 1-5', 'Europe/Berlin');")
         .await;
@@ -451,11 +443,9 @@ async fn check_reports_defects() {
              update credentials set key_id = 'k7';",
     )
     .await;
-    let broken = write_config(
-        &dir.path,
-        "broken.toml",
-        &config(&dir.path, "k1", "").replace(&stand_in(), "/nonexistent/github"),
-    );
+    let broken = config(&dir.path, "k1")
+        .connector(github(&dir.path, "/nonexistent/github"))
+        .write(&dir.path.join("broken.toml"));
     let defects = check_defects(&db, &broken);
     assert!(
         defects.iter().any(|d| d.contains("/nonexistent/github")),
@@ -486,11 +476,10 @@ async fn check_finds_programs_on_the_childs_path() {
     );
     // Found only through its own PATH; and `sh`, on every daemon's PATH,
     // under a child PATH that lacks it.
-    let extra = format!(
-        "[connectors.own_path]\ncommand = {script_name:?}\nenv = {{ PATH = {script_dir:?} }}\n\n\
-         [connectors.no_sh]\ncommand = \"sh\"\nenv = {{ PATH = \"/nonexistent\" }}\n"
-    );
-    let path = write_config(&dir.path, "c.toml", &config(&dir.path, "k1", &extra));
+    let path = config(&dir.path, "k1")
+        .connector(Connector::new("own_path", &script_name).env("PATH", script_dir.as_str()))
+        .connector(Connector::new("no_sh", "sh").env("PATH", "/nonexistent"))
+        .write(&dir.path.join("c.toml"));
     let defects = check_defects(&db, &path);
     assert!(
         defects.iter().any(|d| d.contains("connector no_sh")),
@@ -508,8 +497,8 @@ async fn operator_commands() {
     let db = TestDb::new().await;
     let dir = Scratch::new();
     generate_key(&db, &dir.path, "k1");
-    let config_text = config(&dir.path, "k1", "");
-    let path = write_config(&dir.path, "c.toml", &config_text);
+    let config = config(&dir.path, "k1");
+    let path = config.write(&dir.path.join("c.toml"));
     run_ok(
         &db,
         &path,
@@ -607,7 +596,7 @@ async fn operator_commands() {
     assert_eq!(pending, 1);
 
     // A refused run (no credential) and its interaction, seen through the CLI.
-    let _daemon = Daemon::start(&db, &dir.path, &config_text, &[]).await;
+    let _daemon = Daemon::start(&db, &dir.path, &config, &[]).await;
     let (code, out, _) = cli(&db, Some(&path), &["trigger", "alice-chase", "--wait"], "");
     assert_eq!(code, 4, "{out}");
     let out = run_ok(
@@ -664,7 +653,7 @@ async fn credentials_set_refuses_secrets_no_child_could_receive() {
     let db = TestDb::new().await;
     let dir = Scratch::new();
     generate_key(&db, &dir.path, "k1");
-    let config = write_config(&dir.path, "c.toml", &config(&dir.path, "k1", ""));
+    let config = config(&dir.path, "k1").write(&dir.path.join("c.toml"));
     db.exec("insert into connections (id, connector) values ('bob-github', 'github')")
         .await;
     let set = |secret: &str| {
@@ -714,7 +703,7 @@ async fn a_deleted_credential_is_destroyed_and_not_rotated() {
     let db = TestDb::new().await;
     let dir = Scratch::new();
     generate_key(&db, &dir.path, "k1");
-    let k1 = write_config(&dir.path, "k1.toml", &config(&dir.path, "k1", ""));
+    let k1 = config(&dir.path, "k1").write(&dir.path.join("k1.toml"));
     db.exec("insert into connections (id, connector) values ('bob-github', 'github'), ('eve-github', 'github')")
         .await;
     for connection in ["bob-github", "eve-github"] {
@@ -736,7 +725,7 @@ async fn a_deleted_credential_is_destroyed_and_not_rotated() {
     assert_eq!((status.as_str(), nonce, ciphertext), ("deleted", 0, 0));
 
     generate_key(&db, &dir.path, "k2");
-    let k2 = write_config(&dir.path, "k2.toml", &config(&dir.path, "k2", ""));
+    let k2 = config(&dir.path, "k2").write(&dir.path.join("k2.toml"));
     run_ok(&db, &k2, &["credentials", "rotate"], "");
     let keys: Vec<(String, String)> =
         sqlx::query_as("select connection_id, key_id from credentials order by connection_id")

@@ -1,4 +1,4 @@
-//! PostgreSQL goes away for ten seconds while a connector runs and
+//! PostgreSQL goes away for seconds while a connector runs and
 //! schedules fire. The daemon stays up, the child keeps running, its outcome
 //! is written once the database is back, schedules keep firing and their
 //! commands run, a tick missed during the outage fires once, and the log
@@ -7,10 +7,13 @@
 mod support;
 
 use std::path::Path;
-use std::time::Duration;
 
 use connectord::dev::pgcluster::{cluster_dir, Cluster};
-use support::{Daemon, Scratch, TestDb};
+use support::{Config, Connector, Daemon, Scratch, TestDb};
+
+/// How long the database stays down: the ticks that fall in the outage
+/// are what the test checks are not replayed.
+const OUTAGE_SECONDS: i64 = 5;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_daemon_rides_out_a_database_outage() {
@@ -43,12 +46,8 @@ async fn the_daemon_rides_out_a_database_outage() {
 
     let dir = Scratch::new();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/connectors/hostile.sh");
-    let config = format!(
-        "[keys]\ndir = \"{record}/keys\"\n\n[daemon]\ninstance_id = \"a\"\nlease = \"2s\"\nshutdown_grace = \"1s\"\nkill_grace = \"500ms\"\n\n\
-         [connectors.hostile]\ncommand = {script:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\nread_write_paths = [\"{record}\"]\n",
-        record = dir.path.display(),
-        script = script.display().to_string(),
-    );
+    let config =
+        Config::new(&dir.path, "a").connector(Connector::recording("hostile", &script, &dir.path));
     db.exec(
         "insert into connections (id, connector) values ('steady', 'hostile'), ('ticker', 'hostile');
          insert into schedules (connection_id, cron, overlap) values ('ticker', '* * * * * *', 'queue');",
@@ -81,10 +80,19 @@ async fn the_daemon_rides_out_a_database_outage() {
             .expect("join")
             .expect("stop PostgreSQL");
     }
-    // The outage: the child finishes in the middle of it.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The outage: the daemon notices it, then the child finishes in the
+    // middle of it, and it lasts several of the schedule's ticks.
+    daemon
+        .wait_for_log("schedule engine cannot reach the database")
+        .await;
     std::fs::remove_file(&hold).expect("release the child");
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    daemon
+        .wait_for_log("cannot record the run's outcome; retrying until the database answers")
+        .await;
+    let ticks = (stopped_at + chrono::Duration::seconds(OUTAGE_SECONDS) - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(ticks).await;
     let restarted_at = chrono::Utc::now();
     {
         let base = base.clone();

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use sqlx::postgres::PgListener;
-use support::{Daemon, Scratch, TestDb, PATIENCE};
+use support::{Config, Connector, Daemon, Scratch, TestDb, PATIENCE};
 
 /// The statistics the planner has when the burst arrives.
 #[derive(Debug, Clone, Copy)]
@@ -34,17 +34,18 @@ const FAILING: usize = 40;
 /// Fire every second.
 const SCHEDULES: usize = 20;
 
-fn config(dir: &Path) -> String {
-    let record = dir.display();
-    format!(
-        "[keys]\ndir = \"{record}/keys\"\n\n\
-         [daemon]\ninstance_id = \"plans\"\nlease = \"1s\"\nmax_concurrent_runs = 16\n\
-         shutdown_grace = \"2s\"\nkill_grace = \"500ms\"\n\n\
-         [sandbox]\nenabled = false\n\n\
-         [connectors.ok]\ncommand = \"/bin/true\"\nmax_concurrency = 16\n\n\
-         [connectors.failing]\ncommand = \"/bin/false\"\nmax_concurrency = 16\n\
-         retry = {{ max_attempts = 2, backoff = \"10ms\", max_backoff = \"10ms\" }}\n"
-    )
+fn config(dir: &Path) -> Config {
+    Config::new(dir, "plans")
+        .daemon("lease", "1s")
+        .daemon("max_concurrent_runs", 16)
+        .daemon("shutdown_grace", "2s")
+        .set("sandbox", "enabled", false)
+        .connector(Connector::new("ok", "/bin/true").set("max_concurrency", 16))
+        .connector(
+            Connector::new("failing", "/bin/false")
+                .set("max_concurrency", 16)
+                .retry(2, "10ms", "10ms"),
+        )
 }
 
 /// Rows read as of the last flush, by table: rows returned by sequential
@@ -118,13 +119,6 @@ async fn stage(db: &TestDb, statistics: Statistics) {
 async fn rows_per_run(statistics: Statistics) -> BTreeMap<String, BTreeMap<String, f64>> {
     let db = TestDb::new().await;
     let dir = Scratch::new();
-    let version: i32 = db
-        .scalar("select current_setting('server_version_num')::int")
-        .await;
-    assert!(
-        version >= 150_000,
-        "counting reads needs PostgreSQL 15 or later (pg_stat_force_next_flush); the server is {version}"
-    );
     // Connections with a stored credential each (the connectors need
     // none, so it is read by the claim and never decrypted) and schedules
     // that fire next year: a lookup that walks either table instead of

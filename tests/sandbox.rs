@@ -10,7 +10,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::{cli, recorded_env, run_processes, Daemon, TestDb, PATIENCE};
+use support::{cli, recorded_env, run_processes, Config, Connector, Daemon, TestDb, PATIENCE};
 
 const TOKEN: &str = "victim-token-8f2c91d4";
 
@@ -90,61 +90,31 @@ impl Setup {
         self.dir.path.join(sub)
     }
 
-    /// The config, with `extra` appended (a `[sandbox]` table).
-    fn config(&self, extra: &str) -> String {
-        let dir = self.dir.path.display();
+    /// The config: stand-in connectors, each writing to its own record
+    /// directory under the scratch dir.
+    fn config(&self) -> Config {
+        let dir = &self.dir.path;
         let hostile = script("hostile.sh");
         let attacker = script("attacker.sh");
-        // (name, program, record dir, more read-write paths, more lines)
-        let connectors = [
-            (
-                "victim",
-                &hostile,
-                "victim",
-                "",
-                "credential = { kind = \"static_secret\", env = \"VICTIM_TOKEN\" }".to_owned(),
-            ),
-            ("attacker", &attacker, "attacker", "", String::new()),
+        let connector = |name: &str, program: &str, record: &str| {
+            Connector::recording(name, program, &dir.join(record)).no_retry()
+        };
+        Config::new(dir, "sandbox")
+            .connector(connector("victim", &hostile, "victim").static_secret("VICTIM_TOKEN"))
+            .connector(connector("attacker", &attacker, "attacker"))
             // Reads the whole scratch dir, which holds the keys and the
             // daemon's config: those must stay hidden.
-            (
-                "nosy",
-                &attacker,
-                "attacker",
-                "",
-                format!("read_only_paths = [\"{dir}\"]"),
-            ),
-            (
-                "hasty",
-                &hostile,
-                "victim",
-                "",
-                "timeout = \"1s\"".to_owned(),
-            ),
-            (
-                "paths",
-                &hostile,
-                "paths",
-                ", \"rw\"",
-                format!("read_only_paths = [\"{dir}/ro\"]"),
-            ),
-        ];
-        let mut text = format!(
-            "[keys]\ndir = \"{dir}/keys\"\n\n\
-             [daemon]\ninstance_id = \"sandbox\"\nshutdown_grace = \"1s\"\nkill_grace = \"500ms\"\nlease = \"2s\"\n\n"
-        );
-        for (name, program, record, more_rw, more) in connectors {
-            let more_rw = more_rw.replace("\"rw\"", &format!("\"{dir}/rw\""));
-            text.push_str(&format!(
-                "[connectors.{name}]\ncommand = {program:?}\nenv = {{ RECORD_DIR = \"{dir}/{record}\" }}\n\
-                 read_write_paths = [\"{dir}/{record}\"{more_rw}]\nretry = {{ max_attempts = 1 }}\n{more}\n\n"
-            ));
-        }
-        text + extra
+            .connector(connector("nosy", &attacker, "attacker").read_only(dir))
+            .connector(connector("hasty", &hostile, "victim").timeout("1s"))
+            .connector(
+                connector("paths", &hostile, "paths")
+                    .read_write(&dir.join("rw"))
+                    .read_only(&dir.join("ro")),
+            )
     }
 
-    async fn start(&self, extra: &str, env: &[(&str, &str)]) -> Daemon {
-        Daemon::start(&self.db, &self.dir.path, &self.config(extra), env).await
+    async fn start(&self, config: &Config, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start(&self.db, &self.dir.path, config, env).await
     }
 
     /// A connection of `connector` whose stand-in behaves as `behaviour`.
@@ -261,7 +231,7 @@ fn attacks(dir: &Path, run_id: i64) -> Vec<(String, String)> {
 /// writes the attacker's targets. Returns the victim's run id.
 async fn victim_and_targets(setup: &Setup, daemon: &Daemon, behaviour: &str) -> i64 {
     let config = setup.path("cli.toml");
-    std::fs::write(&config, setup.config("")).expect("config");
+    setup.config().write(&config);
     let (code, out, err) = cli(
         &setup.db,
         Some(&config),
@@ -329,7 +299,10 @@ async fn a_hostile_connector_learns_nothing_of_its_neighbour() {
     setup.connection("nosy-1", "nosy", "attacker", "").await;
     let creds = setup.path("creds").display().to_string();
     let daemon = setup
-        .start("", &[("CREDENTIALS_DIRECTORY", creds.as_str())])
+        .start(
+            &setup.config(),
+            &[("CREDENTIALS_DIRECTORY", creds.as_str())],
+        )
         .await;
     let victim = victim_and_targets(&setup, &daemon, "home-hold").await;
 
@@ -401,8 +374,8 @@ async fn unsandboxed_the_same_attacks_work_with_a_warning_and_a_check_defect() {
     setup
         .connection("attacker-1", "attacker", "attacker", "")
         .await;
-    let disabled = "[sandbox]\nenabled = false\n";
-    let daemon = setup.start(disabled, &[]).await;
+    let disabled = setup.config().set("sandbox", "enabled", false);
+    let daemon = setup.start(&disabled, &[]).await;
     assert!(
         daemon.logs().contains("the sandbox is disabled"),
         "{}",
@@ -434,7 +407,7 @@ async fn unsandboxed_the_same_attacks_work_with_a_warning_and_a_check_defect() {
     setup.finished(victim).await;
 
     let config = setup.path("disabled.toml");
-    std::fs::write(&config, setup.config(disabled)).expect("config");
+    disabled.write(&config);
     let (code, out, _) = cli(&setup.db, Some(&config), &["check"], "");
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -458,7 +431,7 @@ async fn a_child_sees_its_own_directories_and_its_declared_paths_only() {
     setup
         .connection("paths-1", "paths", "paths", "probe-paths")
         .await;
-    let daemon = setup.start("", &[]).await;
+    let daemon = setup.start(&setup.config(), &[]).await;
     let root = runs_root(&daemon);
     for round in 0..2 {
         let run_id = setup.trigger("paths-1").await;
@@ -536,7 +509,7 @@ async fn no_process_outlives_its_run() {
         .connection("victim-2", "victim", "victim", "escape-hang")
         .await;
     let config = setup.path("cli.toml");
-    std::fs::write(&config, setup.config("")).expect("config");
+    setup.config().write(&config);
     let (code, out, err) = cli(
         &setup.db,
         Some(&config),
@@ -547,7 +520,7 @@ async fn no_process_outlives_its_run() {
     let record = setup.path("victim");
 
     // Timeout.
-    let daemon = setup.start("", &[]).await;
+    let daemon = setup.start(&setup.config(), &[]).await;
     let run_id = setup.trigger("hasty-1").await;
     let (status, kind, _) = setup.finished(run_id).await;
     assert_eq!(
@@ -565,7 +538,7 @@ async fn no_process_outlives_its_run() {
         let (daemon, run_id) = if signal == libc::SIGTERM {
             (&daemon, setup.trigger("victim-2").await)
         } else {
-            let daemon = restarted.insert(setup.start("", &[]).await);
+            let daemon = restarted.insert(setup.start(&setup.config(), &[]).await);
             let again = format!("connection_id = 'victim-2' and id > {interrupted}");
             setup
                 .db
@@ -629,17 +602,19 @@ async fn a_signal_and_a_failed_exec_inside_the_sandbox_are_typed() {
     .expect("chmod");
     let script = setup.path("by-interpreter.sh");
     std::fs::write(&script, "exit 0\n").expect("script");
-    let extra = format!(
-        "[connectors.hidden_interp]\ncommand = {:?}\nretry = {{ max_attempts = 1 }}\n\n\
-         [connectors.by_interpreter]\ncommand = \"sh\"\nargs = [{:?}]\nretry = {{ max_attempts = 1 }}\n",
-        program.display().to_string(),
-        script.display().to_string(),
-    );
+    let config = setup
+        .config()
+        .connector(Connector::new("hidden_interp", &program).no_retry())
+        .connector(
+            Connector::new("by_interpreter", "sh")
+                .args(&[script.to_str().expect("UTF-8")])
+                .no_retry(),
+        );
     setup
         .db
         .exec("insert into connections (id, connector) values ('interp-1', 'hidden_interp'), ('script-1', 'by_interpreter')")
         .await;
-    let _daemon = setup.start(&extra, &[]).await;
+    let _daemon = setup.start(&config, &[]).await;
     let run_id = setup.trigger("victim-3").await;
     let (status, kind, detail) = setup.finished(run_id).await;
     assert_eq!(
@@ -672,13 +647,17 @@ async fn a_signal_and_a_failed_exec_inside_the_sandbox_are_typed() {
 async fn without_bubblewrap_runs_are_refused_as_sandbox_unavailable() {
     let setup = Setup::new().await;
     setup.connection("victim-4", "hasty", "victim", "ok").await;
-    let missing = "[sandbox]\nbwrap = \"/nonexistent/bwrap\"\n";
+    let missing = setup.config().set("sandbox", "bwrap", "/nonexistent/bwrap");
     let no_bwrap_on_path = [("PATH", "/nonexistent/bin")];
-    for (extra, env, said) in [
-        (missing, &[][..], "/nonexistent/bwrap"),
-        ("", &no_bwrap_on_path[..], "was not found on PATH"),
+    for (config, env, said) in [
+        (&missing, &[][..], "/nonexistent/bwrap"),
+        (
+            &setup.config(),
+            &no_bwrap_on_path[..],
+            "was not found on PATH",
+        ),
     ] {
-        let daemon = setup.start(extra, env).await;
+        let daemon = setup.start(config, env).await;
         assert!(
             daemon
                 .logs()
@@ -713,7 +692,7 @@ async fn without_bubblewrap_runs_are_refused_as_sandbox_unavailable() {
         drop(daemon);
     }
     let config = setup.path("missing.toml");
-    std::fs::write(&config, setup.config(missing)).expect("config");
+    missing.write(&config);
     let (code, out, _) = cli(&setup.db, Some(&config), &["check"], "");
     assert_eq!(code, 1, "{out}");
     assert!(

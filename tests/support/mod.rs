@@ -4,6 +4,11 @@
 
 #![allow(dead_code)]
 
+mod config;
+
+#[allow(unused_imports)]
+pub use config::{Config, Connector};
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -57,12 +62,27 @@ pub struct TestDb {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// The suite counts the rows statements read, which needs
+/// `pg_stat_force_next_flush` (PostgreSQL 15): on an older server a test
+/// could not make its assertion, so the suite refuses to run at all.
+async fn require_postgresql_15(admin: &PgPool) {
+    let version: i32 = sqlx::query_scalar("select current_setting('server_version_num')::int")
+        .fetch_one(admin)
+        .await
+        .expect("read the server's version");
+    assert!(
+        version >= 150_000,
+        "the tests need PostgreSQL 15 or later; the test server is {version}"
+    );
+}
+
 impl TestDb {
     pub async fn new() -> TestDb {
         let server = server_url().to_owned();
         let admin = sqlx::PgPool::connect(&server)
             .await
             .expect("connect to the test server");
+        require_postgresql_15(&admin).await;
         drop_stale_databases(&admin).await;
         let name = format!(
             "t_{}_{}",
@@ -221,13 +241,15 @@ pub fn binary() -> &'static str {
 pub struct Daemon {
     child: Child,
     log: Arc<Mutex<String>>,
+    /// Woken at every line logged.
+    logged: Arc<tokio::sync::Notify>,
     pub config_path: PathBuf,
 }
 
 impl Daemon {
     /// Starts `connectord run` with `config` and extra host environment, and
     /// waits until it logs that it is ready. Logs are JSON lines.
-    pub async fn start(db: &TestDb, dir: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
+    pub async fn start(db: &TestDb, dir: &Path, config: &Config, env: &[(&str, &str)]) -> Daemon {
         Daemon::start_with_format(db, dir, config, env, "json").await
     }
 
@@ -235,13 +257,13 @@ impl Daemon {
     pub async fn start_with_format(
         db: &TestDb,
         dir: &Path,
-        config: &str,
+        config: &Config,
         env: &[(&str, &str)],
         log_format: &str,
     ) -> Daemon {
         static N: AtomicU32 = AtomicU32::new(0);
         let config_path = dir.join(format!("daemon-{}.toml", N.fetch_add(1, Ordering::SeqCst)));
-        std::fs::write(&config_path, config).expect("write config");
+        config.write(&config_path);
         let mut command = Command::new(binary());
         // The daemon's environment is exactly what the test says it is: a
         // credential variable set where the tests run must not leak in.
@@ -268,9 +290,11 @@ impl Daemon {
         let mut child = command.spawn().expect("spawn connectord");
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Mutex::new(String::new()));
+        let logged = Arc::new(tokio::sync::Notify::new());
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         {
             let log = log.clone();
+            let logged = logged.clone();
             std::thread::spawn(move || {
                 let mut ready = Some(ready_tx);
                 for line in BufReader::new(stderr).lines() {
@@ -286,12 +310,15 @@ impl Daemon {
                     let mut log = log.lock().expect("log lock");
                     log.push_str(&line);
                     log.push('\n');
+                    drop(log);
+                    logged.notify_waiters();
                 }
             });
         }
         let daemon = Daemon {
             child,
             log,
+            logged,
             config_path,
         };
         if !matches!(tokio::time::timeout(PATIENCE, ready_rx).await, Ok(Ok(()))) {
@@ -302,6 +329,22 @@ impl Daemon {
 
     pub fn logs(&self) -> String {
         self.log.lock().expect("log lock").clone()
+    }
+
+    /// Waits until the daemon has logged a line containing `text`.
+    pub async fn wait_for_log(&self, text: &str) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            // Registered before the check, so a line logged in between
+            // still wakes it.
+            let next_line = self.logged.notified();
+            if self.logs().contains(text) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, next_line).await.is_err() {
+                panic!("the daemon never logged {text:?}; log:\n{}", self.logs());
+            }
+        }
     }
 
     pub fn pid(&self) -> u32 {
