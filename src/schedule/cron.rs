@@ -316,8 +316,11 @@ pub fn jitter_offset(connection_id: &str, jitter_seconds: i32) -> Duration {
     }
 }
 
-/// The 64-bit FNV-1a hash, written out so that its values are fixed forever.
-fn fnv1a_64(bytes: &[u8]) -> u64 {
+/// The 64-bit FNV-1a hash, written out so that its values are fixed
+/// forever: for values that must be the same in every process and every
+/// release, a connection's jitter here and the directory of a checkout's
+/// private PostgreSQL (`dev::pgcluster`).
+pub(crate) fn fnv1a_64(bytes: &[u8]) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     bytes.iter().fold(OFFSET_BASIS, |hash, &byte| {
@@ -978,9 +981,17 @@ mod tests {
         assert_eq!(fnv1a_64(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a_64(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a_64(b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(fnv1a_64(b"foo"), 0xdcb2_7518_fed9_d577);
         assert_eq!(
             jitter_offset("foobar", 3600),
             Duration::from_secs(0x8594_4171_f739_67e8 % 3600)
+        );
+        // Two offsets written out, so that a change to the hash or to how
+        // it becomes seconds shows here as moved schedules.
+        assert_eq!(jitter_offset("conn-1", 300), Duration::from_secs(1));
+        assert_eq!(
+            jitter_offset("alice-github", 3600),
+            Duration::from_secs(1069)
         );
 
         for id in [
