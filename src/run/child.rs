@@ -284,9 +284,9 @@ impl Running {
         tokio::pin!(grace);
         let mut grace_armed = false;
         let mut messages_open = true;
-        let status = loop {
+        let exited = loop {
             tokio::select! {
-                status = self.process.wait() => break status,
+                exited = self.process.exited() => break exited,
                 message = self.messages.recv(), if messages_open => match message {
                     Some(message) => on_message(message),
                     None => messages_open = false,
@@ -312,8 +312,12 @@ impl Running {
                 }
             }
         };
-        // Whatever the child left behind in its group goes with it.
+        // Whatever the child left behind in its group goes with it. The
+        // group is signalled before the child is reaped: the child leads
+        // it, and until it is reaped its pid stays taken, so the group id
+        // cannot have passed to a new group of some other program's.
         signal_group(target.pgid, libc::SIGKILL);
+        let status = exited.and_then(|()| self.process.reap());
         // Messages printed just before exit are still delivered, but a
         // process that left the group (setsid) and holds the pipes open
         // cannot keep the run going.
@@ -360,19 +364,16 @@ fn exit_of(status: ExitStatus) -> Exit {
     }
 }
 
-/// SIGTERM to the connector's group, then SIGKILL after `kill_grace`.
-async fn terminate(
-    process: &mut Process,
-    target: Target,
-    kill_grace: Duration,
-) -> io::Result<ExitStatus> {
+/// SIGTERM to the connector's group, then SIGKILL after `kill_grace`;
+/// returns once the child has ended, leaving it unreaped.
+async fn terminate(process: &mut Process, target: Target, kill_grace: Duration) -> io::Result<()> {
     target.terminate();
-    match tokio::time::timeout(kill_grace, process.wait()).await {
-        Ok(status) => status,
+    match tokio::time::timeout(kill_grace, process.exited()).await {
+        Ok(exited) => exited,
         Err(_) => {
             tracing::warn!(?kill_grace, "connector ignored SIGTERM; sending SIGKILL");
             target.kill();
-            process.wait().await
+            process.exited().await
         }
     }
 }

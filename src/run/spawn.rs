@@ -401,9 +401,18 @@ impl Process {
 
     /// Waits for the process to end and reaps it.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        self.exited().await?;
+        self.reap()
+    }
+
+    /// Waits for the process to end, without reaping it: until
+    /// [`Process::reap`], the ended process keeps its pid, so neither the
+    /// pid nor the id of the process group it leads can name another
+    /// process.
+    pub async fn exited(&mut self) -> io::Result<()> {
         loop {
-            if let Some(status) = self.try_wait()? {
-                return Ok(status);
+            if self.has_exited()? {
+                return Ok(());
             }
             match &mut self.waiter {
                 Some(Waiter::Pidfd(fd)) => fd.readable().await?.clear_ready(),
@@ -417,17 +426,51 @@ impl Process {
         }
     }
 
-    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+    /// Reaps the process once [`Process::exited`] has returned.
+    pub fn reap(&mut self) -> io::Result<ExitStatus> {
         if self.reaped {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "process already reaped",
-            ));
+            return Err(already_reaped());
         }
-        let status = waitpid(self.pid, libc::WNOHANG)?;
-        self.reaped = status.is_some();
+        // It has ended, so this returns at once.
+        let status = waitpid(self.pid, 0)?
+            .ok_or_else(|| io::Error::other("waitpid returned without a status"))?;
+        self.reaped = true;
         Ok(status)
     }
+
+    /// Whether the process has ended, leaving it unreaped.
+    fn has_exited(&self) -> io::Result<bool> {
+        if self.reaped {
+            return Err(already_reaped());
+        }
+        loop {
+            // SAFETY: siginfo_t is plain data for which all-zeroes is valid;
+            // waitid writes only into it.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid on our own child with a valid out-pointer.
+            let r = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    self.pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                )
+            };
+            if r == 0 {
+                // With WNOHANG, a child that has not ended leaves si_pid 0.
+                // SAFETY: waitid filled `info` in, as a SIGCHLD's siginfo.
+                return Ok(unsafe { info.si_pid() } != 0);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+fn already_reaped() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "process already reaped")
 }
 
 impl Drop for Process {
@@ -549,6 +592,27 @@ mod tests {
         assert!(spawned.process.pid() > 0);
         let status = spawned.process.wait().await.unwrap();
         assert_eq!(status.signal(), Some(libc::SIGTERM));
+    }
+
+    #[tokio::test]
+    async fn an_ended_child_keeps_its_pid_until_reaped() {
+        let program = find_program(Path::new("sh"), None).unwrap();
+        let mut spawned = spawn(
+            &program,
+            &strings(&["sh", "-c", "exit 4"]),
+            &strings(&[]),
+            &[],
+        )
+        .unwrap();
+        let pid = spawned.process.pid();
+        spawned.process.exited().await.unwrap();
+        // A zombie: ended, and its pid (and so its group's id) still taken.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let state = stat.rsplit_once(") ").unwrap().1.split(' ').next();
+        assert_eq!(state, Some("Z"), "{stat}");
+        assert_eq!(spawned.process.reap().unwrap().code(), Some(4));
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        assert!(spawned.process.reap().is_err(), "reaped once only");
     }
 
     #[test]
