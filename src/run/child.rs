@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::ConnectorConfig;
+use crate::config::{ConnectorConfig, SpawnMethod};
 use crate::printable::printable;
 use crate::run::child_env::ChildEnv;
 use crate::run::protocol::{self, Line, Message};
@@ -95,12 +95,14 @@ pub enum Confinement<'a> {
     },
 }
 
-/// Starts the connector program with exactly `env`. A sandboxed child has
-/// started once this returns: its `exec` inside the sandbox succeeded.
+/// Starts the connector program with exactly `env`, created as `method`
+/// says. A sandboxed child has started once this returns: its `exec`
+/// inside the sandbox succeeded.
 pub async fn spawn(
     connector: &ConnectorConfig,
     env: &ChildEnv,
     confinement: Confinement<'_>,
+    method: SpawnMethod,
 ) -> Result<Running, SpawnError> {
     let error = |source| SpawnError {
         program: connector.command.display().to_string(),
@@ -116,7 +118,7 @@ pub async fn spawn(
             let entries: Vec<[&[u8]; 1]> = argv.iter().map(|a| [*a]).collect();
             let argv = CStrings::new(&entries).map_err(error)?;
             (
-                spawn::spawn(&program, &argv, &env, &[]).map_err(error)?,
+                spawn::spawn(&program, &argv, &env, &[], method).map_err(error)?,
                 None,
             )
         }
@@ -124,8 +126,8 @@ pub async fn spawn(
             let launch = sandbox
                 .launch(connector, run_dir, &program, &argv)
                 .map_err(error)?;
-            let spawned =
-                spawn::spawn(&launch.program, &launch.argv, &env, &launch.pass).map_err(error)?;
+            let spawned = spawn::spawn(&launch.program, &launch.argv, &env, &launch.pass, method)
+                .map_err(error)?;
             drop(launch.write_ends);
             let status = pipe::Receiver::from_owned_fd(launch.channels.status).map_err(error)?;
             let info = pipe::Receiver::from_owned_fd(launch.channels.info).map_err(error)?;
