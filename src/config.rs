@@ -111,6 +111,47 @@ pub struct DaemonConfig {
     /// How often every schedule row is re-read in case a notification was missed.
     #[serde(with = "duration")]
     pub reconcile_interval: Duration,
+    /// How connector processes are created.
+    pub spawn: SpawnMethod,
+}
+
+/// How connector processes are created (`[daemon] spawn`). Either way a
+/// child gets the same program, arguments, environment, descriptors,
+/// process group and parent-death signal; only the system calls differ.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SpawnMethod {
+    /// `"vfork"`: `clone(CLONE_VM | CLONE_VFORK)`, which does not copy the
+    /// daemon's memory (`run::spawn`).
+    #[default]
+    Vfork,
+    /// `"command"`: the standard library's `fork` and `exec`: slower, and
+    /// the fallback where the fast path's `clone` is refused or misbehaves
+    /// (a seccomp filter, an emulator, a debugger).
+    Command,
+}
+
+impl SpawnMethod {
+    /// The value as the config file spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpawnMethod::Vfork => "vfork",
+            SpawnMethod::Command => "command",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SpawnMethod {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<SpawnMethod, D::Error> {
+        let text = String::deserialize(d)?;
+        [SpawnMethod::Vfork, SpawnMethod::Command]
+            .into_iter()
+            .find(|method| method.as_str() == text)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "unknown spawn method {text:?}; write \"vfork\" or \"command\""
+                ))
+            })
+    }
 }
 
 impl Default for DaemonConfig {
@@ -124,6 +165,7 @@ impl Default for DaemonConfig {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             reconcile_interval: Duration::from_secs(300),
+            spawn: SpawnMethod::Vfork,
         }
     }
 }
@@ -653,6 +695,15 @@ mod tests {
             "[sandbox]\nenable = false\n",
             &["line 2", "unknown field `enable`"],
         );
+        check(
+            "[daemon]\nspawn = \"fork\"\n",
+            &[
+                "line 2",
+                "spawn",
+                "unknown spawn method \"fork\"",
+                "\"vfork\" or \"command\"",
+            ],
+        );
     }
 
     #[test]
@@ -698,6 +749,9 @@ mod tests {
         assert_eq!(config.child_env.inherit.len(), 6);
         assert_eq!(config.keys.primary, "k1");
         assert!(config.sandbox.enabled, "children are sandboxed by default");
+        assert_eq!(config.daemon.spawn, SpawnMethod::Vfork);
+        let command = Config::parse("[daemon]\nspawn = \"command\"\n").expect("valid");
+        assert_eq!(command.daemon.spawn, SpawnMethod::Command);
         assert_eq!(config.sandbox.bwrap, None);
     }
 }

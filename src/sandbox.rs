@@ -31,7 +31,7 @@ use std::time::Duration;
 use libc::c_int;
 use tokio::io::AsyncReadExt;
 
-use crate::config::{Config, ConnectorConfig};
+use crate::config::{Config, ConnectorConfig, SpawnMethod};
 use crate::run::spawn::{self, CStrings};
 
 /// Where the daemon's executable appears inside, as the init.
@@ -103,7 +103,7 @@ impl SandboxState {
             return SandboxState::Disabled;
         }
         match Sandbox::new(config, init) {
-            Ok(sandbox) => match sandbox.probe().await {
+            Ok(sandbox) => match sandbox.probe(config.daemon.spawn).await {
                 Ok(()) => SandboxState::Ready(sandbox),
                 Err(reason) => SandboxState::Unavailable(reason),
             },
@@ -256,8 +256,9 @@ impl Sandbox {
     }
 
     /// The whole chain once, with nothing to protect: bubblewrap with the
-    /// base arguments, our init as PID 1, exiting at once.
-    async fn probe(&self) -> Result<(), String> {
+    /// base arguments, our init as PID 1, exiting at once; started as every
+    /// run's child will be.
+    async fn probe(&self, method: SpawnMethod) -> Result<(), String> {
         let mut argv: Vec<OsString> = vec![self.bwrap.clone().into()];
         argv.extend(self.base.iter().cloned());
         let init_fd = self.init.as_raw_fd().to_string();
@@ -286,7 +287,7 @@ impl Sandbox {
                 self.bwrap.display()
             )
         };
-        let mut spawned = spawn::spawn(&self.bwrap, &argv, &env, &[self.init.as_raw_fd()])
+        let mut spawned = spawn::spawn(&self.bwrap, &argv, &env, &[self.init.as_raw_fd()], method)
             .map_err(|e| describe(e.to_string()))?;
         let mut stderr = Vec::new();
         let waited = tokio::time::timeout(PROBE_TIMEOUT, async {

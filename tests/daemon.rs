@@ -43,6 +43,96 @@ fn reconciling_config(dir: &Path) -> Config {
     config(dir, "a").daemon("reconcile_interval", "300ms")
 }
 
+/// `[daemon] spawn = "command"`: a child started through the standard
+/// library's `Command` gets what one started the fast way gets, the
+/// stored credential included, inside the sandbox, and its run succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn children_started_through_command_get_the_same_start() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    let keys = dir.path.join("keys");
+    let keys = keys.to_str().expect("utf-8 path");
+    let (code, out, err) = cli(
+        &db,
+        None,
+        &["keys", "generate", "--id", "k1", "--dir", keys],
+        "",
+    );
+    assert_eq!(code, 0, "keys generate: {out}{err}");
+    let record = dir.path.display();
+    let config = format!(
+        "{}[child_env]\ninherit = [\"PATH\", \"HOME\", \"LANG\", \"TMPDIR\", \"API_TOKEN\"]\n\n\
+         [connectors.token]\ncommand = {:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\n\
+         read_write_paths = [\"{record}\"]\nretry = {{ max_attempts = 1 }}\n\
+         credential = {{ kind = \"static_secret\", env = \"API_TOKEN\" }}\n",
+        config(&dir.path, "a").replace("[daemon]\n", "[daemon]\nspawn = \"command\"\n"),
+        stand_in(),
+    );
+    let config_path = dir.path.join("connectord.toml");
+    std::fs::write(&config_path, &config).expect("write config");
+    add_connection(&db, "alice-token", "token").await;
+    let secret = "tok-3f9c2a7e51";
+    let (code, out, err) = cli(
+        &db,
+        Some(&config_path),
+        &[
+            "credentials",
+            "set",
+            "alice-token",
+            "--kind",
+            "static_secret",
+        ],
+        &format!("{secret}\n"),
+    );
+    assert_eq!(code, 0, "credentials set: {out}{err}");
+    // The host's value, though the allowlist names it, must lose to the
+    // stored one.
+    let daemon = Daemon::start(&db, &dir.path, &config, &[("API_TOKEN", "from-the-host")]).await;
+    let logs = daemon.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("connectord starting") && l.contains(r#""spawn":"command""#)),
+        "the daemon says how it starts children:\n{logs}"
+    );
+    db.exec("insert into run_commands (connection_id, trigger) values ('alice-token', 'manual')")
+        .await;
+    db.wait_until("select count(*) = 1 from runs where status <> 'running'")
+        .await;
+    let (run_id, status, exit_code, pid, source): (
+        i64,
+        String,
+        Option<i32>,
+        Option<i32>,
+        Option<String>,
+    ) = sqlx::query_as("select id, status, exit_code, pid, credential_source from runs")
+        .fetch_one(&db.pool)
+        .await
+        .expect("a run");
+    assert_eq!(
+        (status.as_str(), exit_code),
+        ("succeeded", Some(0)),
+        "{}",
+        daemon.logs()
+    );
+    assert!(pid.is_some());
+    assert_eq!(source.as_deref(), Some("store"));
+    let env = recorded_env(&dir.path, run_id);
+    assert_eq!(env["API_TOKEN"], secret, "the stored credential, injected");
+    assert_eq!(env["CONNECTORD_RUN_ID"], run_id.to_string());
+    assert_eq!(env["CONNECTORD_CONNECTION_ID"], "alice-token");
+    assert_eq!(env["CONNECTORD_TRIGGER"], "manual");
+    assert_eq!(env["CONNECTORD_ATTEMPT"], "1");
+    assert_eq!(env["RECORD_DIR"], dir.path.display().to_string());
+    // The sandbox's private directories: the child ran inside it.
+    assert_eq!(env["HOME"], "/run/connector/home");
+    assert_eq!(env["TMPDIR"], "/run/connector/tmp");
+    assert!(
+        !daemon.logs().contains(secret),
+        "the secret reached the log"
+    );
+    assert!(daemon.stop().success());
+}
+
 async fn add_connection(db: &TestDb, id: &str, connector: &str) {
     db.exec(&format!(
         "insert into connections (id, connector) values ('{id}', '{connector}')"

@@ -26,6 +26,7 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use connectord::config::SpawnMethod;
 use connectord::run::spawn::{self, CStrings};
 
 /// A two-worker multi-thread runtime, like the daemon's on a 2-core machine.
@@ -275,7 +276,7 @@ async fn spawn_and_wait(programs: &Programs, id: i64, style: SpawnStyle) -> anyh
         let env = vars.map(|(name, value)| [name.as_bytes(), b"=", value]);
         let env = CStrings::new(&env)?;
         let argv = CStrings::new(&[[programs.probe.as_os_str().as_bytes()]])?;
-        let mut spawned = spawn::spawn(&programs.probe, &argv, &env, &[])?;
+        let mut spawned = spawn::spawn(&programs.probe, &argv, &env, &[], SpawnMethod::Vfork)?;
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let (stdout, stderr) = (&mut spawned.stdout, &mut spawned.stderr);
         let (a, b) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));

@@ -182,7 +182,7 @@ impl Bare {
             sandbox,
             run_dir: run_dir.path(),
         };
-        let running = child::spawn(connector, &env, confinement).await?;
+        let running = child::spawn(connector, &env, confinement, self.config.daemon.spawn).await?;
         drop(env);
         let superseded = CancellationToken::new();
         let outcome = running

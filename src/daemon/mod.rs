@@ -103,7 +103,13 @@ pub async fn run(
         .await
         .context("applying migrations")?;
     let instance_id = config.daemon.resolved_instance_id();
-    tracing::info!(instance_id = %instance_id, "connectord starting");
+    // How children are created is logged because a child started either
+    // way looks the same from inside.
+    tracing::info!(
+        instance_id = %instance_id,
+        spawn = config.daemon.spawn.as_str(),
+        "connectord starting"
+    );
     if let Some(keyring) = &keyring {
         bind_connectors(&pool, keyring).await?;
     }

@@ -354,7 +354,7 @@ pub fn cluster_dir(preferred: &Path) -> PathBuf {
         |c: char| !c.is_ascii_alphanumeric() && !"-_".contains(c),
         "_",
     );
-    let hash = fnv1a(preferred.as_os_str().as_bytes());
+    let hash = crate::schedule::cron::fnv1a_64(preferred.as_os_str().as_bytes());
     PathBuf::from(format!("/var/tmp/connectord-{name}-{hash:016x}"))
 }
 
@@ -373,12 +373,6 @@ fn blocking_ancestor(path: &Path, uid: u32, gid: u32) -> Option<PathBuf> {
     };
     let mut ancestors = path.ancestors().skip(1);
     ancestors.find(|d| blocks(d)).map(Path::to_path_buf)
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 fn euid() -> u32 {

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::ConnectorConfig;
+use crate::config::{ConnectorConfig, SpawnMethod};
 use crate::printable::printable;
 use crate::run::child_env::ChildEnv;
 use crate::run::protocol::{self, Line, Message};
@@ -95,12 +95,14 @@ pub enum Confinement<'a> {
     },
 }
 
-/// Starts the connector program with exactly `env`. A sandboxed child has
-/// started once this returns: its `exec` inside the sandbox succeeded.
+/// Starts the connector program with exactly `env`, created as `method`
+/// says. A sandboxed child has started once this returns: its `exec`
+/// inside the sandbox succeeded.
 pub async fn spawn(
     connector: &ConnectorConfig,
     env: &ChildEnv,
     confinement: Confinement<'_>,
+    method: SpawnMethod,
 ) -> Result<Running, SpawnError> {
     let error = |source| SpawnError {
         program: connector.command.display().to_string(),
@@ -116,7 +118,7 @@ pub async fn spawn(
             let entries: Vec<[&[u8]; 1]> = argv.iter().map(|a| [*a]).collect();
             let argv = CStrings::new(&entries).map_err(error)?;
             (
-                spawn::spawn(&program, &argv, &env, &[]).map_err(error)?,
+                spawn::spawn(&program, &argv, &env, &[], method).map_err(error)?,
                 None,
             )
         }
@@ -124,8 +126,8 @@ pub async fn spawn(
             let launch = sandbox
                 .launch(connector, run_dir, &program, &argv)
                 .map_err(error)?;
-            let spawned =
-                spawn::spawn(&launch.program, &launch.argv, &env, &launch.pass).map_err(error)?;
+            let spawned = spawn::spawn(&launch.program, &launch.argv, &env, &launch.pass, method)
+                .map_err(error)?;
             drop(launch.write_ends);
             let status = pipe::Receiver::from_owned_fd(launch.channels.status).map_err(error)?;
             let info = pipe::Receiver::from_owned_fd(launch.channels.info).map_err(error)?;
@@ -284,9 +286,9 @@ impl Running {
         tokio::pin!(grace);
         let mut grace_armed = false;
         let mut messages_open = true;
-        let status = loop {
+        let exited = loop {
             tokio::select! {
-                status = self.process.wait() => break status,
+                exited = self.process.exited() => break exited,
                 message = self.messages.recv(), if messages_open => match message {
                     Some(message) => on_message(message),
                     None => messages_open = false,
@@ -312,8 +314,12 @@ impl Running {
                 }
             }
         };
-        // Whatever the child left behind in its group goes with it.
+        // Whatever the child left behind in its group goes with it. The
+        // group is signalled before the child is reaped: the child leads
+        // it, and until it is reaped its pid stays taken, so the group id
+        // cannot have passed to a new group of some other program's.
         signal_group(target.pgid, libc::SIGKILL);
+        let status = exited.and_then(|()| self.process.reap());
         // Messages printed just before exit are still delivered, but a
         // process that left the group (setsid) and holds the pipes open
         // cannot keep the run going.
@@ -360,19 +366,16 @@ fn exit_of(status: ExitStatus) -> Exit {
     }
 }
 
-/// SIGTERM to the connector's group, then SIGKILL after `kill_grace`.
-async fn terminate(
-    process: &mut Process,
-    target: Target,
-    kill_grace: Duration,
-) -> io::Result<ExitStatus> {
+/// SIGTERM to the connector's group, then SIGKILL after `kill_grace`;
+/// returns once the child has ended, leaving it unreaped.
+async fn terminate(process: &mut Process, target: Target, kill_grace: Duration) -> io::Result<()> {
     target.terminate();
-    match tokio::time::timeout(kill_grace, process.wait()).await {
-        Ok(status) => status,
+    match tokio::time::timeout(kill_grace, process.exited()).await {
+        Ok(exited) => exited,
         Err(_) => {
             tracing::warn!(?kill_grace, "connector ignored SIGTERM; sending SIGKILL");
             target.kill();
-            process.wait().await
+            process.exited().await
         }
     }
 }

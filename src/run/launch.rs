@@ -307,7 +307,7 @@ async fn run_in_slot(
         },
         None => Confinement::Unconfined,
     };
-    let spawned = child::spawn(connector, &env, confinement).await;
+    let spawned = child::spawn(connector, &env, confinement, ctx.config.daemon.spawn).await;
     // The plaintext leaves our memory as soon as the child has it.
     drop(env);
     let running = match spawned {

@@ -18,6 +18,13 @@
 //! run on the shared memory; it then starts with an empty signal mask and
 //! SIGPIPE at its default, as the standard library's children do.
 //!
+//! `[daemon] spawn = "command"` starts the same child through
+//! `std::process::Command` instead (`fork`, the `prctl` in a `pre_exec`
+//! hook, `exec`), as a fallback where that `clone` is refused. Both give
+//! the child the same argv, environment block, descriptors, process group,
+//! signal state and parent-death signal, and both hand back a [`Process`],
+//! so supervision does not know which one ran.
+//!
 //! The process is awaited through a pidfd (Linux 5.3) or, where there is
 //! none, SIGCHLD followed by a `waitpid` of this one pid.
 
@@ -25,7 +32,7 @@ use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -34,6 +41,8 @@ use libc::{c_char, c_int, c_void};
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 use zeroize::Zeroizing;
+
+use crate::config::SpawnMethod;
 
 /// The child's stack. Its code is a few frames of syscall wrappers.
 const CHILD_STACK: usize = 64 * 1024;
@@ -89,6 +98,15 @@ impl CStrings {
             .map(|&start| unsafe { base.add(start) }.cast::<c_char>())
             .chain(std::iter::once(std::ptr::null()))
             .collect()
+    }
+
+    /// The strings, without their NULs.
+    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let ends = self.starts.iter().skip(1).copied().chain([self.buf.len()]);
+        self.starts
+            .iter()
+            .zip(ends)
+            .map(|(&start, end)| &self.buf[start..end - 1])
     }
 }
 
@@ -178,6 +196,7 @@ pub fn spawn(
     argv: &CStrings,
     env: &CStrings,
     pass: &[c_int],
+    method: SpawnMethod,
 ) -> io::Result<Spawned> {
     if pass.iter().any(|fd| *fd <= 2) {
         return Err(io::Error::new(
@@ -185,6 +204,19 @@ pub fn spawn(
             "a descriptor passed to a child must be above 2",
         ));
     }
+    match method {
+        SpawnMethod::Vfork => spawn_vfork(program, argv, env, pass),
+        SpawnMethod::Command => spawn_command(program, argv, env, pass),
+    }
+}
+
+/// [`spawn`] through `clone(CLONE_VM | CLONE_VFORK)`.
+fn spawn_vfork(
+    program: &Path,
+    argv: &CStrings,
+    env: &CStrings,
+    pass: &[c_int],
+) -> io::Result<Spawned> {
     let path = CString::new(program.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let argv_ptrs = argv.pointers();
@@ -266,6 +298,83 @@ pub fn spawn(
         stdout: pipe::Receiver::from_owned_fd(out_r)?,
         stderr: pipe::Receiver::from_owned_fd(err_r)?,
     })
+}
+
+/// [`spawn`] through `std::process::Command`.
+fn spawn_command(
+    program: &Path,
+    argv: &CStrings,
+    env: &CStrings,
+    pass: &[c_int],
+) -> io::Result<Spawned> {
+    let mut args = argv.iter().map(OsStr::from_bytes);
+    let arg0 = args.next().unwrap_or(program.as_os_str());
+    // The environment is not handed to `Command`, which would copy the
+    // credential into buffers that are freed without being zeroed. With its
+    // environment settings untouched, std's `exec` passes on whatever
+    // `environ` points at, so the child points it at our block.
+    let envp_ptrs = env.pointers();
+    let envp = envp_ptrs.as_ptr() as usize;
+    let pass = pass.to_vec();
+    let parent = std::process::id() as libc::pid_t;
+    let (out_r, out_w) = pipe_pair()?;
+    let (err_r, err_w) = pipe_pair()?;
+    let mut command = std::process::Command::new(program);
+    command
+        .arg0(arg0)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(out_w)
+        .stderr(err_w)
+        .process_group(0);
+    // SAFETY: the hook runs in the forked child, before `exec`, and calls
+    // only async-signal-safe functions; it allocates nothing (`pass` was
+    // copied before the fork). `envp` points at `envp_ptrs`, which, like
+    // the strings of `env` it points into, outlives the `spawn` call, and
+    // the child has its own copy of both.
+    unsafe {
+        command.pre_exec(move || {
+            let errno = || io::Error::last_os_error();
+            // Killed when the daemon's creating thread dies, SIGKILL included.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(errno());
+            }
+            // The daemon may have died before the prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            for &fd in &pass {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(errno());
+                }
+            }
+            environ = envp as *const *const c_char;
+            Ok(())
+        });
+    }
+    let child = command.spawn()?;
+    // The child's exit is ours to wait for, through `Process`; std's handle
+    // neither waits nor kills when dropped.
+    let pid = child.id() as libc::pid_t;
+    drop(child);
+    // Our ends only: `command` holds the write ends the child now has.
+    drop(command);
+    let mut process = Process {
+        pid,
+        waiter: None,
+        reaped: false,
+    };
+    process.waiter = Some(Waiter::new(pid)?);
+    Ok(Spawned {
+        process,
+        stdout: pipe::Receiver::from_owned_fd(out_r)?,
+        stderr: pipe::Receiver::from_owned_fd(err_r)?,
+    })
+}
+
+extern "C" {
+    /// The C library's environment, which `execvp` passes to the program.
+    static mut environ: *const *const c_char;
 }
 
 /// The child, between `clone` and `exec`. Runs on its own stack in our
@@ -401,9 +510,18 @@ impl Process {
 
     /// Waits for the process to end and reaps it.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        self.exited().await?;
+        self.reap()
+    }
+
+    /// Waits for the process to end, without reaping it: until
+    /// [`Process::reap`], the ended process keeps its pid, so neither the
+    /// pid nor the id of the process group it leads can name another
+    /// process.
+    pub async fn exited(&mut self) -> io::Result<()> {
         loop {
-            if let Some(status) = self.try_wait()? {
-                return Ok(status);
+            if self.has_exited()? {
+                return Ok(());
             }
             match &mut self.waiter {
                 Some(Waiter::Pidfd(fd)) => fd.readable().await?.clear_ready(),
@@ -417,17 +535,51 @@ impl Process {
         }
     }
 
-    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+    /// Reaps the process once [`Process::exited`] has returned.
+    pub fn reap(&mut self) -> io::Result<ExitStatus> {
         if self.reaped {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "process already reaped",
-            ));
+            return Err(already_reaped());
         }
-        let status = waitpid(self.pid, libc::WNOHANG)?;
-        self.reaped = status.is_some();
+        // It has ended, so this returns at once.
+        let status = waitpid(self.pid, 0)?
+            .ok_or_else(|| io::Error::other("waitpid returned without a status"))?;
+        self.reaped = true;
         Ok(status)
     }
+
+    /// Whether the process has ended, leaving it unreaped.
+    fn has_exited(&self) -> io::Result<bool> {
+        if self.reaped {
+            return Err(already_reaped());
+        }
+        loop {
+            // SAFETY: siginfo_t is plain data for which all-zeroes is valid;
+            // waitid writes only into it.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid on our own child with a valid out-pointer.
+            let r = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    self.pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                )
+            };
+            if r == 0 {
+                // With WNOHANG, a child that has not ended leaves si_pid 0.
+                // SAFETY: waitid filled `info` in, as a SIGCHLD's siginfo.
+                return Ok(unsafe { info.si_pid() } != 0);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+fn already_reaped() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "process already reaped")
 }
 
 impl Drop for Process {
@@ -473,14 +625,17 @@ mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
+    /// Every test holds for both ways of starting a child.
+    const METHODS: [SpawnMethod; 2] = [SpawnMethod::Vfork, SpawnMethod::Command];
+
     fn strings(items: &[&str]) -> CStrings {
         let entries: Vec<[&[u8]; 1]> = items.iter().map(|s| [s.as_bytes()]).collect();
         CStrings::new(&entries).unwrap()
     }
 
-    async fn run(argv: &[&str], env: &[&str]) -> (ExitStatus, String, String) {
+    async fn run(method: SpawnMethod, argv: &[&str], env: &[&str]) -> (ExitStatus, String, String) {
         let program = find_program(Path::new(argv[0]), None).unwrap();
-        let mut spawned = spawn(&program, &strings(argv), &strings(env), &[]).unwrap();
+        let mut spawned = spawn(&program, &strings(argv), &strings(env), &[], method).unwrap();
         let (mut out, mut err) = (String::new(), String::new());
         spawned.stdout.read_to_string(&mut out).await.unwrap();
         spawned.stderr.read_to_string(&mut err).await.unwrap();
@@ -497,58 +652,120 @@ mod tests {
 
     #[tokio::test]
     async fn exact_argv_env_and_streams() {
-        let (status, out, err) = run(
-            &[
-                "sh",
-                "-c",
-                "echo \"$0|$1\"; echo oops >&2; exit 3",
-                "x",
-                "y",
-            ],
-            &["PATH=/usr/bin:/bin"],
-        )
-        .await;
-        assert_eq!(status.code(), Some(3));
-        assert_eq!((out.as_str(), err.as_str()), ("x|y\n", "oops\n"));
-        // Exactly the block given, nothing of ours.
-        let (status, out, _) = run(&["env"], &["A=1 2", "EMPTY="]).await;
-        assert!(status.success());
-        assert_eq!(out, "A=1 2\nEMPTY=\n");
+        for method in METHODS {
+            let (status, out, err) = run(
+                method,
+                &[
+                    "sh",
+                    "-c",
+                    "echo \"$0|$1\"; echo oops >&2; exit 3",
+                    "x",
+                    "y",
+                ],
+                &["PATH=/usr/bin:/bin"],
+            )
+            .await;
+            assert_eq!(status.code(), Some(3), "{method:?}");
+            assert_eq!(
+                (out.as_str(), err.as_str()),
+                ("x|y\n", "oops\n"),
+                "{method:?}"
+            );
+            // Exactly the block given, nothing of ours.
+            let (status, out, _) = run(method, &["env"], &["A=1 2", "EMPTY="]).await;
+            assert!(status.success(), "{method:?}");
+            assert_eq!(out, "A=1 2\nEMPTY=\n", "{method:?}");
+        }
     }
 
     #[tokio::test]
     async fn clean_signal_state_own_group_and_null_stdin() {
-        // The daemon's SIGPIPE is ignored (the Rust runtime does it); the
-        // child must not inherit that, nor any blocked signal.
-        let (_, out, _) = run(&["cat", "/proc/self/status"], &[]).await;
-        assert_eq!(status_field(&out, "SigBlk:"), 0, "{out}");
-        let parent = std::fs::read_to_string("/proc/self/status").unwrap();
-        let expected = status_field(&parent, "SigIgn:") & !(1 << (libc::SIGPIPE - 1));
-        assert_eq!(status_field(&out, "SigIgn:"), expected, "{out}");
-        // `cat` ends at once only if stdin is empty (/dev/null).
-        let (_, out, _) = run(
-            &["sh", "-c", "echo $$; cut -d' ' -f5 /proc/$$/stat; cat"],
-            &[],
-        )
-        .await;
-        let ids: Vec<&str> = out.split_whitespace().collect();
-        assert_eq!(ids.len(), 2, "{out}");
-        assert_eq!(ids[0], ids[1], "the child leads its own process group");
+        for method in METHODS {
+            // The daemon's SIGPIPE is ignored (the Rust runtime does it); the
+            // child must not inherit that, nor any blocked signal.
+            let (_, out, _) = run(method, &["cat", "/proc/self/status"], &[]).await;
+            assert_eq!(status_field(&out, "SigBlk:"), 0, "{method:?}: {out}");
+            let parent = std::fs::read_to_string("/proc/self/status").unwrap();
+            let expected = status_field(&parent, "SigIgn:") & !(1 << (libc::SIGPIPE - 1));
+            assert_eq!(status_field(&out, "SigIgn:"), expected, "{method:?}: {out}");
+            // `cat` ends at once only if stdin is empty (/dev/null).
+            let (_, out, _) = run(
+                method,
+                &["sh", "-c", "echo $$; cut -d' ' -f5 /proc/$$/stat; cat"],
+                &[],
+            )
+            .await;
+            let ids: Vec<&str> = out.split_whitespace().collect();
+            assert_eq!(ids.len(), 2, "{method:?}: {out}");
+            assert_eq!(
+                ids[0], ids[1],
+                "{method:?}: the child leads its own process group"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn passed_descriptors_stay_open_in_the_child() {
+        for method in METHODS {
+            let (read, _write) = pipe_pair().unwrap();
+            let fd = read.as_raw_fd();
+            let program = find_program(Path::new("sh"), None).unwrap();
+            let script = format!("test -e /proc/self/fd/{fd} && echo open");
+            let mut spawned = spawn(
+                &program,
+                &strings(&["sh", "-c", &script]),
+                &strings(&[]),
+                &[fd],
+                method,
+            )
+            .unwrap();
+            let mut out = String::new();
+            spawned.stdout.read_to_string(&mut out).await.unwrap();
+            spawned.process.wait().await.unwrap();
+            assert_eq!(out, "open\n", "{method:?}");
+        }
     }
 
     #[tokio::test]
     async fn exit_by_signal_and_pid() {
-        let program = find_program(Path::new("sh"), None).unwrap();
-        let mut spawned = spawn(
-            &program,
-            &strings(&["sh", "-c", "kill -TERM $$"]),
-            &strings(&[]),
-            &[],
-        )
-        .unwrap();
-        assert!(spawned.process.pid() > 0);
-        let status = spawned.process.wait().await.unwrap();
-        assert_eq!(status.signal(), Some(libc::SIGTERM));
+        for method in METHODS {
+            let program = find_program(Path::new("sh"), None).unwrap();
+            let mut spawned = spawn(
+                &program,
+                &strings(&["sh", "-c", "kill -TERM $$"]),
+                &strings(&[]),
+                &[],
+                method,
+            )
+            .unwrap();
+            assert!(spawned.process.pid() > 0, "{method:?}");
+            let status = spawned.process.wait().await.unwrap();
+            assert_eq!(status.signal(), Some(libc::SIGTERM), "{method:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ended_child_keeps_its_pid_until_reaped() {
+        for method in METHODS {
+            let program = find_program(Path::new("sh"), None).unwrap();
+            let mut spawned = spawn(
+                &program,
+                &strings(&["sh", "-c", "exit 4"]),
+                &strings(&[]),
+                &[],
+                method,
+            )
+            .unwrap();
+            let pid = spawned.process.pid();
+            spawned.process.exited().await.unwrap();
+            // A zombie: ended, and its pid (and so its group's id) still taken.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let state = stat.rsplit_once(") ").unwrap().1.split(' ').next();
+            assert_eq!(state, Some("Z"), "{method:?}: {stat}");
+            assert_eq!(spawned.process.reap().unwrap().code(), Some(4));
+            assert!(!Path::new(&format!("/proc/{pid}")).exists());
+            assert!(spawned.process.reap().is_err(), "reaped once only");
+        }
     }
 
     #[test]
@@ -563,14 +780,20 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let error = runtime
-            .block_on(async { spawn(&file, &strings(&["plain"]), &strings(&[]), &[]).err() });
+        let errors = METHODS.map(|method| {
+            runtime.block_on(async {
+                spawn(&file, &strings(&["plain"]), &strings(&[]), &[], method).err()
+            })
+        });
         std::fs::remove_dir_all(&dir).unwrap();
-        // Root may read anything, but exec still needs an execute bit.
-        assert_eq!(
-            error.expect("not executable").raw_os_error(),
-            Some(libc::EACCES)
-        );
+        for (method, error) in METHODS.into_iter().zip(errors) {
+            // Root may read anything, but exec still needs an execute bit.
+            assert_eq!(
+                error.expect("not executable").raw_os_error(),
+                Some(libc::EACCES),
+                "{method:?}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -581,19 +804,26 @@ mod tests {
         std::fs::write(&script, "echo \"ran with $1\"\n").unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        let mut spawned = spawn(
-            &script,
-            &strings(&["no-shebang", "arg"]),
-            &strings(&[]),
-            &[],
-        )
-        .unwrap();
-        let mut out = String::new();
-        spawned.stdout.read_to_string(&mut out).await.unwrap();
-        let status = spawned.process.wait().await.unwrap();
+        let mut outcomes = Vec::new();
+        for method in METHODS {
+            let mut spawned = spawn(
+                &script,
+                &strings(&["no-shebang", "arg"]),
+                &strings(&[]),
+                &[],
+                method,
+            )
+            .unwrap();
+            let mut out = String::new();
+            spawned.stdout.read_to_string(&mut out).await.unwrap();
+            let status = spawned.process.wait().await.unwrap();
+            outcomes.push((method, status, out));
+        }
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(status.success());
-        assert_eq!(out, "ran with arg\n");
+        for (method, status, out) in outcomes {
+            assert!(status.success(), "{method:?}");
+            assert_eq!(out, "ran with arg\n", "{method:?}");
+        }
     }
 
     #[test]

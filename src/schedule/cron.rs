@@ -31,11 +31,10 @@
 //! always a mistake, and searching for its next fire would cost milliseconds
 //! (seconds, for an empty time field) on every call.
 //!
-//! Parsed expressions are interned. [`parse_cron`] hands out one shared parse
-//! per distinct expression string (after trimming), and [`CronExpr`] is only an
-//! [`Arc`], so 100,000 schedules that use a handful of distinct expressions hold
-//! a handful of parsed patterns, and a [`FireRule`] stays small and cheap to
-//! clone.
+//! [`parse_cron`] parses afresh on every call. A [`CronExpr`] is only an
+//! [`Arc`] around croner's parse, so a [`FireRule`] stays small and cheap to
+//! clone; the engine keeps one parse per distinct expression text, and only a
+//! bounded number of them, in `schedule::exprs`, the one cache of parses.
 //!
 //! # Daylight saving time
 //!
@@ -67,9 +66,8 @@
 //! croner search naive wall-clock time, where no time is missing or repeated,
 //! and maps each match to an instant itself with chrono-tz.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{
@@ -108,24 +106,19 @@ const FIRES_AT_ALL_PROBE: NaiveDateTime = match NaiveDate::from_ymd_opt(4590, 1,
 
 /// A parsed cron expression.
 ///
-/// It is an [`Arc`] around croner's parse, shared by every schedule that uses
-/// the same expression string, so cloning is a reference-count increment.
+/// It is an [`Arc`] around croner's parse, which the engine shares between
+/// every schedule that uses the same expression text, so cloning is a
+/// reference-count increment.
 #[derive(Clone)]
 pub struct CronExpr {
     cron: Arc<Cron>,
 }
 
 impl CronExpr {
-    /// Parses `expr` afresh, without the sharing of [`parse_cron`]: for a
-    /// caller that keeps its own table of parses.
-    pub fn parse(expr: &str) -> Result<CronExpr, CronError> {
-        let cron = compile(expr.trim()).map_err(|reason| CronError::Syntax {
-            expr: expr.to_owned(),
-            reason,
-        })?;
-        Ok(CronExpr {
-            cron: Arc::new(cron),
-        })
+    /// Whether `self` and `other` are one shared parse, not merely equal.
+    #[cfg(test)]
+    pub(crate) fn shares_parse_with(&self, other: &CronExpr) -> bool {
+        Arc::ptr_eq(&self.cron, &other.cron)
     }
 
     /// Returns the expression in croner's normalised form: upper case, with
@@ -150,8 +143,9 @@ impl fmt::Display for CronExpr {
 
 impl PartialEq for CronExpr {
     fn eq(&self, other: &Self) -> bool {
-        // Interning makes equal strings share one parse, so the pointer check
-        // settles almost every comparison without looking at the pattern.
+        // The engine's schedules share one parse per expression text, so the
+        // pointer check settles most comparisons without looking at the
+        // pattern.
         Arc::ptr_eq(&self.cron, &other.cron) || self.cron == other.cron
     }
 }
@@ -178,18 +172,18 @@ pub enum CronError {
 /// Parses a cron expression; see the [module documentation](self) for the
 /// accepted syntax.
 ///
-/// Surrounding whitespace is ignored. Equal expressions share one parse, so
-/// calling this once per schedule is cheap even for 100,000 schedules.
+/// Surrounding whitespace is ignored. Every call compiles the expression
+/// and checks that it fires, so a caller that parses the same text
+/// repeatedly keeps its parses itself, as the engine does in
+/// `schedule::exprs`.
 pub fn parse_cron(expr: &str) -> Result<CronExpr, CronError> {
-    let text = expr.trim();
-    if let Some(cron) = lock_interner().get(text) {
-        return Ok(CronExpr { cron });
-    }
-    // Compile without holding the lock, because checking that an expression
-    // fires can take a millisecond and other threads may be parsing too.
-    let CronExpr { cron } = CronExpr::parse(expr)?;
-    let cron = lock_interner().insert(text, cron);
-    Ok(CronExpr { cron })
+    let cron = compile(expr.trim()).map_err(|reason| CronError::Syntax {
+        expr: expr.to_owned(),
+        reason,
+    })?;
+    Ok(CronExpr {
+        cron: Arc::new(cron),
+    })
 }
 
 /// Parses an IANA time zone name such as `Europe/Berlin` or `UTC`.
@@ -322,8 +316,11 @@ pub fn jitter_offset(connection_id: &str, jitter_seconds: i32) -> Duration {
     }
 }
 
-/// The 64-bit FNV-1a hash, written out so that its values are fixed forever.
-fn fnv1a_64(bytes: &[u8]) -> u64 {
+/// The 64-bit FNV-1a hash, written out so that its values are fixed
+/// forever: for values that must be the same in every process and every
+/// release, a connection's jitter here and the directory of a checkout's
+/// private PostgreSQL (`dev::pgcluster`).
+pub(crate) fn fnv1a_64(bytes: &[u8]) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     bytes.iter().fold(OFFSET_BASIS, |hash, &byte| {
@@ -366,55 +363,6 @@ fn compile(text: &str) -> Result<Cron, String> {
         );
     }
     Ok(cron)
-}
-
-/// Parsed expressions by their trimmed text, held weakly so that an expression
-/// no schedule uses any more is freed.
-struct Interner {
-    by_text: HashMap<Box<str>, Weak<Cron>>,
-    /// The size at which dead entries are next swept out, kept at twice the
-    /// live size so that sweeping costs amortised constant time per insert.
-    sweep_at: usize,
-}
-
-impl Interner {
-    /// The fewest entries worth sweeping.
-    const MIN_SWEEP_AT: usize = 64;
-
-    fn get(&self, text: &str) -> Option<Arc<Cron>> {
-        self.by_text.get(text)?.upgrade()
-    }
-
-    /// Records `cron` as the parse of `text`, unless another thread recorded
-    /// one first, and returns the parse to share.
-    fn insert(&mut self, text: &str, cron: Arc<Cron>) -> Arc<Cron> {
-        if let Some(existing) = self.get(text) {
-            return existing;
-        }
-        if self.by_text.len() >= self.sweep_at {
-            self.by_text.retain(|_, parse| parse.strong_count() > 0);
-            self.sweep_at = (self.by_text.len() * 2).max(Self::MIN_SWEEP_AT);
-        }
-        self.by_text.insert(text.into(), Arc::downgrade(&cron));
-        cron
-    }
-}
-
-/// Locks the process-wide interner.
-fn lock_interner() -> std::sync::MutexGuard<'static, Interner> {
-    static INTERNER: OnceLock<Mutex<Interner>> = OnceLock::new();
-    INTERNER
-        .get_or_init(|| {
-            Mutex::new(Interner {
-                by_text: HashMap::new(),
-                sweep_at: Interner::MIN_SWEEP_AT,
-            })
-        })
-        .lock()
-        // A panic while the lock was held cannot leave the map half-updated
-        // in a way that matters: at worst an entry is missing or dead, and
-        // both only cost a fresh parse.
-        .unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The wall-clock reading of `instant` in `tz` and the UTC offset in force
@@ -910,20 +858,6 @@ mod tests {
     }
 
     #[test]
-    fn unused_expressions_are_swept_from_the_interner() {
-        for minute in 0..60 {
-            for hour in 0..24 {
-                drop(parse_cron(&format!("{minute} {hour} 1 1 *")).expect("valid"));
-            }
-        }
-        // 1440 expressions were parsed and dropped; other tests running at the
-        // same time hold at most a few dozen, and sweeping keeps the map
-        // within twice the live entries plus the sweep floor.
-        let size = lock_interner().by_text.len();
-        assert!(size < 400, "{size} entries remain");
-    }
-
-    #[test]
     fn next_after_is_strictly_after_even_within_a_second() {
         let rule = rule("0 3 * * *", "UTC", 0);
         let tick = utc("2026-05-10 03:00:00");
@@ -1047,9 +981,17 @@ mod tests {
         assert_eq!(fnv1a_64(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a_64(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a_64(b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(fnv1a_64(b"foo"), 0xdcb2_7518_fed9_d577);
         assert_eq!(
             jitter_offset("foobar", 3600),
             Duration::from_secs(0x8594_4171_f739_67e8 % 3600)
+        );
+        // Two offsets written out, so that a change to the hash or to how
+        // it becomes seconds shows here as moved schedules.
+        assert_eq!(jitter_offset("conn-1", 300), Duration::from_secs(1));
+        assert_eq!(
+            jitter_offset("alice-github", 3600),
+            Duration::from_secs(1069)
         );
 
         for id in [
@@ -1183,10 +1125,11 @@ mod tests {
     }
 
     #[test]
-    fn equal_expressions_share_one_parse() {
+    fn equal_expressions_are_equal() {
+        // Sharing one parse per text is the engine's table's job; see
+        // `schedule::exprs`.
         let a = parse_cron("0 */6 * * *").expect("valid");
         let b = parse_cron("  0 */6 * * *\t").expect("valid");
-        assert!(Arc::ptr_eq(&a.cron, &b.cron));
         assert_eq!(a, b);
         assert_eq!(a.as_str(), "0 */6 * * *");
         assert_ne!(a, parse_cron("0 */7 * * *").expect("valid"));

@@ -1,6 +1,6 @@
 //! The schedule engine: one timer over a heap of next-fire instants.
 //!
-//! Every `schedules` row is a 32-byte [`Slot`](super::slots::Slot) (its
+//! Every `schedules` row is a 40-byte [`Slot`](super::slots::Slot) (its
 //! expression an id into a shared table of texts, see [`super::exprs`]) and every
 //! firing row has one heap key. The timer sleeps until the earliest key, at
 //! most a few seconds at a time so a jump of the wall clock is noticed, and

@@ -8,14 +8,15 @@
 //! every text; it keeps every parse while the engine loads (each distinct
 //! expression is parsed once there) and afterwards only the
 //! [`PARSED_KEPT`] most recently used ones, parsing again (about 16 us) on a
-//! miss.
+//! miss. It is the process's one cache of parses: `cron::parse_cron` keeps
+//! nothing.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 
 use hashbrown::HashTable;
 
-use crate::schedule::cron::{CronError, CronExpr};
+use crate::schedule::cron::{parse_cron, CronError, CronExpr};
 
 /// An expression's id in the table.
 pub type ExprId = u32;
@@ -80,7 +81,7 @@ impl Exprs {
             self.spans[id as usize].uses += 1;
             return Ok((id, expr));
         }
-        let expr = CronExpr::parse(text)?;
+        let expr = parse_cron(text)?;
         let span = Span {
             start: self.buffer.len(),
             len: text.len(),
@@ -154,7 +155,7 @@ impl Exprs {
             return Ok(parsed.expr.clone());
         }
         let span = self.spans.get(id as usize).copied().unwrap_or_default();
-        let expr = CronExpr::parse(span.text(&self.buffer))?;
+        let expr = parse_cron(span.text(&self.buffer))?;
         self.keep(id, expr.clone());
         Ok(expr)
     }
@@ -239,9 +240,10 @@ mod tests {
     #[test]
     fn equal_texts_share_an_id_until_their_last_use_is_released() {
         let mut exprs = Exprs::default();
-        let (a, _) = exprs.acquire("0 * * * *").unwrap();
-        let (b, _) = exprs.acquire(" 0 * * * * ").unwrap();
+        let (a, first) = exprs.acquire("0 * * * *").unwrap();
+        let (b, second) = exprs.acquire(" 0 * * * * ").unwrap();
         assert_eq!(a, b);
+        assert!(first.shares_parse_with(&second), "one parse per text");
         exprs.release(a);
         assert_eq!(exprs.len(), 1, "one use is left");
         exprs.release(b);

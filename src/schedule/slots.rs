@@ -1,4 +1,4 @@
-//! Every `schedules` row the engine knows, in 32 bytes each, and the heap of
+//! Every `schedules` row the engine knows, in 40 bytes each, and the heap of
 //! their next fires.
 //!
 //! The rows sit in one vector sorted by id: a lookup is a binary search, the
@@ -28,8 +28,10 @@ pub struct Slot {
     /// The next fire, in Unix seconds (fires are whole seconds), or
     /// [`NEVER`].
     pub next: i64,
-    /// A 32-bit fingerprint of the row's `updated_at`, for the reconcile.
-    pub stamp: u32,
+    /// The row's `updated_at` in Unix microseconds, PostgreSQL's own
+    /// resolution, for the reconcile: any edit changes it, so an edit whose
+    /// notification was lost is always seen.
+    pub stamp: i64,
     pub expr: ExprId,
     /// The connection's jitter offset, in seconds.
     pub jitter: u32,
@@ -40,7 +42,7 @@ pub struct Slot {
 
 impl Slot {
     /// A row that does not fire: disabled, or its expression or zone is bad.
-    pub fn idle(id: i64, stamp: u32) -> Slot {
+    pub fn idle(id: i64, stamp: i64) -> Slot {
         Slot {
             id,
             next: NEVER,
@@ -53,11 +55,13 @@ impl Slot {
     }
 }
 
-/// The fingerprint of an `updated_at`. A missed edit would also need a lost
-/// notification and an edit whose microseconds fold to the same 32 bits.
-pub fn stamp(updated_at: DateTime<Utc>) -> u32 {
-    let micros = updated_at.timestamp_micros() as u64;
-    (micros ^ (micros >> 32)) as u32
+/// `stamp` of a row the reconcile must re-read whatever its `updated_at`:
+/// no timestamp PostgreSQL can hold is this many microseconds from 1970.
+pub const STALE: i64 = i64::MIN;
+
+/// An `updated_at` as a slot holds it, whole.
+pub fn stamp(updated_at: DateTime<Utc>) -> i64 {
+    updated_at.timestamp_micros()
 }
 
 /// An instant as a slot holds it.
@@ -152,11 +156,11 @@ impl Slots {
     }
 
     /// Makes the reconcile re-read the rows `ids` (sorted): their stamps no
-    /// longer match the `updated_at` they were read with.
+    /// longer match any `updated_at`.
     pub fn mark_stale(&mut self, ids: &[i64]) {
         for slot in &mut self.rows {
             if ids.binary_search(&slot.id).is_ok() {
-                slot.stamp = !slot.stamp;
+                slot.stamp = STALE;
             }
         }
     }
@@ -257,8 +261,8 @@ mod tests {
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn per_schedule_footprint() {
-        // The figures the comments and docs/PERFORMANCE.md quote.
-        assert_eq!(std::mem::size_of::<Slot>(), 32);
+        // The figures the comments and ARCHITECTURE.md quote.
+        assert_eq!(std::mem::size_of::<Slot>(), 40);
         assert_eq!(std::mem::size_of::<HeapKey>(), 16);
     }
 
@@ -329,5 +333,17 @@ mod tests {
         assert_eq!(from_secs(to_secs(at)), at);
         let later = at + chrono::TimeDelta::microseconds(1);
         assert_ne!(stamp(at), stamp(later));
+        // These two differ in bit 0 and bit 32, which a fold of the high
+        // half into the low half would cancel out.
+        let far = later + chrono::TimeDelta::microseconds(1 << 32);
+        assert_ne!(stamp(at), stamp(far));
+        let marked = {
+            let mut slots = Slots::default();
+            slots.upsert(Slot::idle(1, stamp(at)));
+            slots.mark_stale(&[1]);
+            slots.get(1).map(|slot| slot.stamp)
+        };
+        assert_eq!(marked, Some(STALE));
+        assert_ne!(stamp(DateTime::<Utc>::MIN_UTC), STALE);
     }
 }
