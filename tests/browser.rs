@@ -131,7 +131,7 @@ async fn chromium_logs_in_from_inside_the_sandbox() {
             .args(&[script.to_str().expect("UTF-8")])
             .timeout("2m")
             .env("LOGIN_URL", url.as_str())
-            .read_only(&browser_dir())
+            .read_only(browser_dir())
             .no_retry()
             .username_password("CHASE_USERNAME", "CHASE_PASSWORD"),
     );

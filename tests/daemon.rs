@@ -59,17 +59,19 @@ async fn children_started_through_command_get_the_same_start() {
         "",
     );
     assert_eq!(code, 0, "keys generate: {out}{err}");
-    let record = dir.path.display();
-    let config = format!(
-        "{}[child_env]\ninherit = [\"PATH\", \"HOME\", \"LANG\", \"TMPDIR\", \"API_TOKEN\"]\n\n\
-         [connectors.token]\ncommand = {:?}\nenv = {{ RECORD_DIR = \"{record}\" }}\n\
-         read_write_paths = [\"{record}\"]\nretry = {{ max_attempts = 1 }}\n\
-         credential = {{ kind = \"static_secret\", env = \"API_TOKEN\" }}\n",
-        config(&dir.path, "a").replace("[daemon]\n", "[daemon]\nspawn = \"command\"\n"),
-        stand_in(),
-    );
-    let config_path = dir.path.join("connectord.toml");
-    std::fs::write(&config_path, &config).expect("write config");
+    let config = config(&dir.path, "a")
+        .daemon("spawn", "command")
+        .set(
+            "child_env",
+            "inherit",
+            vec!["PATH", "HOME", "LANG", "TMPDIR", "API_TOKEN"],
+        )
+        .connector(
+            Connector::recording("token", stand_in(), &dir.path)
+                .no_retry()
+                .static_secret("API_TOKEN"),
+        );
+    let config_path = config.write(&dir.path.join("connectord.toml"));
     add_connection(&db, "alice-token", "token").await;
     let secret = "tok-3f9c2a7e51";
     let (code, out, err) = cli(

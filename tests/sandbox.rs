@@ -109,7 +109,7 @@ impl Setup {
             .connector(
                 connector("paths", &hostile, "paths")
                     .read_write(&dir.join("rw"))
-                    .read_only(&dir.join("ro")),
+                    .read_only(dir.join("ro")),
             )
     }
 

@@ -149,8 +149,8 @@ impl Connector {
         self.push("read_write_paths", path(dir))
     }
 
-    pub fn read_only(self, dir: &Path) -> Connector {
-        self.push("read_only_paths", path(dir))
+    pub fn read_only(self, dir: impl AsRef<Path>) -> Connector {
+        self.push("read_only_paths", path(dir.as_ref()))
     }
 
     fn push(mut self, key: &str, value: String) -> Connector {
