@@ -11,7 +11,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use crate::vocabulary::CredentialKind;
+use crate::vocabulary::{CredentialKind, RunStatus};
 
 /// A `connections` row as the operator sees it.
 #[derive(Debug, sqlx::FromRow)]
@@ -225,7 +225,7 @@ async fn set_schedules_enabled(
 #[derive(Debug)]
 pub struct RunFilter {
     pub connection: Option<String>,
-    pub status: Option<String>,
+    pub status: Option<RunStatus>,
     /// Only runs created at or after this instant.
     pub since: Option<DateTime<Utc>>,
     pub limit: i64,
@@ -287,7 +287,7 @@ pub async fn runs_json(pool: &PgPool, filter: &RunFilter) -> Result<Vec<String>,
 #[derive(Debug, sqlx::FromRow)]
 pub struct RunOutcome {
     pub run_id: i64,
-    pub status: String,
+    pub status: RunStatus,
     pub failure_kind: Option<String>,
     pub failure_detail: Option<String>,
 }

@@ -617,6 +617,10 @@ async fn operator_commands() {
     let run: serde_json::Value =
         serde_json::from_str(out.lines().next().expect("a run")).expect("json");
     assert_eq!(run["failure_kind"], "credential_missing");
+    // A status no run can have is bad usage, not an empty list.
+    let (code, _, err) = cli(&db, Some(&path), &["runs", "--status", "refusd"], "");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("\"refusd\" is not a RunStatus"), "{err}");
     let out = run_ok(&db, &path, &["runs", "--since", "2000-01-01T00:00:00Z"], "");
     assert!(out.contains("credential_missing"), "{out}");
     let out = run_ok(&db, &path, &["interactions", "--open"], "");

@@ -30,6 +30,7 @@ use self::runs::{parse_since, Wait};
 use crate::admin::RunFilter;
 use crate::config::Config;
 use crate::credentials::keys::Keyring;
+use crate::vocabulary::RunStatus;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -103,7 +104,7 @@ pub(crate) enum Command {
         /// Only runs with this status: running, succeeded, failed, refused
         /// or skipped.
         #[arg(long)]
-        status: Option<String>,
+        status: Option<RunStatus>,
         /// Only runs created since this long ago ("1h") or this RFC 3339 time.
         #[arg(long, value_parser = parse_since)]
         since: Option<DateTime<Utc>>,

@@ -9,6 +9,7 @@ use super::{exit, pool};
 use crate::admin::{self, RunFilter};
 use crate::config::Config;
 use crate::printable::printable;
+use crate::vocabulary::RunStatus;
 
 /// The columns of `runs`.
 const TABLE: Table = Table::new(&[8, 20, 10, 3, 10, 26, 9]);
@@ -41,11 +42,11 @@ pub(crate) async fn trigger(config: &Config, connection: &str, wait: Wait) -> an
             if let Some(detail) = outcome.failure_detail {
                 println!("{}", printable(&detail));
             }
-            return Ok(match outcome.status.as_str() {
-                "succeeded" => exit::OK,
-                "refused" => exit::RUN_REFUSED,
-                "skipped" => exit::RUN_SKIPPED,
-                _ => exit::RUN_FAILED,
+            return Ok(match outcome.status {
+                RunStatus::Succeeded => exit::OK,
+                RunStatus::Refused => exit::RUN_REFUSED,
+                RunStatus::Skipped => exit::RUN_SKIPPED,
+                RunStatus::Failed | RunStatus::Running => exit::RUN_FAILED,
             });
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
