@@ -260,7 +260,7 @@ pub async fn runs(pool: &PgPool, filter: &RunFilter) -> Result<Vec<RunRow>, sqlx
          from runs {RUNS_FILTER}"
     ))
     .bind(&filter.connection)
-    .bind(&filter.status)
+    .bind(filter.status)
     .bind(filter.limit)
     .bind(filter.since)
     .fetch_all(pool)
@@ -276,7 +276,7 @@ pub async fn runs_json(pool: &PgPool, filter: &RunFilter) -> Result<Vec<String>,
          from runs r {RUNS_FILTER}"
     ))
     .bind(&filter.connection)
-    .bind(&filter.status)
+    .bind(filter.status)
     .bind(filter.limit)
     .bind(filter.since)
     .fetch_all(pool)
