@@ -4,8 +4,8 @@
 //! `exec`, so that it dies with the daemon even when the daemon is killed
 //! with SIGKILL. The standard library can only run such a hook after `fork`,
 //! and `fork` copies the daemon's page tables: measured, it was the largest
-//! cost of a run and grew with the daemon's memory (2,600 spawns/s, 750/s at
-//! 64 MiB more, against 7,700/s with `posix_spawn`; see docs/PERFORMANCE.md).
+//! cost of a run and grew with the daemon's memory (docs/PERFORMANCE.md,
+//! design decision 1, has the figures).
 //! So we do what glibc's `posix_spawn` does, plus the one `prctl`: the child
 //! is created with `clone(CLONE_VM | CLONE_VFORK)`, runs on a stack of its
 //! own in our address space while the calling thread is suspended, and
@@ -277,9 +277,9 @@ fn spawn_vfork(
     }
     // The child's exec woke us, and when the two share a CPU the scheduler
     // tends to run us first: the child then waits out our bookkeeping (its
-    // pipes, the readers, the run row's write), about 100 us in the bench's
-    // traces. Yielding lets it start first; with nothing else runnable on
-    // this CPU the call returns at once.
+    // pipes, the readers, the run row's write; design decision 2 in
+    // docs/PERFORMANCE.md). Yielding lets it start first; with nothing
+    // else runnable on this CPU the call returns at once.
     // SAFETY: sched_yield has no preconditions.
     unsafe {
         libc::sched_yield();

@@ -1,15 +1,15 @@
 //! The engine's cron expressions: each distinct text once, named by a
 //! 4-byte id that schedules hold, and a bounded number of croner parses.
 //!
-//! croner keeps about 5 KB per parsed expression (a byte per possible value
-//! of every field, years included), so holding one parse per distinct
-//! expression would cost 13.5 MB at 100,000 schedules with 2,596 distinct
-//! expressions: several times the schedules themselves. The table keeps
-//! every text; it keeps every parse while the engine loads (each distinct
-//! expression is parsed once there) and afterwards only the
-//! [`PARSED_KEPT`] most recently used ones, parsing again (about 16 us) on a
-//! miss. It is the process's one cache of parses: `cron::parse_cron` keeps
-//! nothing.
+//! croner keeps a byte per possible value of every field, years included,
+//! in each parsed expression, so holding one parse per distinct expression
+//! would cost several times the schedules themselves when many schedules
+//! have distinct crons (docs/PERFORMANCE.md, design decision 13). The table
+//! keeps every text; it keeps every parse while the engine loads (each
+//! distinct expression is parsed once there) and afterwards only the
+//! [`PARSED_KEPT`] most recently used ones, parsing again on a miss, which
+//! costs far less than a tick's slack. It is the process's one cache of
+//! parses: `cron::parse_cron` keeps nothing.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -22,14 +22,14 @@ use crate::schedule::cron::{parse_cron, CronError, CronExpr};
 pub type ExprId = u32;
 
 /// Parses kept once loading is done. Expressions that fire often stay
-/// parsed; the 64 kept cost about 330 KB.
+/// parsed, and the kept ones cost little next to the schedules.
 pub const PARSED_KEPT: usize = 64;
 
 #[derive(Default)]
 pub struct Exprs {
     /// Every text in use, back to back. One allocation, not one per text:
     /// texts allocated one by one between the load's parses would each keep
-    /// a page of the freed parses resident (11 MB at 100,000 schedules).
+    /// a page of the freed parses resident.
     buffer: String,
     /// By id: where its text is in `buffer`, and how many schedules use it.
     spans: Vec<Span>,
