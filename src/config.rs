@@ -28,6 +28,8 @@ pub struct Config {
     pub child_env: ChildEnvConfig,
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    #[serde(default)]
+    pub state: StateConfig,
     /// The runtime registry: one entry per connector, keyed by its name.
     #[serde(default)]
     pub connectors: BTreeMap<String, ConnectorConfig>,
@@ -251,6 +253,24 @@ impl Default for SandboxConfig {
     }
 }
 
+/// SPEC §13: the state each connection keeps between runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// The largest state file that is stored; a larger one is not, and
+    /// the connection keeps its old state.
+    #[serde(deserialize_with = "size::deserialize")]
+    pub max_bytes: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            max_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
 /// One connector of the registry.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -437,6 +457,74 @@ mod duration {
                 "invalid duration {text:?} ({e}); write it like \"30s\", \"5m\" or \"1h\""
             ))
         })
+    }
+}
+
+/// Sizes written as `"4MiB"`, `"512 KiB"`, `"100kB"` or a number of bytes.
+mod size {
+    use serde::{Deserialize, Deserializer};
+
+    /// A state is read into memory whole, sealed and sent in one
+    /// statement; past this it belongs in the connector's own storage.
+    pub const MAX: u64 = 256 * 1024 * 1024;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Bytes(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let bytes = match Written::deserialize(d)? {
+            Written::Bytes(n) => n,
+            Written::Text(text) => parse(&text).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid size {text:?}; write it like \"4MiB\", \"512KiB\" or a number of bytes"
+                ))
+            })?,
+        };
+        if bytes > MAX {
+            return Err(serde::de::Error::custom("must be at most 256MiB"));
+        }
+        Ok(bytes)
+    }
+
+    /// `<number>[ ]<unit>`, the units of SI (kB, MB, GB) and IEC (KiB,
+    /// MiB, GiB), or bytes (B, or none).
+    pub fn parse(text: &str) -> Option<u64> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let number: u64 = number.parse().ok()?;
+        let scale: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "kB" | "KB" | "K" | "k" => 1000,
+            "KiB" => 1 << 10,
+            "MB" | "M" => 1000 * 1000,
+            "MiB" => 1 << 20,
+            "GB" | "G" => 1000 * 1000 * 1000,
+            "GiB" => 1 << 30,
+            _ => return None,
+        };
+        number.checked_mul(scale)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn sizes() {
+            assert_eq!(super::parse("4MiB"), Some(4 << 20));
+            assert_eq!(super::parse("100 kB"), Some(100_000));
+            assert_eq!(super::parse("512KiB"), Some(512 << 10));
+            assert_eq!(super::parse("17"), Some(17));
+            assert_eq!(super::parse("1.5MiB"), None);
+            assert_eq!(super::parse("MiB"), None);
+            assert_eq!(super::parse("4 parsecs"), None);
+            assert_eq!(super::parse("99999999999999999999GiB"), None);
+        }
     }
 }
 

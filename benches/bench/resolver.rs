@@ -74,6 +74,7 @@ pub async fn run(
                 trigger: connectord::vocabulary::Trigger::Manual,
                 attempt: 1,
                 private: None,
+                state_file: None,
             },
             resolved.vars,
             host,

@@ -161,7 +161,7 @@ impl Bare {
     async fn run(&self, id: i64) -> anyhow::Result<()> {
         let sandbox = self.sandbox.ready().context("the sandbox is not ready")?;
         let connector = &self.config.connectors["probe"];
-        let run_dir = self.run_dirs.create_run(id)?;
+        let run_dir = self.run_dirs.create_run(id, true)?;
         let env = ChildEnv::build(
             &self.config,
             connector,
@@ -174,6 +174,7 @@ impl Bare {
                     home: sandbox::HOME_INSIDE,
                     tmp: sandbox::TMP_INSIDE,
                 }),
+                state_file: None,
             },
             vec![("PROBE_TOKEN".to_owned(), Secret::new("token".to_owned()))],
             |name| (name == "PATH").then(|| "/usr/bin:/bin".into()),

@@ -69,6 +69,7 @@ pub(crate) async fn run(config: &Config, json: bool) -> anyhow::Result<u8> {
             trigger: Trigger::Manual,
             attempt: 1,
             private: None,
+            state_file: None,
         };
         let child_env = ChildEnv::build(config, connector, &meta, Vec::new(), |name| {
             std::env::var_os(name)

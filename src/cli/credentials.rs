@@ -130,7 +130,16 @@ pub(crate) async fn run(config: &Config, command: CredentialsCommand) -> anyhow:
             for (id, reason) in &rotation.failed {
                 eprintln!("error: credential {id} could not be re-encrypted: {reason}");
             }
-            if !rotation.failed.is_empty() {
+            let states = crate::credentials::state::rotate(&pool, &keyring).await?;
+            println!(
+                "re-encrypted {} connector state(s) under key {}",
+                states.rotated,
+                keyring.primary_id()
+            );
+            for (connection, reason) in &states.failed {
+                eprintln!("error: the state of {connection} could not be re-encrypted: {reason}");
+            }
+            if !rotation.failed.is_empty() || !states.failed.is_empty() {
                 return Ok(exit::ERROR);
             }
         }

@@ -15,6 +15,7 @@ mod logging;
 mod output;
 mod runs;
 mod schedules;
+mod state;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -84,6 +85,9 @@ pub(crate) enum Command {
     /// Manage schedules.
     #[command(subcommand)]
     Schedules(SchedulesCommand),
+    /// Show or clear a connection's stored state (never its content).
+    #[command(subcommand)]
+    State(StateCommand),
     /// Queue a manual run.
     Trigger {
         /// The connection to run.
@@ -194,8 +198,27 @@ pub(crate) enum CredentialsCommand {
         /// The connection whose credentials are deleted.
         connection: String,
     },
-    /// Re-encrypt every credential under the primary key.
+    /// Re-encrypt every credential and connector state under the primary
+    /// key.
     Rotate,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum StateCommand {
+    /// Print the state's size, when and by which run it was written.
+    Show {
+        /// The connection whose state is described.
+        connection: String,
+        /// Print one JSON object (connection, size_bytes, updated_at,
+        /// run_id) instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Discard the state: the next run starts without one.
+    Clear {
+        /// The connection whose state is discarded.
+        connection: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -309,6 +332,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Connections(command) => connections::run(&config, command).await,
         Command::Credentials(command) => credentials::run(&config, command).await,
         Command::Schedules(command) => schedules::run(&config, command).await,
+        Command::State(command) => state::run(&config, command).await,
         Command::Trigger {
             connection,
             wait,

@@ -48,6 +48,7 @@ const KEY_SUFFIX: &str = ".key";
 /// again under the second (`store::bind_connectors`).
 const AAD_TAG_V1: &[u8] = b"connectord-cred-v1";
 const AAD_TAG: &[u8] = b"connectord-cred-v2";
+const STATE_AAD_TAG: &[u8] = b"connectord-state-v1";
 
 /// Why a key directory or key file could not be loaded or written.
 ///
@@ -202,6 +203,19 @@ pub struct Binding<'a> {
     pub connector: Option<&'a str>,
 }
 
+/// The connection a state ciphertext belongs to, bound to it as associated
+/// data: a state copied onto another connection, or left from another
+/// credential or connector, does not decrypt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateBinding<'a> {
+    pub connection_id: &'a str,
+    pub connector: &'a str,
+    /// The credential the writing run logged in with; `None` for a
+    /// connector that takes none.
+    pub credential_id: Option<i64>,
+    pub key_id: &'a str,
+}
+
 /// The loaded keys, by id, and which of them seals new data.
 pub struct Keyring {
     keys: BTreeMap<String, LessSafeKey>,
@@ -298,32 +312,8 @@ impl Keyring {
         if binding.connector.is_none() {
             return Err(SealError::NoConnector);
         }
-        let key = self.primary_key();
         let aad = try_associated_data(binding).ok_or(SealError::BindingTooLong)?;
-
-        let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut nonce).map_err(|_| SealError::Random)?;
-
-        // The plaintext is copied into a buffer sized for the ciphertext and
-        // tag, so it never reallocates, and the buffer is zeroizing so that
-        // the plaintext is wiped if encryption fails part way.
-        let mut buf = Zeroizing::new(Vec::with_capacity(plaintext.len() + AES_256_GCM.tag_len()));
-        buf.extend_from_slice(plaintext);
-        key.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(&aad),
-            &mut *buf,
-        )
-        .map_err(|_| SealError::Encrypt)?;
-        // The buffer now holds only ciphertext, which needs no wiping, so it
-        // is moved out and the empty vector left behind is what gets wiped.
-        let ciphertext = std::mem::take(&mut *buf);
-
-        Ok(Sealed {
-            key_id: self.primary.clone(),
-            nonce: nonce.to_vec(),
-            ciphertext,
-        })
+        self.seal_with(&aad, plaintext)
     }
 
     /// Decrypts a row's ciphertext with the key named by `binding.key_id`.
@@ -337,28 +327,10 @@ impl Keyring {
         nonce: &[u8],
         ciphertext: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, OpenError> {
-        let key = self
-            .keys
-            .get(binding.key_id)
-            .ok_or_else(|| OpenError::UnknownKey(binding.key_id.to_owned()))?;
-        let nonce = Nonce::try_assume_unique_for_key(nonce)
-            .map_err(|_| OpenError::BadNonce(nonce.len()))?;
         // A binding that cannot be encoded can never have been sealed, so
         // the ciphertext cannot authenticate for it.
         let aad = try_associated_data(binding).ok_or(OpenError::Authentication)?;
-
-        // ring decrypts in place. The buffer is zeroizing from the start
-        // because it holds plaintext once decryption has run, and ring wipes
-        // the plaintext itself when the tag does not verify.
-        let mut buf = Zeroizing::new(ciphertext.to_vec());
-        let plaintext_len = key
-            .open_in_place(nonce, Aad::from(&aad), &mut buf)
-            .map_err(|_| OpenError::Authentication)?
-            .len();
-        // Truncating leaves the tag in spare capacity; it is not secret, and
-        // `Zeroizing` wipes spare capacity on drop in any case.
-        buf.truncate(plaintext_len);
-        Ok(buf)
+        self.open_with(binding.key_id, &aad, nonce, ciphertext)
     }
 
     /// Re-encrypts a sealed credential under the primary key, for key
@@ -381,6 +353,108 @@ impl Keyring {
             ..*binding
         };
         Ok(self.seal(&rebound, &plaintext)?)
+    }
+
+    /// Encrypts connector state with the primary key for the connection
+    /// and credential named by `binding`, as [`seal`](Self::seal) does a
+    /// credential.
+    pub fn seal_state(
+        &self,
+        binding: &StateBinding,
+        plaintext: &[u8],
+    ) -> Result<Sealed, SealError> {
+        if binding.key_id != self.primary {
+            return Err(SealError::NotPrimary {
+                key_id: binding.key_id.to_owned(),
+                primary: self.primary.clone(),
+            });
+        }
+        let aad = state_associated_data(binding).ok_or(SealError::BindingTooLong)?;
+        self.seal_with(&aad, plaintext)
+    }
+
+    /// Decrypts connector state sealed by [`seal_state`](Self::seal_state)
+    /// for exactly this binding.
+    pub fn open_state(
+        &self,
+        binding: &StateBinding,
+        nonce: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, OpenError> {
+        let aad = state_associated_data(binding).ok_or(OpenError::Authentication)?;
+        self.open_with(binding.key_id, &aad, nonce, ciphertext)
+    }
+
+    /// Re-encrypts connector state under the primary key, for rotation;
+    /// the plaintext exists only inside this call.
+    pub fn reseal_state(
+        &self,
+        binding: &StateBinding,
+        nonce: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Sealed, ResealError> {
+        let plaintext = self.open_state(binding, nonce, ciphertext)?;
+        let rebound = StateBinding {
+            key_id: self.primary_id(),
+            ..*binding
+        };
+        Ok(self.seal_state(&rebound, &plaintext)?)
+    }
+
+    /// AES-256-GCM under the primary key with a fresh random nonce.
+    fn seal_with(&self, aad: &[u8], plaintext: &[u8]) -> Result<Sealed, SealError> {
+        let key = self.primary_key();
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).map_err(|_| SealError::Random)?;
+
+        // The plaintext is copied into a buffer sized for the ciphertext and
+        // tag, so it never reallocates, and the buffer is zeroizing so that
+        // the plaintext is wiped if encryption fails part way.
+        let mut buf = Zeroizing::new(Vec::with_capacity(plaintext.len() + AES_256_GCM.tag_len()));
+        buf.extend_from_slice(plaintext);
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut *buf,
+        )
+        .map_err(|_| SealError::Encrypt)?;
+        // The buffer now holds only ciphertext, which needs no wiping, so it
+        // is moved out and the empty vector left behind is what gets wiped.
+        let ciphertext = std::mem::take(&mut *buf);
+
+        Ok(Sealed {
+            key_id: self.primary.clone(),
+            nonce: nonce.to_vec(),
+            ciphertext,
+        })
+    }
+
+    /// Decrypts with the key `key_id` into a zeroizing buffer.
+    fn open_with(
+        &self,
+        key_id: &str,
+        aad: &[u8],
+        nonce: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, OpenError> {
+        let key = self
+            .keys
+            .get(key_id)
+            .ok_or_else(|| OpenError::UnknownKey(key_id.to_owned()))?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce)
+            .map_err(|_| OpenError::BadNonce(nonce.len()))?;
+        // ring decrypts in place. The buffer is zeroizing from the start
+        // because it holds plaintext once decryption has run, and ring wipes
+        // the plaintext itself when the tag does not verify.
+        let mut buf = Zeroizing::new(ciphertext.to_vec());
+        let plaintext_len = key
+            .open_in_place(nonce, Aad::from(aad), &mut buf)
+            .map_err(|_| OpenError::Authentication)?
+            .len();
+        // Truncating leaves the tag in spare capacity; it is not secret, and
+        // `Zeroizing` wipes spare capacity on drop in any case.
+        buf.truncate(plaintext_len);
+        Ok(buf)
     }
 
     /// The primary key, which `load` guarantees is present.
@@ -425,6 +499,25 @@ fn try_associated_data(b: &Binding) -> Option<Vec<u8>> {
         }
         None => AAD_TAG_V1,
     };
+    encode_fields(tag, &fields)
+}
+
+/// Encodes a state binding: the bytes `connectord-state-v1`, then
+/// `connection_id`, `connector`, the credential id in decimal (empty for
+/// none) and `key_id`, each length-prefixed as in [`associated_data`]. The
+/// tag differs from a credential's, so neither kind of ciphertext opens as
+/// the other. The layout may never change.
+fn state_associated_data(b: &StateBinding) -> Option<Vec<u8>> {
+    let credential_id = b.credential_id.map(|id| id.to_string()).unwrap_or_default();
+    encode_fields(
+        STATE_AAD_TAG,
+        &[b.connection_id, b.connector, &credential_id, b.key_id],
+    )
+}
+
+/// `tag`, then each field as a `u32` big-endian length and its bytes, or
+/// `None` when a field is too long for its prefix.
+fn encode_fields(tag: &[u8], fields: &[&str]) -> Option<Vec<u8>> {
     let len = tag.len() + fields.iter().map(|f| 4 + f.len()).sum::<usize>();
     let mut out = Vec::with_capacity(len);
     out.extend_from_slice(tag);
@@ -794,6 +887,64 @@ mod tests {
             .open(&b, &empty.nonce, &empty.ciphertext)
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn state_opens_only_for_its_connection_connector_and_credential() {
+        let dir = TempDir::new("state");
+        let ring = keyring(&dir, &["k1", "k2"], "k1");
+        let b = StateBinding {
+            connection_id: "conn-1",
+            connector: "chase",
+            credential_id: Some(7),
+            key_id: "k1",
+        };
+        let sealed = ring.seal_state(&b, b"cookies").unwrap();
+        let opened = ring
+            .open_state(&b, &sealed.nonce, &sealed.ciphertext)
+            .unwrap();
+        assert_eq!(&opened[..], b"cookies");
+        let others = [
+            StateBinding {
+                connection_id: "conn-2",
+                ..b
+            },
+            StateBinding {
+                connector: "usaa",
+                ..b
+            },
+            StateBinding {
+                credential_id: Some(8),
+                ..b
+            },
+            StateBinding {
+                credential_id: None,
+                ..b
+            },
+        ];
+        for other in others {
+            assert!(matches!(
+                ring.open_state(&other, &sealed.nonce, &sealed.ciphertext),
+                Err(OpenError::Authentication)
+            ));
+        }
+        // Neither kind of ciphertext opens as the other.
+        let cred = ring.seal(&binding("k1"), b"cookies").unwrap();
+        assert!(ring.open_state(&b, &cred.nonce, &cred.ciphertext).is_err());
+        assert!(ring
+            .open(&binding("k1"), &sealed.nonce, &sealed.ciphertext)
+            .is_err());
+        // Rotation re-seals under the primary, still bound to the row.
+        let ring2 = Keyring::load(dir.path(), "k2").unwrap();
+        let resealed = ring2
+            .reseal_state(&b, &sealed.nonce, &sealed.ciphertext)
+            .unwrap();
+        assert_eq!(resealed.key_id, "k2");
+        let b2 = StateBinding { key_id: "k2", ..b };
+        let opened = ring2
+            .open_state(&b2, &resealed.nonce, &resealed.ciphertext)
+            .unwrap();
+        assert_eq!(&opened[..], b"cookies");
     }
 
     #[test]

@@ -115,26 +115,27 @@ pub async fn run(
     }
 
     let sandbox = SandboxState::start(&config).await;
-    let run_dirs = match &sandbox {
-        SandboxState::Ready(sandbox) => match RunDirs::create() {
-            Ok(run_dirs) => {
-                tracing::info!(bwrap = %sandbox.bwrap().display(), runs = %run_dirs.root().display(), "connector children run in the sandbox");
-                Some(run_dirs)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "the sandbox has no directory for runs' private files; every run will be refused as sandbox_unavailable");
-                None
-            }
-        },
-        SandboxState::Unavailable(reason) => {
-            tracing::error!("the sandbox cannot be set up: {reason}; every run will be refused as sandbox_unavailable until this is fixed and the daemon restarted");
-            None
-        }
-        SandboxState::Disabled => {
-            tracing::warn!("the sandbox is disabled ([sandbox] enabled = false): connector children run with the daemon's account and its view of the machine, and can read each other's credentials");
+    let run_dirs = match RunDirs::create() {
+        Ok(run_dirs) => Some(run_dirs),
+        Err(e) => {
+            tracing::error!(error = %e, "there is no directory for runs' private files; every run will fail to start");
             None
         }
     };
+    match (&sandbox, &run_dirs) {
+        (SandboxState::Ready(sandbox), Some(run_dirs)) => {
+            tracing::info!(bwrap = %sandbox.bwrap().display(), runs = %run_dirs.root().display(), "connector children run in the sandbox");
+        }
+        (SandboxState::Ready(_), None) => {
+            tracing::error!("the sandbox has no directory for runs' private files; every run will be refused as sandbox_unavailable");
+        }
+        (SandboxState::Unavailable(reason), _) => {
+            tracing::error!("the sandbox cannot be set up: {reason}; every run will be refused as sandbox_unavailable until this is fixed and the daemon restarted");
+        }
+        (SandboxState::Disabled, _) => {
+            tracing::warn!("the sandbox is disabled ([sandbox] enabled = false): connector children run with the daemon's account and its view of the machine, and can read each other's credentials");
+        }
+    }
     let known_connectors = config.connectors.keys().cloned().collect();
     let mut tasks = Tasks::default();
     let (outcomes, write_outcomes) = OutcomeWriter::new(pool.clone(), instance_id.clone());

@@ -58,6 +58,9 @@ pub struct Claimed {
     /// The connection's active credential, read with the slot; `None` when
     /// it has none active (then see [`latest_credential`]).
     pub credential: Option<StoredCredential>,
+    /// Whether the connection had a stored state at the claim (read only
+    /// with a slot).
+    pub has_state: bool,
 }
 
 /// Claims up to `limit` due commands for `instance_id` and takes their run
@@ -143,7 +146,8 @@ pub async fn claim(
                cred.key_id, cred.nonce, cred.sealed_for,
                case when octet_length(cred.ciphertext) <= $5 then cred.ciphertext end
                    as ciphertext,
-               octet_length(cred.ciphertext) as ciphertext_len
+               octet_length(cred.ciphertext) as ciphertext_len,
+               st.connection_id is not null as has_state
         from claimed cl
         join admitted a on a.id = cl.id
         -- Each a probe by key through a fenced lateral (`offset 0`): as
@@ -160,6 +164,13 @@ pub async fn claim(
               and cl.run_id is not null
             offset 0
         ) cred on true
+        -- Whether the connection keeps a state: read by the launch only
+        -- when there is one.
+        left join lateral (
+            select st.connection_id from connection_states st
+            where st.connection_id = cl.connection_id and cl.run_id is not null
+            offset 0
+        ) st on true
         "#,
     )
     .bind(instance_id)
@@ -238,6 +249,7 @@ fn claimed_from_row(row: &PgRow) -> Result<Claimed, sqlx::Error> {
         enabled: row.try_get("enabled")?,
         run_id: row.try_get("run_id")?,
         credential,
+        has_state: row.try_get("has_state")?,
     })
 }
 

@@ -7,7 +7,7 @@
 //!    declares for credentials, so a deployment-wide `CHASE_PASSWORD` can
 //!    never reach a child, and an empty one can never shadow a stored value;
 //! 3. the connector's fixed `env` table;
-//! 4. run metadata (`CONNECTORD_*`), and for a sandboxed child its private
+//! 4. run metadata (`CONNECTORD_*`, the state file among them), and for a sandboxed child its private
 //!    `HOME` and `TMPDIR`, replacing whatever came before;
 //! 5. the resolved credential, always last.
 
@@ -62,6 +62,8 @@ pub struct RunMeta<'a> {
     pub attempt: i32,
     /// A sandboxed child's private directories, as it sees them.
     pub private: Option<PrivateDirs<'a>>,
+    /// `CONNECTORD_STATE_FILE`, as the child sees it.
+    pub state_file: Option<&'a OsStr>,
 }
 
 /// The run's own `HOME` and `TMPDIR`.
@@ -110,6 +112,9 @@ impl ChildEnv {
             "CONNECTORD_ATTEMPT",
             EnvValue::Plain(meta.attempt.to_string().into()),
         );
+        if let Some(state_file) = meta.state_file {
+            env.set("CONNECTORD_STATE_FILE", EnvValue::Plain(state_file.into()));
+        }
         if let Some(private) = meta.private {
             env.set("HOME", EnvValue::Plain(private.home.into()));
             env.set("TMPDIR", EnvValue::Plain(private.tmp.into()));
@@ -193,6 +198,7 @@ mod tests {
             trigger: Trigger::Scheduled,
             attempt: 2,
             private: None,
+            state_file: None,
         };
         let env = ChildEnv::build(
             &config,
@@ -231,6 +237,7 @@ mod tests {
             trigger: Trigger::Manual,
             attempt: 1,
             private: None,
+            state_file: None,
         };
         let env = ChildEnv::build(&config, &config.connectors["chase"], &meta, vec![], host);
         assert!(matches!(&env.vars["PATH"], EnvValue::Plain(p) if p == "/connector/bin"));
@@ -254,6 +261,7 @@ mod tests {
                 home: "/run/connector/home",
                 tmp: "/run/connector/tmp",
             }),
+            state_file: None,
         };
         let env = ChildEnv::build(
             &config,

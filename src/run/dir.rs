@@ -1,6 +1,6 @@
-//! Each run's private directory: `HOME` and `TMPDIR` of a sandboxed child
-//! (and, with connector state, the state file), created empty before the
-//! spawn and removed once the run has ended.
+//! Each run's private directory: the state file of every child, and the
+//! `HOME` and `TMPDIR` of a sandboxed one, created empty before the spawn
+//! and removed once the run has ended.
 //!
 //! Every run directory lives under one root the daemon creates at start,
 //! mode 0700, with a name no one else can have taken first: under
@@ -61,8 +61,9 @@ impl RunDirs {
         &self.root
     }
 
-    /// A fresh, empty directory for run `run_id`, with `home` and `tmp`.
-    pub fn create_run(&self, run_id: i64) -> io::Result<RunDir> {
+    /// A fresh, empty directory for run `run_id`, with `home` and `tmp`
+    /// when the child is sandboxed (an unsandboxed one keeps the host's).
+    pub fn create_run(&self, run_id: i64, sandboxed: bool) -> io::Result<RunDir> {
         let path = self.root.join(run_id.to_string());
         // A directory left by an earlier attempt at the same run id (a
         // daemon killed mid-run never reuses ids, but be certain) must not
@@ -74,8 +75,10 @@ impl RunDirs {
         builder.mode(0o700);
         builder.create(&path)?;
         let dir = RunDir { path };
-        builder.create(dir.home())?;
-        builder.create(dir.tmp())?;
+        if sandboxed {
+            builder.create(dir.home())?;
+            builder.create(dir.tmp())?;
+        }
         Ok(dir)
     }
 }
@@ -165,11 +168,11 @@ mod tests {
         let dirs = RunDirs::create().unwrap();
         let mode = std::fs::metadata(dirs.root()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
-        let run = dirs.create_run(7).unwrap();
+        let run = dirs.create_run(7, true).unwrap();
         std::fs::write(run.home().join("cookie"), "x").unwrap();
         drop(run);
         // The same id again starts empty.
-        let run = dirs.create_run(7).unwrap();
+        let run = dirs.create_run(7, true).unwrap();
         assert!(std::fs::read_dir(run.home()).unwrap().next().is_none());
         let path = run.path().to_owned();
         tokio::runtime::Builder::new_current_thread()

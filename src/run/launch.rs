@@ -8,6 +8,7 @@
 //! spawn, supervision, and the `runs` row that records the outcome.
 
 use std::ffi::OsString;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use tracing::Instrument;
 use crate::config::{Config, ConnectorConfig, RetryPolicy};
 use crate::credentials::keys::Keyring;
 use crate::credentials::resolver::{self, StoredCredential};
+use crate::credentials::state::{self, Owner as StateOwner};
 use crate::db::{Backoff, Failure};
 use crate::queue::{self, Claimed, Command};
 use crate::run::child::{self, Confinement, EndedBy, Exit, Limits};
@@ -30,6 +32,7 @@ use crate::run::record::{
     CredentialUsed, Finish, Outcome, OutcomeWriter, Start, StartWriter, Writer,
 };
 use crate::run::report::Reports;
+use crate::run::state_file::{self, Collected, StateFile};
 use crate::sandbox::{self, SandboxState};
 use crate::vocabulary::RunStatus;
 
@@ -51,7 +54,7 @@ pub struct Context {
     pub starts: StartWriter,
     /// Whether children run sandboxed, and how.
     pub sandbox: SandboxState,
-    /// Where each sandboxed run's private directory is made.
+    /// Where each run's private directory is made.
     pub run_dirs: Option<RunDirs>,
 }
 
@@ -91,6 +94,7 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
         enabled,
         run_id,
         credential,
+        has_state,
     } = claimed;
     // Admission, decided on what the claim read.
     let (Some(connector_name), Some(enabled)) = (command.connector.clone(), enabled) else {
@@ -154,6 +158,7 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
             &command,
             run_id,
             credential.as_ref(),
+            has_state,
             &connector_name,
             connector,
             &superseded,
@@ -210,6 +215,7 @@ async fn run_in_slot(
     command: &Command,
     run_id: i64,
     stored: Option<&StoredCredential>,
+    has_state: bool,
     connector_name: &str,
     connector: &ConnectorConfig,
     superseded: &CancellationToken,
@@ -217,7 +223,7 @@ async fn run_in_slot(
     // A run that needs the sandbox is refused when the machine cannot give
     // it one, before anything is decrypted.
     let sandbox = match (&ctx.sandbox, &ctx.run_dirs) {
-        (SandboxState::Ready(sandbox), Some(run_dirs)) => Some((sandbox, run_dirs)),
+        (SandboxState::Ready(sandbox), Some(_)) => Some(sandbox),
         (SandboxState::Disabled, _) => None,
         (state, _) => {
             let reason = match state {
@@ -274,15 +280,54 @@ async fn run_in_slot(
         source: Some(source),
     };
 
-    // A sandboxed run gets its private directory, and a sandbox never
-    // goes without one.
-    let run_dir = match sandbox.map(|(sandbox, run_dirs)| (sandbox, run_dirs.create_run(run_id))) {
-        None => None,
-        Some((sandbox, Ok(run_dir))) => Some((sandbox, run_dir)),
-        Some((_, Err(e))) => {
-            let e = format!("cannot create the run's private directory: {e}");
-            return fail_spawn(ctx, run_id, command, connector, credential, e).await;
-        }
+    let owner = StateOwner {
+        connection_id: &command.connection_id,
+        connector: connector_name,
+        credential_id: resolved.credential_id,
+    };
+    // The stored state is read, like the credential, right before the
+    // environment, and only for a run that resolved the credential it was
+    // written under.
+    let state = match (has_state, ctx.keyring.as_deref()) {
+        (true, Some(keyring)) => match state::fetch(&ctx.pool, owner).await? {
+            Some(stored) => match state::open(keyring, owner, &stored) {
+                Ok(state) => Some(state),
+                Err(e) => {
+                    tracing::error!(error = %e, "the connection's stored state cannot be decrypted; the run starts without it");
+                    None
+                }
+            },
+            None => None,
+        },
+        _ => None,
+    };
+
+    // Every run gets its private directory, for its state file and, in
+    // the sandbox, its HOME and TMPDIR.
+    let placed = match &ctx.run_dirs {
+        None => Err("there is no directory for runs' private files".to_owned()),
+        Some(run_dirs) => run_dirs
+            .create_run(run_id, sandbox.is_some())
+            .and_then(
+                |run_dir| match StateFile::place(run_dir.path(), state.as_ref()) {
+                    Ok(state_file) => Ok((run_dir, state_file)),
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(run_dir.path());
+                        Err(e)
+                    }
+                },
+            )
+            .map_err(|e| format!("cannot create the run's private directory: {e}")),
+    };
+    // The plaintext leaves our memory as soon as it is in the file.
+    drop(state);
+    let (run_dir, state_file) = match placed {
+        Ok(placed) => placed,
+        Err(e) => return fail_spawn(ctx, run_id, command, connector, credential, e).await,
+    };
+    let state_path_inside = match sandbox {
+        Some(_) => Path::new(sandbox::RUN_DIR_INSIDE).join(state_file::FILE_NAME),
+        None => state_file.path().to_owned(),
     };
     let env = ChildEnv::build(
         &ctx.config,
@@ -292,16 +337,17 @@ async fn run_in_slot(
             connection_id: &command.connection_id,
             trigger: command.trigger,
             attempt: command.attempt,
-            private: run_dir.as_ref().map(|_| PrivateDirs {
+            private: sandbox.map(|_| PrivateDirs {
                 home: sandbox::HOME_INSIDE,
                 tmp: sandbox::TMP_INSIDE,
             }),
+            state_file: Some(state_path_inside.as_os_str()),
         },
         resolved.vars,
         host_var,
     );
-    let confinement = match &run_dir {
-        Some((sandbox, run_dir)) => Confinement::Sandboxed {
+    let confinement = match sandbox {
+        Some(sandbox) => Confinement::Sandboxed {
             sandbox,
             run_dir: run_dir.path(),
         },
@@ -313,9 +359,7 @@ async fn run_in_slot(
     let running = match spawned {
         Ok(running) => running,
         Err(e) => {
-            if let Some((_, run_dir)) = run_dir {
-                run_dir.remove().await;
-            }
+            run_dir.remove().await;
             return fail_spawn(ctx, run_id, command, connector, credential, e.to_string()).await;
         }
     };
@@ -385,9 +429,11 @@ async fn run_in_slot(
         tracing::warn!("the database is slow to record the connector's interactions; recording the outcome first");
     }
 
-    if let Some((_, run_dir)) = run_dir {
-        run_dir.remove().await;
-    }
+    // The state is collected whatever the outcome: a failed run's state is
+    // a checkpoint too. A run another daemon took over stores nothing (the
+    // save is fenced on the run's slot).
+    let state_problem = keep_state(ctx, run_id, owner, state_file).await;
+    run_dir.remove().await;
     let exit_code = match outcome.exit {
         Exit::Code(code) => Some(code),
         Exit::Signal(_) => None,
@@ -396,8 +442,20 @@ async fn run_in_slot(
         Verdict::Succeeded => (RunStatus::Succeeded, None, String::new()),
         Verdict::Failed { kind, detail } => (RunStatus::Failed, Some(kind), detail),
     };
-    if let Some(problems) = problems.describe() {
+    if let Some(problems) = problems
+        .describe()
+        .filter(|_| status != RunStatus::Succeeded)
+    {
         detail = format!("{detail}; {problems}");
+    }
+    // A state that was not stored is said even on a run that succeeded:
+    // the next run will not find what this one saved.
+    if let Some(problem) = state_problem {
+        detail = if detail.is_empty() {
+            problem
+        } else {
+            format!("{detail}; {problem}")
+        };
     }
     let retry_after = kind.and_then(|k| retry_delay(&connector.retry, command.attempt, k));
     let duration_ms = started.elapsed().as_millis() as u64;
@@ -423,7 +481,7 @@ async fn run_in_slot(
     let finish = Finish {
         status,
         failure_kind: kind,
-        detail: (status != RunStatus::Succeeded).then_some(detail),
+        detail: (!detail.is_empty()).then_some(detail),
         exit_code,
         records,
         pid: Some(pid),
@@ -433,6 +491,71 @@ async fn run_in_slot(
     };
     settle(ctx, run_id, command, credential, finish).await?;
     Ok(())
+}
+
+/// Stores what the child left in its state file as the connection's new
+/// state; returns why it was not stored, for the run's `failure_detail`,
+/// when that is the connector's or the operator's to fix.
+async fn keep_state(
+    ctx: &Context,
+    run_id: i64,
+    owner: StateOwner<'_>,
+    state_file: StateFile,
+) -> Option<String> {
+    let max_bytes = ctx.config.state.max_bytes;
+    let state = match state_file.collect(max_bytes).await {
+        Collected::Unchanged => return None,
+        Collected::Written(state) => state,
+        Collected::TooLarge(size) => {
+            let problem = format!(
+                "the state file ({size} bytes) is larger than [state] max_bytes ({max_bytes} bytes) and was not stored; the connection keeps its previous state"
+            );
+            tracing::error!(event = "state.refused", "{problem}");
+            return Some(problem);
+        }
+        Collected::Refused(reason) => {
+            let problem =
+                format!("{reason}, so it was not stored; the connection keeps its previous state");
+            tracing::error!(event = "state.refused", "{problem}");
+            return Some(problem);
+        }
+    };
+    let Some(keyring) = ctx.keyring.as_deref() else {
+        let problem =
+            "the state file was not stored: the daemon has no key to encrypt it with ([keys] dir)"
+                .to_owned();
+        tracing::error!(event = "state.refused", "{problem}");
+        return Some(problem);
+    };
+    let mut backoff = Backoff::new();
+    loop {
+        match state::save(&ctx.pool, keyring, &ctx.instance_id, run_id, owner, &state).await {
+            Ok(true) => {
+                tracing::debug!(
+                    event = "state.stored",
+                    size_bytes = state.len(),
+                    "connector state stored"
+                );
+                return None;
+            }
+            Ok(false) => {
+                tracing::warn!("the state file was not stored: the run's slot was given to another daemon, or its credential changed while it ran");
+                return None;
+            }
+            Err(state::SaveError::Database(e))
+                if Failure::is_transient(&e) && !ctx.shutdown.is_cancelled() =>
+            {
+                if backoff.attempts() == 0 {
+                    tracing::warn!(error = %e, "cannot store the connector's state; retrying until the database answers");
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the connector's state could not be stored");
+                return Some(format!("the state file could not be stored: {e}"));
+            }
+        }
+    }
 }
 
 /// Records a launch refused after the run took its slot: no child.

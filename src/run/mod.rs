@@ -2,7 +2,8 @@
 //! decides it, [`child_env`] builds the child's environment, [`spawn`] and
 //! [`child`] start and supervise it, [`protocol`] reads what it prints and
 //! `report` what it reports while it runs, `record` writes `runs`
-//! rows, [`dir`] holds each run's private directory, `failure` names
+//! rows, [`dir`] holds each run's private directory and [`state_file`]
+//! the connection's state in it, `failure` names
 //! how a run can fail, and `leases` keeps the leases of the runs going
 //! while `rescue` settles those of daemons that stopped.
 
@@ -17,3 +18,4 @@ pub(crate) mod record;
 pub(crate) mod report;
 pub(crate) mod rescue;
 pub mod spawn;
+pub mod state_file;
