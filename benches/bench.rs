@@ -20,13 +20,13 @@
 //! - `setup`: the cluster, database, key, probe, FIFO, config, connections.
 //! - `daemon`: the real daemon as a child process; `perf` attachment.
 //! - `minimal`: the minimal-daemon and spawn-only baselines.
-//! - `pickup` (P1), `throughput` (P2), `sandbox` (P7), `resolver` (P6), `schedules`
-//!   (P3–P5), `tcs` (the tokio-cron-scheduler baseline of P3/P4).
+//! - `pickup` (P1), `throughput` (P2), `sandbox` (P7), `resolver` (P6), `state`
+//!   (P8), `schedules` (P3–P5), `tcs` (the tokio-cron-scheduler baseline of P3/P4).
 //! - `stats`: percentiles and the report; `procfs`: RSS and CPU.
 //!
 //! (A bench's crate root looks for modules beside it, hence the `#[path]`s.)
 //!
-//! Sections: pickup, throughput, sandbox, resolver, schedules, tcs (`--only`; tcs
+//! Sections: pickup, throughput, sandbox, resolver, state, schedules, tcs (`--only`; tcs
 //! needs schedules).
 
 #[path = "bench/daemon.rs"]
@@ -45,6 +45,8 @@ mod sandbox;
 mod schedules;
 #[path = "bench/setup.rs"]
 mod setup;
+#[path = "bench/state.rs"]
+mod state;
 #[path = "bench/stats.rs"]
 mod stats;
 #[path = "bench/tcs.rs"]
@@ -60,7 +62,7 @@ use stats::Report;
 
 const USAGE: &str =
     "usage: cargo bench --bench bench -- [--short | --full] [--perf] [--only SECTION,...]
-sections: pickup, throughput, sandbox, resolver, schedules, tcs";
+sections: pickup, throughput, sandbox, resolver, state, schedules, tcs";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -179,6 +181,10 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
         let pickup = pickup.as_ref().map(|p| &p.connectord);
         resolver::run(&mut env, &mut report, pickup).await?;
         took("resolver");
+    }
+    if env.mode.runs("state") {
+        state::run(&mut env, &mut report).await?;
+        took("state");
     }
     if env.mode.runs("schedules") {
         let idle_rss = pickup.as_ref().and_then(|p| p.idle_rss_mib);

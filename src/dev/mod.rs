@@ -195,7 +195,8 @@ async fn seed(pool: &sqlx::PgPool, config: &Config) -> anyhow::Result<()> {
 }
 
 /// The bundled demo connector: reports which credential variables it
-/// received (names and lengths, never values), some progress, and exits 0.
+/// received (names and lengths, never values), counts its visits in the
+/// connection's state, reports some progress, and exits 0.
 pub(crate) fn demo_connector() -> ExitCode {
     let connection = std::env::var("CONNECTORD_CONNECTION_ID").unwrap_or_default();
     let names = std::env::var("DEMO_CREDENTIAL_VARS").unwrap_or_default();
@@ -208,8 +209,12 @@ pub(crate) fn demo_connector() -> ExitCode {
             _ => received.push(format!("{name} (missing)")),
         }
     }
+    let visit = match count_visit() {
+        Ok(visit) => format!("visit {visit} (counted in its state)"),
+        Err(e) => format!("no visit counted: {e}"),
+    };
     let message = format!(
-        "demo connector for {connection} received {}",
+        "demo connector for {connection} received {}; {visit}",
         received.join(", ")
     );
     println!(
@@ -224,4 +229,27 @@ pub(crate) fn demo_connector() -> ExitCode {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     ExitCode::SUCCESS
+}
+
+/// Reads the visit counter from `CONNECTORD_STATE_FILE` (absent on the
+/// first run), and writes it back one higher, by rename as a connector
+/// should, so a run killed half way leaves the old state whole.
+fn count_visit() -> std::io::Result<u64> {
+    let path = std::env::var_os("CONNECTORD_STATE_FILE")
+        .map(PathBuf::from)
+        .ok_or_else(|| std::io::Error::other("CONNECTORD_STATE_FILE is not set"))?;
+    let previous = match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .strip_prefix("visits=")
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    let visit = previous + 1;
+    let temporary = path.with_extension("new");
+    std::fs::write(&temporary, format!("visits={visit}\n"))?;
+    std::fs::rename(&temporary, &path)?;
+    Ok(visit)
 }

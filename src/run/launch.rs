@@ -157,8 +157,10 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
             ctx,
             &command,
             run_id,
-            credential.as_ref(),
-            has_state,
+            ClaimRead {
+                credential: credential.as_ref(),
+                has_state,
+            },
             &connector_name,
             connector,
             &superseded,
@@ -208,18 +210,29 @@ async fn record_start(
     }
 }
 
+/// What the claim read about the connection, for its run.
+struct ClaimRead<'a> {
+    /// Its active credential.
+    credential: Option<&'a StoredCredential>,
+    /// Whether it keeps a state.
+    has_state: bool,
+}
+
 /// Everything after the slot is taken: resolve, build, spawn, supervise,
 /// record.
 async fn run_in_slot(
     ctx: &Context,
     command: &Command,
     run_id: i64,
-    stored: Option<&StoredCredential>,
-    has_state: bool,
+    claim: ClaimRead<'_>,
     connector_name: &str,
     connector: &ConnectorConfig,
     superseded: &CancellationToken,
 ) -> Result<(), sqlx::Error> {
+    let ClaimRead {
+        credential: stored,
+        has_state,
+    } = claim;
     // A run that needs the sandbox is refused when the machine cannot give
     // it one, before anything is decrypted.
     let sandbox = match (&ctx.sandbox, &ctx.run_dirs) {
