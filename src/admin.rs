@@ -316,9 +316,12 @@ pub async fn command_outcome(
 pub struct InteractionRow {
     pub id: i64,
     pub connection_id: String,
+    pub run_id: Option<i64>,
     pub kind: String,
     pub status: String,
     pub message: Option<String>,
+    /// Seconds since it was opened.
+    pub age_seconds: i64,
     /// The whole row as a JSON object, every column under its name.
     pub json: String,
 }
@@ -329,10 +332,126 @@ pub async fn interactions(
     open_only: bool,
 ) -> Result<Vec<InteractionRow>, sqlx::Error> {
     sqlx::query_as(
-        "select id, connection_id, kind, status, message, to_jsonb(i)::text as json
+        "select id, connection_id, run_id, kind, status, message,
+                extract(epoch from now() - created_at)::bigint as age_seconds,
+                (to_jsonb(i) - 'answer_key_id' - 'answer_nonce' - 'answer_ciphertext'
+                 || jsonb_build_object('age_seconds',
+                                       extract(epoch from now() - created_at)::bigint))::text
+                    as json
          from interactions i where (not $1 or status = 'open') order by id desc",
     )
     .bind(open_only)
     .fetch_all(pool)
     .await
+}
+
+/// Why an interaction cannot take an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerRefused {
+    #[error("interaction {0} does not exist")]
+    NotFound(i64),
+    #[error("interaction {id} is a {kind} interaction, which is answered by storing a new credential (connectord credentials set), not with a code")]
+    NotACode { id: i64, kind: String },
+    #[error("interaction {id} cannot be answered: its run {run_id} has ended ({status})")]
+    RunEnded {
+        id: i64,
+        run_id: i64,
+        status: String,
+    },
+    #[error("interaction {id} cannot be answered: it expired{} with no answer", .at.map(|t| format!(" at {}", t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))).unwrap_or_default())]
+    Expired { id: i64, at: Option<DateTime<Utc>> },
+    #[error("interaction {0} cannot be answered: it was already answered")]
+    Resolved(i64),
+    #[error("interaction {0} has no run to answer")]
+    NoRun(i64),
+    #[error("encrypting the answer failed: {0}")]
+    Seal(#[from] crate::credentials::keys::SealError),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+#[derive(sqlx::FromRow)]
+struct Answerable {
+    kind: String,
+    status: String,
+    connection_id: String,
+    run_id: Option<i64>,
+    expires_at: Option<DateTime<Utc>>,
+    answered: bool,
+    run_status: Option<String>,
+}
+
+/// Stores `code` as the answer to `code_required` interaction `id`,
+/// encrypted and bound to the interaction, its connection and its run;
+/// the daemon running the run takes it from there. Returns the run id.
+pub async fn answer(
+    pool: &PgPool,
+    keyring: &crate::credentials::keys::Keyring,
+    id: i64,
+    code: &crate::credentials::secret::Secret,
+) -> Result<i64, AnswerRefused> {
+    // Twice at most: a row that changed between the read and the write is
+    // read again, to say why it no longer takes the answer.
+    for _ in 0..2 {
+        let row: Option<Answerable> = sqlx::query_as(
+            "select i.kind, i.status, i.connection_id, i.run_id, i.expires_at,
+                    i.answer_ciphertext is not null as answered, r.status as run_status
+             from interactions i left join runs r on r.id = i.run_id
+             where i.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+        let row = row.ok_or(AnswerRefused::NotFound(id))?;
+        if row.kind != "code_required" {
+            return Err(AnswerRefused::NotACode { id, kind: row.kind });
+        }
+        let run_id = row.run_id.ok_or(AnswerRefused::NoRun(id))?;
+        match row.run_status.as_deref() {
+            Some("running") | None => {}
+            Some(status) => {
+                return Err(AnswerRefused::RunEnded {
+                    id,
+                    run_id,
+                    status: status.to_owned(),
+                })
+            }
+        }
+        match row.status.as_str() {
+            "expired" => {
+                return Err(AnswerRefused::Expired {
+                    id,
+                    at: row.expires_at,
+                })
+            }
+            "open" if !row.answered => {}
+            _ => return Err(AnswerRefused::Resolved(id)),
+        }
+        let binding = crate::credentials::keys::AnswerBinding {
+            interaction_id: id,
+            connection_id: &row.connection_id,
+            run_id,
+            key_id: keyring.primary_id(),
+        };
+        let sealed = keyring.seal_answer(&binding, code.expose().as_bytes())?;
+        let stored = sqlx::query(
+            "update interactions
+             set answer_key_id = $2, answer_nonce = $3, answer_ciphertext = $4, answered_at = now()
+             where id = $1 and status = 'open' and answer_ciphertext is null
+               and run_id = $5 and connection_id = $6",
+        )
+        .bind(id)
+        .bind(&sealed.key_id)
+        .bind(&sealed.nonce)
+        .bind(&sealed.ciphertext)
+        .bind(run_id)
+        .bind(&row.connection_id)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        if stored == 1 {
+            return Ok(run_id);
+        }
+    }
+    Err(AnswerRefused::Resolved(id))
 }

@@ -120,8 +120,11 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List interactions.
+    /// List interactions, or answer one.
+    #[command(args_conflicts_with_subcommands = true)]
     Interactions {
+        #[command(subcommand)]
+        action: Option<InteractionsCommand>,
         /// Only open interactions, which still wait for their owner.
         #[arg(long)]
         open: bool,
@@ -201,6 +204,16 @@ pub(crate) enum CredentialsCommand {
     /// Re-encrypt every credential and connector state under the primary
     /// key.
     Rotate,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum InteractionsCommand {
+    /// Answer a code_required interaction: the code is read from stdin
+    /// (never argv) and reaches the waiting connector encrypted.
+    Answer {
+        /// The interaction's id (`connectord interactions --open`).
+        id: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -364,7 +377,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             )
             .await
         }
-        Command::Interactions { open, json } => interactions::list(&config, open, json).await,
+        Command::Interactions {
+            action: Some(InteractionsCommand::Answer { id }),
+            ..
+        } => interactions::answer(&config, id).await,
+        Command::Interactions {
+            action: None,
+            open,
+            json,
+        } => interactions::list(&config, open, json).await,
     }
 }
 

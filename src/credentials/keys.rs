@@ -49,6 +49,7 @@ const KEY_SUFFIX: &str = ".key";
 const AAD_TAG_V1: &[u8] = b"connectord-cred-v1";
 const AAD_TAG: &[u8] = b"connectord-cred-v2";
 const STATE_AAD_TAG: &[u8] = b"connectord-state-v1";
+const ANSWER_AAD_TAG: &[u8] = b"connectord-answer-v1";
 
 /// Why a key directory or key file could not be loaded or written.
 ///
@@ -213,6 +214,17 @@ pub struct StateBinding<'a> {
     /// The credential the writing run logged in with; `None` for a
     /// connector that takes none.
     pub credential_id: Option<i64>,
+    pub key_id: &'a str,
+}
+
+/// The interaction an owner's answer (a one-time code) is for, bound to it
+/// as associated data: an answer moved to another interaction, run or
+/// connection does not decrypt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerBinding<'a> {
+    pub interaction_id: i64,
+    pub connection_id: &'a str,
+    pub run_id: i64,
     pub key_id: &'a str,
 }
 
@@ -401,6 +413,33 @@ impl Keyring {
         Ok(self.seal_state(&rebound, &plaintext)?)
     }
 
+    /// Encrypts an owner's answer for the interaction named by `binding`.
+    pub fn seal_answer(
+        &self,
+        binding: &AnswerBinding,
+        plaintext: &[u8],
+    ) -> Result<Sealed, SealError> {
+        if binding.key_id != self.primary {
+            return Err(SealError::NotPrimary {
+                key_id: binding.key_id.to_owned(),
+                primary: self.primary.clone(),
+            });
+        }
+        let aad = answer_associated_data(binding).ok_or(SealError::BindingTooLong)?;
+        self.seal_with(&aad, plaintext)
+    }
+
+    /// Decrypts an answer sealed by [`seal_answer`](Self::seal_answer).
+    pub fn open_answer(
+        &self,
+        binding: &AnswerBinding,
+        nonce: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, OpenError> {
+        let aad = answer_associated_data(binding).ok_or(OpenError::Authentication)?;
+        self.open_with(binding.key_id, &aad, nonce, ciphertext)
+    }
+
     /// AES-256-GCM under the primary key with a fresh random nonce.
     fn seal_with(&self, aad: &[u8], plaintext: &[u8]) -> Result<Sealed, SealError> {
         let key = self.primary_key();
@@ -512,6 +551,18 @@ fn state_associated_data(b: &StateBinding) -> Option<Vec<u8>> {
     encode_fields(
         STATE_AAD_TAG,
         &[b.connection_id, b.connector, &credential_id, b.key_id],
+    )
+}
+
+/// Encodes an answer binding: the bytes `connectord-answer-v1`, then the
+/// interaction id, `connection_id`, the run id (decimal) and `key_id`,
+/// length-prefixed as in [`associated_data`].
+fn answer_associated_data(b: &AnswerBinding) -> Option<Vec<u8>> {
+    let interaction_id = b.interaction_id.to_string();
+    let run_id = b.run_id.to_string();
+    encode_fields(
+        ANSWER_AAD_TAG,
+        &[&interaction_id, b.connection_id, &run_id, b.key_id],
     )
 }
 

@@ -1,5 +1,6 @@
-//! Notifications: one session that `LISTEN`s for schedule edits and new
-//! commands and forwards them, to the schedule engine and the queue.
+//! Notifications: one session that `LISTEN`s for schedule edits, new
+//! commands and owners' answers, and forwards them to the schedule engine,
+//! the queue and the runs waiting for a code.
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::Backoff;
+use crate::run::codes::{Waiting, ANSWERS_CHANNEL};
 use crate::schedule::Edit;
 
 /// Channels the daemon listens on.
@@ -24,7 +26,7 @@ pub async fn connect(pool: &PgPool, stop: &CancellationToken) -> Option<PgListen
         let attempt = async {
             let mut listener = PgListener::connect_with(pool).await?;
             listener
-                .listen_all([SCHEDULES_CHANNEL, COMMANDS_CHANNEL])
+                .listen_all([SCHEDULES_CHANNEL, COMMANDS_CHANNEL, ANSWERS_CHANNEL])
                 .await?;
             Ok::<_, sqlx::Error>(listener)
         };
@@ -48,6 +50,7 @@ pub async fn listen(
     mut listener: PgListener,
     edits: mpsc::Sender<Edit>,
     wake: Arc<Notify>,
+    waiting: Arc<Waiting>,
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::new();
@@ -77,6 +80,10 @@ pub async fn listen(
                             let _ = edits.send(Edit::Reconcile).await;
                         }
                     },
+                    ANSWERS_CHANNEL => match notification.payload().parse::<i64>() {
+                        Ok(id) => waiting.wake(id),
+                        Err(_) => waiting.wake_all(),
+                    },
                     _ => wake.notify_one(),
                 }
             }
@@ -88,6 +95,7 @@ pub async fn listen(
                 failing = true;
                 let _ = edits.send(Edit::Reconcile).await;
                 wake.notify_one();
+                waiting.wake_all();
             }
             Err(e) => {
                 if !failing {

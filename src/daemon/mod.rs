@@ -154,6 +154,7 @@ pub async fn run(
         known_connectors,
         sandbox,
         run_dirs,
+        waiting: Default::default(),
     });
     // Runs this instance id left running before a restart are not ours any
     // more: settle them before renewing leases under the same name.
@@ -172,7 +173,13 @@ pub async fn run(
     };
     tasks.spawn(
         "listener",
-        listener::listen(listener, edits_tx, wake.clone(), stop_loops.clone()),
+        listener::listen(
+            listener,
+            edits_tx,
+            wake.clone(),
+            ctx.waiting.clone(),
+            stop_loops.clone(),
+        ),
     );
 
     let engine = Engine::new(pool.clone(), ctx.config.daemon.catchup_window);

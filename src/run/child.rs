@@ -1,6 +1,8 @@
 //! Spawning and supervising one connector child.
 //!
-//! A child runs in its own process group, with null stdin and piped output,
+//! A child runs in its own process group, with its stdin a pipe kept open
+//! for the run (the daemon writes on it only the answers SPEC §14 names)
+//! and its output piped,
 //! so a timeout or shutdown can signal everything it started, and so it dies
 //! with the daemon: `PR_SET_PDEATHSIG` is set before `exec`, which covers the
 //! daemon being killed with SIGKILL, where no destructor runs. Output is read
@@ -43,6 +45,8 @@ pub struct Running {
     /// Killed if dropped before it was reaped.
     process: Process,
     pub pid: u32,
+    /// Held for the run unless taken; dropping it ends the child's input.
+    stdin: Option<pipe::Sender>,
     messages: mpsc::Receiver<Message>,
     /// The output readers, aborted if a process that escaped the group
     /// keeps the pipes open after the child ended.
@@ -153,6 +157,7 @@ pub async fn spawn(
     Ok(Running {
         process: spawned.process,
         pid,
+        stdin: Some(spawned.stdin),
         messages,
         readers,
         jail,
@@ -265,6 +270,12 @@ impl Target {
 }
 
 impl Running {
+    /// The child's stdin, for whoever answers it; held here otherwise, so
+    /// the pipe stays open for the run either way.
+    pub fn take_stdin(&mut self) -> Option<pipe::Sender> {
+        self.stdin.take()
+    }
+
     /// Waits for the child to end, enforcing the timeout and shutdown, and
     /// passes each protocol message to `on_message` as it arrives.
     /// `on_message` must not wait: it runs between the checks of the

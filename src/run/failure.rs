@@ -23,6 +23,9 @@ pub enum FailureKind {
     Signaled,
     TimedOut,
     InteractionRequired,
+    /// The connector asked for a one-time code, none came in time, and the
+    /// run then failed.
+    InteractionExpired,
     Interrupted,
     Lost,
     /// The sandbox of SPEC §12 cannot be set up on this machine.
@@ -30,7 +33,7 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 17] = [
+    pub const ALL: [FailureKind; 18] = [
         FailureKind::CredentialMissing,
         FailureKind::CredentialRevoked,
         FailureKind::CredentialDeleted,
@@ -45,6 +48,7 @@ impl FailureKind {
         FailureKind::Signaled,
         FailureKind::TimedOut,
         FailureKind::InteractionRequired,
+        FailureKind::InteractionExpired,
         FailureKind::Interrupted,
         FailureKind::Lost,
         FailureKind::SandboxUnavailable,
@@ -66,6 +70,7 @@ impl FailureKind {
             FailureKind::Signaled => "signaled",
             FailureKind::TimedOut => "timed_out",
             FailureKind::InteractionRequired => "interaction_required",
+            FailureKind::InteractionExpired => "interaction_expired",
             FailureKind::Interrupted => "interrupted",
             FailureKind::Lost => "lost",
             FailureKind::SandboxUnavailable => "sandbox_unavailable",

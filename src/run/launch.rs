@@ -9,6 +9,7 @@
 
 use std::ffi::OsString;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use crate::db::{Backoff, Failure};
 use crate::queue::{self, Claimed, Command};
 use crate::run::child::{self, Confinement, EndedBy, Exit, Limits};
 use crate::run::child_env::{ChildEnv, PrivateDirs, RunMeta};
+use crate::run::codes::{self, Serve, Waiting};
 use crate::run::dir::RunDirs;
 use crate::run::failure::FailureKind;
 use crate::run::leases::Leases;
@@ -56,6 +58,8 @@ pub struct Context {
     pub sandbox: SandboxState,
     /// Where each run's private directory is made.
     pub run_dirs: Option<RunDirs>,
+    /// The code requests waiting on this daemon, woken by answers.
+    pub waiting: Arc<Waiting>,
 }
 
 impl Context {
@@ -369,7 +373,7 @@ async fn run_in_slot(
     let spawned = child::spawn(connector, &env, confinement, ctx.config.daemon.spawn).await;
     // The plaintext leaves our memory as soon as the child has it.
     drop(env);
-    let running = match spawned {
+    let mut running = match spawned {
         Ok(running) => running,
         Err(e) => {
             run_dir.remove().await;
@@ -397,7 +401,24 @@ async fn run_in_slot(
         credential_source: source,
         lease: ctx.config.daemon.lease,
     };
-    let (reports, pending) = Reports::new(run_id);
+    // The child's stdin stays open for the run, for the answers to its
+    // code requests.
+    let (codes_tx, codes_rx) = tokio::sync::mpsc::unbounded_channel();
+    let code_expired = Arc::new(AtomicBool::new(false));
+    let codes_done = CancellationToken::new();
+    let serve_codes = running.take_stdin().map(|stdin| {
+        let serve = Serve {
+            pool: ctx.pool.clone(),
+            keyring: ctx.keyring.clone(),
+            instance_id: ctx.instance_id.clone(),
+            waiting: ctx.waiting.clone(),
+            connection_id: command.connection_id.clone(),
+            run_id,
+            expired: code_expired.clone(),
+        };
+        tokio::spawn(codes::serve(serve, codes_rx, stdin, codes_done.clone()).in_current_span())
+    });
+    let (reports, pending) = Reports::new(run_id, Some(codes_tx));
     let reports = Arc::new(reports);
     let record_start = record_start(ctx, start, superseded, &reports);
     // Written by a task of its own: supervision never waits on the
@@ -431,6 +452,11 @@ async fn run_in_slot(
         }
     };
     reports.close();
+    codes_done.cancel();
+    if let Some(serve_codes) = serve_codes {
+        let _ = tokio::time::timeout(REPORTS_PATIENCE, serve_codes).await;
+    }
+    let code_expired = code_expired.load(Ordering::SeqCst);
     let (records, raised_interaction, problems) = reports.summary();
     // The interactions should land before the outcome, but a locked table
     // must not hold the outcome (and the connection's next run) back: the
@@ -451,7 +477,7 @@ async fn run_in_slot(
         Exit::Code(code) => Some(code),
         Exit::Signal(_) => None,
     };
-    let (status, kind, mut detail) = match classify(outcome, raised_interaction) {
+    let (status, kind, mut detail) = match classify(outcome, raised_interaction, code_expired) {
         Verdict::Succeeded => (RunStatus::Succeeded, None, String::new()),
         Verdict::Failed { kind, detail } => (RunStatus::Failed, Some(kind), detail),
     };
@@ -670,7 +696,7 @@ enum Verdict {
 }
 
 /// Maps how the child ended onto the run's outcome.
-fn classify(outcome: child::Outcome, raised_interaction: bool) -> Verdict {
+fn classify(outcome: child::Outcome, raised_interaction: bool, code_expired: bool) -> Verdict {
     let failed = |kind, detail: String| Verdict::Failed { kind, detail };
     match (outcome.ended_by, outcome.exit) {
         (Some(EndedBy::Shutdown), Exit::Code(0)) | (None, Exit::Code(0)) => Verdict::Succeeded,
@@ -692,6 +718,17 @@ fn classify(outcome: child::Outcome, raised_interaction: bool) -> Verdict {
                 }
                 _ => format!(
                     "the connector asked for the owner and ended with {}",
+                    describe(exit)
+                ),
+            },
+        ),
+        // A code that never came explains the failure that followed.
+        (ended_by, exit) if code_expired => failed(
+            FailureKind::InteractionExpired,
+            match ended_by {
+                Some(EndedBy::Timeout) => "the connector's one-time code did not come in time, and it then ran past its timeout".to_owned(),
+                _ => format!(
+                    "the connector's one-time code did not come in time, and it ended with {}",
                     describe(exit)
                 ),
             },

@@ -32,6 +32,10 @@ pub enum Message {
         kind: InteractionKind,
         #[serde(default)]
         message: Option<String>,
+        /// How long a `code_required` interaction waits for its answer
+        /// (`"5m"`); see [`code_timeout`].
+        #[serde(default)]
+        timeout: Option<String>,
     },
 }
 
@@ -57,6 +61,21 @@ impl InteractionKind {
 }
 
 /// Classifies one line (without its newline). Invalid UTF-8 is plain text.
+/// How long a code request waits when it names no timeout.
+pub const DEFAULT_CODE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+/// The longest a code request may wait.
+pub const MAX_CODE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+
+/// The wait a code request asks for: its `timeout` if it parses, at most
+/// an hour; the default when it names none or one that does not parse.
+pub fn code_timeout(timeout: Option<&str>) -> std::time::Duration {
+    timeout
+        .and_then(|t| humantime::parse_duration(t).ok())
+        .unwrap_or(DEFAULT_CODE_TIMEOUT)
+        .min(MAX_CODE_TIMEOUT)
+}
+
 pub fn parse_line(line: &[u8]) -> Line {
     let trimmed = line.trim_ascii();
     if !trimmed.starts_with(b"{") {
@@ -105,6 +124,7 @@ mod tests {
             Line::Message(Message::Interaction {
                 kind: InteractionKind::CredentialsRequired,
                 message: Some("log in".into()),
+                timeout: None,
             }),
         );
         assert!(matches!(

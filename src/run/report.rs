@@ -18,7 +18,8 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, Notify};
 
-use crate::run::protocol::{InteractionKind, Message};
+use crate::run::codes::CodeRequest;
+use crate::run::protocol::{code_timeout, InteractionKind, Message};
 use crate::run::record::Writer;
 
 /// How often a run's progress count is written while it runs.
@@ -94,13 +95,21 @@ pub struct Pending(mpsc::Receiver<Interaction>);
 
 struct TakeState {
     opened: usize,
+    /// The child asked for its owner (`credentials_required`): the run
+    /// fails as `interaction_required`, however it ends.
+    owner_needed: bool,
+    /// Where code requests go, to be served while the run waits.
+    codes: Option<mpsc::UnboundedSender<CodeRequest>>,
     problems: Problems,
     /// `None` once closed.
     queue: Option<mpsc::Sender<Interaction>>,
 }
 
 impl Reports {
-    pub fn new(run_id: i64) -> (Reports, Pending) {
+    pub fn new(
+        run_id: i64,
+        codes: Option<mpsc::UnboundedSender<CodeRequest>>,
+    ) -> (Reports, Pending) {
         let (queue, pending) = mpsc::channel(MAX_INTERACTIONS_PER_RUN);
         let reports = Reports {
             run_id,
@@ -109,6 +118,8 @@ impl Reports {
             changed: Notify::new(),
             state: std::sync::Mutex::new(TakeState {
                 opened: 0,
+                owner_needed: false,
+                codes,
                 problems: Problems::default(),
                 queue: Some(queue),
             }),
@@ -130,7 +141,11 @@ impl Reports {
                 self.latest.store(records, Ordering::SeqCst);
                 self.changed.notify_one();
             }
-            Message::Interaction { kind, message } => {
+            Message::Interaction {
+                kind,
+                message,
+                timeout,
+            } => {
                 if state.opened >= MAX_INTERACTIONS_PER_RUN {
                     count(
                         &mut state.problems.interactions_over_limit,
@@ -151,6 +166,14 @@ impl Reports {
                     truncate(&mut message, MAX_INTERACTION_MESSAGE);
                 }
                 state.opened += 1;
+                if kind == InteractionKind::CodeRequired {
+                    if let Some(codes) = &state.codes {
+                        let timeout = code_timeout(timeout.as_deref());
+                        let _ = codes.send(CodeRequest { message, timeout });
+                        return;
+                    }
+                }
+                state.owner_needed = true;
                 // The queue holds as many as a run may open, so it is never
                 // full; once closed, the run is being recorded.
                 if let Some(queue) = &state.queue {
@@ -161,13 +184,13 @@ impl Reports {
         }
     }
 
-    /// The latest count, whether the child opened an interaction, and what
-    /// it did wrong.
+    /// The latest count, whether the child asked for its owner (other than
+    /// for a code), and what it did wrong.
     pub fn summary(&self) -> (Option<i64>, bool, Problems) {
         let state = self.state();
         let latest = self.latest.load(Ordering::SeqCst);
         let records = (latest != NO_COUNT).then_some(latest);
-        (records, state.opened > 0, state.problems)
+        (records, state.owner_needed, state.problems)
     }
 
     /// The run's row exists: the latest count can be kept on it.
@@ -270,10 +293,11 @@ mod tests {
 
     #[test]
     fn interactions_past_the_limit_are_counted_not_queued() {
-        let (reports, _pending) = Reports::new(1);
+        let (reports, _pending) = Reports::new(1, None);
         for _ in 0..MAX_INTERACTIONS_PER_RUN + 5 {
             reports.take(Message::Interaction {
                 kind: InteractionKind::CredentialsRequired,
+                timeout: None,
                 message: Some("x".repeat(MAX_INTERACTION_MESSAGE + 1)),
             });
         }

@@ -148,6 +148,8 @@ pub fn find_program(program: &Path, path: Option<&OsStr>) -> io::Result<PathBuf>
 /// A started process with its output pipes.
 pub struct Spawned {
     pub process: Process,
+    /// The child's stdin: it sees end of input once this is dropped.
+    pub stdin: pipe::Sender,
     pub stdout: pipe::Receiver,
     pub stderr: pipe::Receiver,
 }
@@ -187,7 +189,7 @@ struct ChildArgs {
 }
 
 /// Starts `program` with exactly `argv` and `env`, in a process group of
-/// its own, stdin from /dev/null and stdout/stderr piped to us; the
+/// its own, with stdin, stdout and stderr piped to us; the
 /// descriptors in `pass` (all above 2) stay open in it. Must be called
 /// from a thread that lives as long as the daemon (a runtime worker): the
 /// death signal fires when the creating thread ends.
@@ -225,8 +227,7 @@ fn spawn_vfork(
         .chain(argv_ptrs.iter().skip(1).copied())
         .collect();
     let envp_ptrs = env.pointers();
-    let stdin = std::fs::File::open("/dev/null")?;
-    let stdin = above_stdio(OwnedFd::from(stdin))?;
+    let (stdin, in_w) = pipe_pair()?;
     let (out_r, out_w) = pipe_pair()?;
     let (err_r, err_w) = pipe_pair()?;
     let args = ChildArgs {
@@ -295,6 +296,7 @@ fn spawn_vfork(
     process.waiter = Some(Waiter::new(pid)?);
     Ok(Spawned {
         process,
+        stdin: pipe::Sender::from_owned_fd(in_w)?,
         stdout: pipe::Receiver::from_owned_fd(out_r)?,
         stderr: pipe::Receiver::from_owned_fd(err_r)?,
     })
@@ -317,13 +319,14 @@ fn spawn_command(
     let envp = envp_ptrs.as_ptr() as usize;
     let pass = pass.to_vec();
     let parent = std::process::id() as libc::pid_t;
+    let (in_r, in_w) = pipe_pair()?;
     let (out_r, out_w) = pipe_pair()?;
     let (err_r, err_w) = pipe_pair()?;
     let mut command = std::process::Command::new(program);
     command
         .arg0(arg0)
         .args(args)
-        .stdin(std::process::Stdio::null())
+        .stdin(in_r)
         .stdout(out_w)
         .stderr(err_w)
         .process_group(0);
@@ -367,6 +370,7 @@ fn spawn_command(
     process.waiter = Some(Waiter::new(pid)?);
     Ok(Spawned {
         process,
+        stdin: pipe::Sender::from_owned_fd(in_w)?,
         stdout: pipe::Receiver::from_owned_fd(out_r)?,
         stderr: pipe::Receiver::from_owned_fd(err_r)?,
     })
@@ -636,6 +640,8 @@ mod tests {
     async fn run(method: SpawnMethod, argv: &[&str], env: &[&str]) -> (ExitStatus, String, String) {
         let program = find_program(Path::new(argv[0]), None).unwrap();
         let mut spawned = spawn(&program, &strings(argv), &strings(env), &[], method).unwrap();
+        // The child's stdin ends at once.
+        drop(spawned.stdin);
         let (mut out, mut err) = (String::new(), String::new());
         spawned.stdout.read_to_string(&mut out).await.unwrap();
         spawned.stderr.read_to_string(&mut err).await.unwrap();
@@ -679,7 +685,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn clean_signal_state_own_group_and_null_stdin() {
+    async fn clean_signal_state_own_group_and_piped_stdin() {
         for method in METHODS {
             // The daemon's SIGPIPE is ignored (the Rust runtime does it); the
             // child must not inherit that, nor any blocked signal.
@@ -688,7 +694,7 @@ mod tests {
             let parent = std::fs::read_to_string("/proc/self/status").unwrap();
             let expected = status_field(&parent, "SigIgn:") & !(1 << (libc::SIGPIPE - 1));
             assert_eq!(status_field(&out, "SigIgn:"), expected, "{method:?}: {out}");
-            // `cat` ends at once only if stdin is empty (/dev/null).
+            // `cat` ends only because its stdin, our pipe, was closed.
             let (_, out, _) = run(
                 method,
                 &["sh", "-c", "echo $$; cut -d' ' -f5 /proc/$$/stat; cat"],
