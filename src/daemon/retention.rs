@@ -1,7 +1,8 @@
 //! Pruning old history in small batches, so the tables stay small without
 //! long locks: finished runs and done commands past their age, and resolved
 //! interactions. The last success and the last failure of every connection
-//! are always kept, and open interactions are kept until resolved.
+//! are always kept, and open interactions are kept until resolved or
+//! expired.
 
 use std::time::Duration;
 
@@ -54,7 +55,8 @@ pub async fn prune(pool: &PgPool, config: &RetentionConfig) -> Result<Pruned, sq
             pool,
             "delete from interactions where id in (
                  select id from interactions
-                 where status = 'resolved' and resolved_at < now() - $1 * interval '1 millisecond'
+                 where status in ('resolved', 'expired')
+                   and resolved_at < now() - $1 * interval '1 millisecond'
                  limit $2)",
             config.interactions,
             batch,

@@ -73,9 +73,15 @@ fn dev_config(cluster: &Cluster, keys_dir: &Path, exe: &Path) -> String {
                 format!("{upper}_USERNAME,{upper}_PASSWORD"),
             )
         };
+        // The bank asks for a one-time code now and then.
+        let asks = if connector == "chase" {
+            ", DEMO_ASKS_FOR_CODE = \"1\""
+        } else {
+            ""
+        };
         text.push_str(&format!(
             "[connectors.{connector}]\ncommand = {exe:?}\nargs = [\"demo-connector\"]\n\
-             env = {{ DEMO_CREDENTIAL_VARS = \"{vars}\" }}\ntimeout = \"1m\"\n\
+             env = {{ DEMO_CREDENTIAL_VARS = \"{vars}\"{asks} }}\ntimeout = \"2m\"\n\
              retry = {{ max_attempts = 2, backoff = \"5s\", max_backoff = \"1m\" }}\n\
              credential = {credential}\n\n",
             exe = exe.display().to_string(),
@@ -209,9 +215,9 @@ pub(crate) fn demo_connector() -> ExitCode {
             _ => received.push(format!("{name} (missing)")),
         }
     }
-    let visit = match count_visit() {
-        Ok(visit) => format!("visit {visit} (counted in its state)"),
-        Err(e) => format!("no visit counted: {e}"),
+    let (visit, number) = match count_visit() {
+        Ok(visit) => (format!("visit {visit} (counted in its state)"), visit),
+        Err(e) => (format!("no visit counted: {e}"), 0),
     };
     let message = format!(
         "demo connector for {connection} received {}; {visit}",
@@ -221,6 +227,16 @@ pub(crate) fn demo_connector() -> ExitCode {
         "{}",
         serde_json::json!({"type": "log", "level": "info", "message": message})
     );
+    // Every fourth visit but the first, as a bank would now and then.
+    if std::env::var_os("DEMO_ASKS_FOR_CODE").is_some() && number % 4 == 1 && number > 1 {
+        if let Err(message) = ask_for_code() {
+            println!(
+                "{}",
+                serde_json::json!({"type": "log", "level": "warn", "message": message})
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     for records in [10, 20, 30] {
         println!(
             "{}",
@@ -229,6 +245,35 @@ pub(crate) fn demo_connector() -> ExitCode {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     ExitCode::SUCCESS
+}
+
+/// Asks the owner for a one-time code, as a bank's login would, and waits
+/// for the answer on stdin.
+fn ask_for_code() -> Result<(), String> {
+    use std::io::{BufRead, Write};
+    println!(
+        "{}",
+        serde_json::json!({"type": "interaction", "kind": "code_required",
+                           "message": "Code sent to ***1234", "timeout": "90s"})
+    );
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read the answer: {e}"))?;
+    let answer: serde_json::Value =
+        serde_json::from_str(&line).map_err(|_| "no answer came".to_owned())?;
+    if answer["expired"] == true {
+        return Err("no code came in time; the login is abandoned".to_owned());
+    }
+    let length = answer["value"].as_str().map_or(0, |v| v.chars().count());
+    let message = format!("received a one-time code ({length} characters)");
+    println!(
+        "{}",
+        serde_json::json!({"type": "log", "level": "info", "message": message})
+    );
+    Ok(())
 }
 
 /// Reads the visit counter from `CONNECTORD_STATE_FILE` (absent on the

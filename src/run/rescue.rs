@@ -87,6 +87,17 @@ async fn rescue(ctx: &Context, scope: Scope) -> Result<(), sqlx::Error> {
             leftovers.into_iter().partition(|l| l.command_id.is_none());
         let mut lost = settle_running(ctx, own, &running).await?;
         lost.extend(settle_orphaned(ctx, own, stale_claim_ms, &orphaned).await?);
+        // A code request of a lost run waits for nothing any more: an
+        // answer given for it is deleted unread.
+        let lost_ids: Vec<i64> = lost.iter().map(|run| run.id).collect();
+        sqlx::query(
+            "update interactions set status = 'expired', resolved_at = now(),
+                    answer_key_id = null, answer_nonce = null, answer_ciphertext = null
+             where kind = 'code_required' and status = 'open' and run_id = any($1)",
+        )
+        .bind(&lost_ids)
+        .execute(&ctx.pool)
+        .await?;
         for run in lost {
             tracing::warn!(
                 event = "run.lost",
