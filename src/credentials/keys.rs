@@ -315,17 +315,11 @@ impl Keyring {
     /// would break AES-GCM. `binding.key_id` must be the primary id, so that
     /// the key id stored in the row is the one that was used.
     pub fn seal(&self, binding: &Binding, plaintext: &[u8]) -> Result<Sealed, SealError> {
-        if binding.key_id != self.primary {
-            return Err(SealError::NotPrimary {
-                key_id: binding.key_id.to_owned(),
-                primary: self.primary.clone(),
-            });
-        }
         if binding.connector.is_none() {
             return Err(SealError::NoConnector);
         }
         let aad = try_associated_data(binding).ok_or(SealError::BindingTooLong)?;
-        self.seal_with(&aad, plaintext)
+        self.seal_with(binding.key_id, &aad, plaintext)
     }
 
     /// Decrypts a row's ciphertext with the key named by `binding.key_id`.
@@ -375,14 +369,8 @@ impl Keyring {
         binding: &StateBinding,
         plaintext: &[u8],
     ) -> Result<Sealed, SealError> {
-        if binding.key_id != self.primary {
-            return Err(SealError::NotPrimary {
-                key_id: binding.key_id.to_owned(),
-                primary: self.primary.clone(),
-            });
-        }
         let aad = state_associated_data(binding).ok_or(SealError::BindingTooLong)?;
-        self.seal_with(&aad, plaintext)
+        self.seal_with(binding.key_id, &aad, plaintext)
     }
 
     /// Decrypts connector state sealed by [`seal_state`](Self::seal_state)
@@ -419,14 +407,8 @@ impl Keyring {
         binding: &AnswerBinding,
         plaintext: &[u8],
     ) -> Result<Sealed, SealError> {
-        if binding.key_id != self.primary {
-            return Err(SealError::NotPrimary {
-                key_id: binding.key_id.to_owned(),
-                primary: self.primary.clone(),
-            });
-        }
         let aad = answer_associated_data(binding).ok_or(SealError::BindingTooLong)?;
-        self.seal_with(&aad, plaintext)
+        self.seal_with(binding.key_id, &aad, plaintext)
     }
 
     /// Decrypts an answer sealed by [`seal_answer`](Self::seal_answer).
@@ -441,7 +423,15 @@ impl Keyring {
     }
 
     /// AES-256-GCM under the primary key with a fresh random nonce.
-    fn seal_with(&self, aad: &[u8], plaintext: &[u8]) -> Result<Sealed, SealError> {
+    /// `key_id` is the key the binding names, which must be the primary,
+    /// so that the key id stored in the row is the one that was used.
+    fn seal_with(&self, key_id: &str, aad: &[u8], plaintext: &[u8]) -> Result<Sealed, SealError> {
+        if key_id != self.primary {
+            return Err(SealError::NotPrimary {
+                key_id: key_id.to_owned(),
+                primary: self.primary.clone(),
+            });
+        }
         let key = self.primary_key();
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).map_err(|_| SealError::Random)?;
