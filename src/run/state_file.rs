@@ -142,14 +142,13 @@ fn read(path: &Path, max_bytes: u64) -> Collected {
     if meta.size() > max_bytes {
         return Collected::TooLarge(meta.size());
     }
-    read_at_most(file, max_bytes)
+    read_at_most(file, meta.size(), max_bytes)
 }
 
-/// Reads the whole file into a zeroizing buffer, or reports it too large
-/// if it grew past `max_bytes` while being read.
-fn read_at_most(file: File, max_bytes: u64) -> Collected {
-    let capacity = file.metadata().map_or(0, |m| m.size()) as usize;
-    let mut buf = Zeroizing::new(Vec::with_capacity(capacity + 1));
+/// Reads the whole file (`size` bytes when examined) into a zeroizing
+/// buffer, or reports it too large if it grew past `max_bytes` meanwhile.
+fn read_at_most(file: File, size: u64, max_bytes: u64) -> Collected {
+    let mut buf = Zeroizing::new(Vec::with_capacity(size as usize + 1));
     match file.take(max_bytes + 1).read_to_end(&mut buf) {
         Ok(_) if buf.len() as u64 > max_bytes => Collected::TooLarge(buf.len() as u64),
         Ok(_) => Collected::Written(StateBytes::new(buf)),
