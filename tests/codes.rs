@@ -9,7 +9,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use support::{cli, Config, Connector, Daemon, Scratch, TestDb};
+use support::{cli, generate_key, run_ok, Config, Connector, Daemon, Scratch, TestDb};
 
 const CODE: &str = "493817";
 
@@ -28,27 +28,13 @@ fn config(dir: &Path, instance: &str, timeout: &str) -> Config {
 }
 
 async fn setup(db: &TestDb, dir: &Path, config: &Config) -> PathBuf {
-    let keys = dir.join("keys");
-    let (code, out, err) = cli(
-        db,
-        None,
-        &[
-            "keys",
-            "generate",
-            "--id",
-            "k1",
-            "--dir",
-            keys.to_str().expect("utf-8"),
-        ],
-        "",
-    );
-    assert_eq!(code, 0, "{out}{err}");
+    generate_key(db, dir, "k1");
     let path = config.write(&dir.join("connectord.toml"));
     db.exec("insert into connections (id, connector) values ('alice-chase', 'chase')")
         .await;
-    let (code, out, err) = cli(
+    run_ok(
         db,
-        Some(&path),
+        &path,
         &[
             "credentials",
             "set",
@@ -60,7 +46,6 @@ async fn setup(db: &TestDb, dir: &Path, config: &Config) -> PathBuf {
         ],
         "hunter2\n",
     );
-    assert_eq!(code, 0, "{out}{err}");
     path
 }
 
@@ -270,21 +255,7 @@ async fn stdin_stays_open_for_the_run() {
             .timeout("2s")
             .no_retry(),
     );
-    let keys = d.join("keys");
-    let (code, out, err) = cli(
-        &db,
-        None,
-        &[
-            "keys",
-            "generate",
-            "--id",
-            "k1",
-            "--dir",
-            keys.to_str().expect("utf-8"),
-        ],
-        "",
-    );
-    assert_eq!(code, 0, "{out}{err}");
+    generate_key(&db, d, "k1");
     let _daemon = Daemon::start(&db, d, &config, &[]).await;
     db.exec("insert into connections (id, connector) values ('r', 'reader')")
         .await;

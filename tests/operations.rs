@@ -9,7 +9,9 @@ mod support;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
-use support::{cli, recorded_env, stand_in, Config, Connector, Daemon, Scratch, TestDb};
+use support::{
+    cli, generate_key, recorded_env, run_ok, stand_in, Config, Connector, Daemon, Scratch, TestDb,
+};
 
 /// A registry with a token connector and a browser connector, keys in the
 /// scratch dir under `primary`.
@@ -27,30 +29,6 @@ fn config(dir: &Path, primary: &str) -> Config {
 /// The token connector, running `command`.
 fn github(dir: &Path, command: &str) -> Connector {
     Connector::recording("github", command, dir).static_secret("GITHUB_TOKEN")
-}
-
-fn generate_key(db: &TestDb, dir: &Path, id: &str) {
-    let keys = dir.join("keys");
-    let (code, out, err) = cli(
-        db,
-        None,
-        &[
-            "keys",
-            "generate",
-            "--id",
-            id,
-            "--dir",
-            keys.to_str().expect("utf-8"),
-        ],
-        "",
-    );
-    assert_eq!(code, 0, "{out}{err}");
-}
-
-fn run_ok(db: &TestDb, config: &Path, args: &[&str], stdin: &str) -> String {
-    let (code, out, err) = cli(db, Some(config), args, stdin);
-    assert_eq!(code, 0, "{args:?}: {out}{err}");
-    out
 }
 
 /// The daemon speaks systemd's notify protocol: READY=1 after loading,

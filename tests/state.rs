@@ -9,7 +9,9 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use support::{cli, recorded_env, Config, Connector, Daemon, Scratch, TestDb};
+use support::{
+    cli, generate_key, recorded_env, run_ok, Config, Connector, Daemon, Scratch, TestDb,
+};
 
 const USERNAME: &str = "alice.chase";
 const PASSWORD: &str = "correct-horse-42";
@@ -28,30 +30,6 @@ fn config(dir: &Path, instance: &str) -> Config {
                 .username_password("CHASE_USERNAME", "CHASE_PASSWORD"),
         )
         .connector(Connector::recording("weather", state_connector(), dir).no_retry())
-}
-
-fn generate_key(db: &TestDb, dir: &Path, id: &str) {
-    let keys = dir.join("keys");
-    let (code, out, err) = cli(
-        db,
-        None,
-        &[
-            "keys",
-            "generate",
-            "--id",
-            id,
-            "--dir",
-            keys.to_str().expect("utf-8"),
-        ],
-        "",
-    );
-    assert_eq!(code, 0, "{out}{err}");
-}
-
-fn run_ok(db: &TestDb, config: &Path, args: &[&str], stdin: &str) -> String {
-    let (code, out, err) = cli(db, Some(config), args, stdin);
-    assert_eq!(code, 0, "{args:?}: {out}{err}");
-    out
 }
 
 /// Keys, the config written to the scratch dir, and connection `id` of

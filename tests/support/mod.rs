@@ -425,6 +425,32 @@ pub fn cli(
     )
 }
 
+/// Writes a new key `id` to `dir/keys` with the CLI.
+pub fn generate_key(db: &TestDb, dir: &Path, id: &str) {
+    let keys = dir.join("keys");
+    let (code, out, err) = cli(
+        db,
+        None,
+        &[
+            "keys",
+            "generate",
+            "--id",
+            id,
+            "--dir",
+            keys.to_str().expect("utf-8"),
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+/// Runs the CLI with `config` and returns its stdout, asserting success.
+pub fn run_ok(db: &TestDb, config: &Path, args: &[&str], stdin: &str) -> String {
+    let (code, out, err) = cli(db, Some(config), args, stdin);
+    assert_eq!(code, 0, "{args:?}: {out}{err}");
+    out
+}
+
 /// Every process still carrying run `run_id` of the test recording into
 /// `record_dir` in its environment: the connector, whatever it started,
 /// and for a sandboxed run bubblewrap and the sandbox's init. Each is its
