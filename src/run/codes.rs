@@ -162,12 +162,7 @@ impl Serve {
     ) -> Result<(), sqlx::Error> {
         loop {
             if let Some(line) = self.take(id).await? {
-                write_line(stdin, &line).await;
-                tracing::info!(
-                    event = "interaction.answered",
-                    interaction = id,
-                    "the owner's code was handed to the connector"
-                );
+                deliver(id, &line, stdin).await;
                 return Ok(());
             }
             tokio::select! {
@@ -186,9 +181,10 @@ impl Serve {
                         return Ok(());
                     }
                     // An answer arrived as the request expired: it wins.
-                    if self.take(id).await?.is_none() {
-                        return Ok(());
+                    if let Some(line) = self.take(id).await? {
+                        deliver(id, &line, stdin).await;
                     }
+                    return Ok(());
                 }
             }
         }
@@ -335,6 +331,16 @@ fn answer_line(id: i64, code: &str) -> Zeroizing<Vec<u8>> {
     let _ = serde_json::to_writer(&mut *line, &answer);
     line.push(b'\n');
     line
+}
+
+/// Hands the answer line to the child.
+async fn deliver(id: i64, line: &[u8], stdin: &mut pipe::Sender) {
+    write_line(stdin, line).await;
+    tracing::info!(
+        event = "interaction.answered",
+        interaction = id,
+        "the owner's code was handed to the connector"
+    );
 }
 
 /// Writes one whole line to the child's stdin.
