@@ -162,6 +162,83 @@ async fn an_answered_code_reaches_the_waiting_child_and_nothing_else() {
     );
 }
 
+/// An answer given for a run whose daemon was killed is never delivered:
+/// the daemon that takes the run over settles it `lost`, closes its code
+/// request and deletes the answer unread; the retry asks anew, and only
+/// the answer to its own request reaches its child.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_taken_over_does_not_get_the_dead_daemons_answer() {
+    let db = TestDb::new().await;
+    let dir = Scratch::new();
+    let d = &dir.path;
+    let path = setup(&db, d, &config(d, "one", "30s")).await;
+    let one = Daemon::start(&db, d, &config(d, "one", "30s"), &[]).await;
+    let (command, old) = run_until_asked(&db).await;
+    let run: i64 = db
+        .scalar(&format!("select run_id from interactions where id = {old}"))
+        .await;
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe {
+        libc::kill(one.pid() as i32, libc::SIGKILL);
+    }
+    drop(one);
+
+    // Nobody has taken the run over yet, so the answer is accepted, and
+    // waits, encrypted, for a daemon that is gone.
+    let (code, out, err) = cli(
+        &db,
+        Some(&path),
+        &["interactions", "answer", &old.to_string()],
+        "111111\n",
+    );
+    assert_eq!(code, 0, "{out}{err}");
+
+    let two = Daemon::start(&db, d, &config(d, "two", "30s"), &[]).await;
+    let (lost, status, kind, _) = run_of(&db, command).await;
+    assert_eq!(lost, run);
+    assert_eq!((status.as_str(), kind.as_deref()), ("failed", Some("lost")));
+    db.wait_until(&format!(
+        "select exists (select 1 from interactions
+                        where kind = 'code_required' and status = 'open' and id <> {old})"
+    ))
+    .await;
+    let (state, stored): (String, bool) = sqlx::query_as(
+        "select status, answer_ciphertext is not null or answer_nonce is not null
+         from interactions where id = $1",
+    )
+    .bind(old)
+    .fetch_one(&db.pool)
+    .await
+    .expect("the old request");
+    assert_eq!((state.as_str(), stored), ("expired", false));
+
+    let (new, retry): (i64, i64) = sqlx::query_as(
+        "select id, run_id from interactions where kind = 'code_required' and status = 'open'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("the retry's request");
+    run_ok(
+        &db,
+        &path,
+        &["interactions", "answer", &new.to_string()],
+        &format!("{CODE}\n"),
+    );
+    db.wait_until(&format!(
+        "select status = 'succeeded' from runs where id = {retry}"
+    ))
+    .await;
+    // The retry's child read one line, and it was its own answer.
+    assert_eq!(
+        answer_file(d, retry),
+        format!(r#"{{"type":"answer","interaction":{new},"value":"{CODE}"}}"#)
+    );
+    // The killed daemon's child saw at most its stdin close as it died.
+    let first = std::fs::read_to_string(d.join(format!("{run}.answer"))).unwrap_or_default();
+    assert!(first.is_empty() || first == "EOF", "{first}");
+    assert!(two.logs().contains("run.lost"));
+}
+
 /// No answer in time: the child is told, the interaction is `expired`, a
 /// late answer is refused with the reason, and the failed run is
 /// `interaction_expired`, not retried.
