@@ -21,14 +21,17 @@
 //! - `daemon`: the real daemon as a child process; `perf` attachment.
 //! - `minimal`: the minimal-daemon and spawn-only baselines.
 //! - `pickup` (P1), `throughput` (P2), `sandbox` (P7), `resolver` (P6), `state`
-//!   (P8), `schedules` (P3–P5), `tcs` (the tokio-cron-scheduler baseline of P3/P4).
+//!   (P8), `codes` (P9), `schedules` (P3–P5), `tcs` (the tokio-cron-scheduler
+//!   baseline of P3/P4).
 //! - `stats`: percentiles and the report; `procfs`: RSS and CPU.
 //!
 //! (A bench's crate root looks for modules beside it, hence the `#[path]`s.)
 //!
-//! Sections: pickup, throughput, sandbox, resolver, state, schedules, tcs (`--only`; tcs
-//! needs schedules).
+//! Sections: pickup, throughput, sandbox, resolver, state, codes, schedules, tcs
+//! (`--only`; tcs needs schedules).
 
+#[path = "bench/codes.rs"]
+mod codes;
 #[path = "bench/daemon.rs"]
 mod daemon;
 #[path = "bench/minimal.rs"]
@@ -62,7 +65,7 @@ use stats::Report;
 
 const USAGE: &str =
     "usage: cargo bench --bench bench -- [--short | --full] [--perf] [--only SECTION,...]
-sections: pickup, throughput, sandbox, resolver, state, schedules, tcs";
+sections: pickup, throughput, sandbox, resolver, state, codes, schedules, tcs";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -185,6 +188,10 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
     if env.mode.runs("state") {
         state::run(&mut env, &mut report).await?;
         took("state");
+    }
+    if env.mode.runs("codes") {
+        codes::run(&mut env, &mut report).await?;
+        took("codes");
     }
     if env.mode.runs("schedules") {
         let idle_rss = pickup.as_ref().and_then(|p| p.idle_rss_mib);

@@ -384,6 +384,14 @@ max_concurrency = 64
 credential = {{ kind = "static_secret", env = "PROBE_TOKEN" }}
 read_write_paths = ["{fifo}"]
 
+# P9: the probe asking for a one-time code.
+[connectors.asker]
+command = "{probe}"
+env = {{ PROBE_OUT = "{fifo}", PROBE_ASK = "1" }}
+timeout = "1m"
+max_concurrency = 64
+read_write_paths = ["{fifo}"]
+
 [sandbox]
 enabled = false
 "#,
