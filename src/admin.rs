@@ -455,3 +455,71 @@ pub async fn answer(
     }
     Err(AnswerRefused::Resolved(id))
 }
+
+/// Why `runs cancel` did not cancel a run.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelRefused {
+    #[error("run {0} does not exist")]
+    NotFound(i64),
+    #[error("run {0} is still starting; try again in a moment")]
+    Starting(i64),
+    #[error("run {id} cannot be cancelled: it has ended ({status}{})", .kind.as_deref().map(|k| format!(", {k}")).unwrap_or_default())]
+    Ended {
+        id: i64,
+        status: String,
+        kind: Option<String>,
+    },
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// A cancellation as it was requested.
+#[derive(Debug, sqlx::FromRow)]
+pub struct CancelRequested {
+    pub connection_id: String,
+    /// The daemon running it.
+    pub instance_id: Option<String>,
+    /// Whether it had been requested before.
+    pub already: bool,
+}
+
+/// Asks the daemon running run `id` to cancel it; the daemon is told by
+/// the column's trigger (and its next lease renewal), and should it be
+/// gone, the lease rescue records the run `cancelled`.
+pub async fn cancel_run(pool: &PgPool, id: i64) -> Result<CancelRequested, CancelRefused> {
+    let requested: Option<CancelRequested> = sqlx::query_as(
+        "with old as (
+             select id, cancel_requested_at from runs
+             where id = $1 and status = 'running'
+             for update
+         )
+         update runs r set cancel_requested_at = coalesce(old.cancel_requested_at, now())
+         from old where r.id = old.id
+         returning r.connection_id, r.instance_id, old.cancel_requested_at is not null as already",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    if let Some(requested) = requested {
+        return Ok(requested);
+    }
+    let ended: Option<(String, Option<String>)> =
+        sqlx::query_as("select status, failure_kind from runs where id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    if let Some((status, kind)) = ended {
+        return Err(CancelRefused::Ended { id, status, kind });
+    }
+    let starting: bool = sqlx::query_scalar(
+        "select exists (select 1 from run_commands where run_id = $1 and status = 'claimed')",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await?;
+    Err(if starting {
+        CancelRefused::Starting(id)
+    } else {
+        CancelRefused::NotFound(id)
+    })
+}

@@ -185,7 +185,7 @@ impl Bare {
         };
         let running = child::spawn(connector, &env, confinement, self.config.daemon.spawn).await?;
         drop(env);
-        let superseded = CancellationToken::new();
+        let (superseded, cancelled) = (CancellationToken::new(), CancellationToken::new());
         let outcome = running
             .supervise(
                 Limits {
@@ -194,6 +194,7 @@ impl Bare {
                     shutdown_grace: Duration::from_secs(1),
                     shutdown: &self.shutdown,
                     superseded: &superseded,
+                    cancelled: &cancelled,
                 },
                 |_| {},
             )

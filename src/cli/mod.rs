@@ -100,8 +100,11 @@ pub(crate) enum Command {
         #[arg(long, requires = "wait", value_parser = humantime::parse_duration)]
         timeout: Option<std::time::Duration>,
     },
-    /// List runs, newest first.
+    /// List runs, newest first, or cancel one.
+    #[command(args_conflicts_with_subcommands = true)]
     Runs {
+        #[command(subcommand)]
+        action: Option<RunsCommand>,
         /// Only runs of this connection.
         #[arg(long)]
         connection: Option<String>,
@@ -204,6 +207,17 @@ pub(crate) enum CredentialsCommand {
     /// Re-encrypt every credential and connector state under the primary
     /// key.
     Rotate,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RunsCommand {
+    /// Cancel a running run: the daemon running it terminates the
+    /// connector (SIGTERM, then SIGKILL after kill_grace) and records it
+    /// failed/cancelled, not retried.
+    Cancel {
+        /// The run's id (`connectord runs --status running`).
+        run_id: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -359,6 +373,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             runs::trigger(&config, &connection, wait).await
         }
         Command::Runs {
+            action: Some(RunsCommand::Cancel { run_id }),
+            ..
+        } => runs::cancel(&config, run_id).await,
+        Command::Runs {
+            action: None,
             connection,
             status,
             since,

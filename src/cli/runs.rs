@@ -1,5 +1,5 @@
 //! `connectord trigger` and `connectord runs`: queueing a manual run (and
-//! waiting for its outcome), and listing runs.
+//! waiting for its outcome), listing runs, and cancelling one.
 
 use anyhow::bail;
 use chrono::{DateTime, Utc};
@@ -55,6 +55,19 @@ pub(crate) async fn trigger(config: &Config, connection: &str, wait: Wait) -> an
         // Woken by any run's outcome; the timeout covers a lost connection.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), listener.recv()).await;
     }
+}
+
+pub(crate) async fn cancel(config: &Config, run_id: i64) -> anyhow::Result<u8> {
+    let pool = pool(config).await?;
+    let requested = admin::cancel_run(&pool, run_id).await?;
+    let daemon = printable(requested.instance_id.as_deref().unwrap_or("?"));
+    let connection = printable(&requested.connection_id);
+    if requested.already {
+        println!("run {run_id} of {connection} was already being cancelled (daemon {daemon})");
+    } else {
+        println!("cancelling run {run_id} of {connection} (daemon {daemon})");
+    }
+    Ok(exit::OK)
 }
 
 /// `--since`: a duration back from now, or an RFC 3339 instant.

@@ -1,6 +1,7 @@
 //! Notifications: one session that `LISTEN`s for schedule edits, new
-//! commands and owners' answers, and forwards them to the schedule engine,
-//! the queue and the runs waiting for a code.
+//! commands, owners' answers and cancellations, and forwards them to the
+//! schedule engine, the queue, the runs waiting for a code and the runs
+//! being cancelled.
 
 use std::sync::Arc;
 
@@ -11,11 +12,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::Backoff;
 use crate::run::codes::{Waiting, ANSWERS_CHANNEL};
+use crate::run::leases::Leases;
 use crate::schedule::Edit;
 
 /// Channels the daemon listens on.
 pub const SCHEDULES_CHANNEL: &str = "connectord_schedules";
 pub const COMMANDS_CHANNEL: &str = "connectord_commands";
+/// Notified with a run id by the trigger of `runs.cancel_requested_at`.
+pub const CANCELS_CHANNEL: &str = "connectord_cancels";
 
 /// Connects the notification listener, retrying until `stop`. The daemon
 /// listens before it loads schedules, so no edit made after "ready" can be
@@ -26,7 +30,12 @@ pub async fn connect(pool: &PgPool, stop: &CancellationToken) -> Option<PgListen
         let attempt = async {
             let mut listener = PgListener::connect_with(pool).await?;
             listener
-                .listen_all([SCHEDULES_CHANNEL, COMMANDS_CHANNEL, ANSWERS_CHANNEL])
+                .listen_all([
+                    SCHEDULES_CHANNEL,
+                    COMMANDS_CHANNEL,
+                    ANSWERS_CHANNEL,
+                    CANCELS_CHANNEL,
+                ])
                 .await?;
             Ok::<_, sqlx::Error>(listener)
         };
@@ -51,6 +60,7 @@ pub async fn listen(
     edits: mpsc::Sender<Edit>,
     wake: Arc<Notify>,
     waiting: Arc<Waiting>,
+    leases: Arc<Leases>,
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::new();
@@ -84,6 +94,12 @@ pub async fn listen(
                         Ok(id) => waiting.wake(id),
                         Err(_) => waiting.wake_all(),
                     },
+                    // A lost one is found by the next lease renewal.
+                    CANCELS_CHANNEL => {
+                        if let Ok(id) = notification.payload().parse::<i64>() {
+                            leases.cancel(id);
+                        }
+                    }
                     _ => wake.notify_one(),
                 }
             }

@@ -150,7 +150,7 @@ pub async fn run(
         starts,
         instance_id,
         shutdown: shutdown.clone(),
-        leases: Leases::default(),
+        leases: Arc::new(Leases::default()),
         known_connectors,
         sandbox,
         run_dirs,
@@ -178,6 +178,7 @@ pub async fn run(
             edits_tx,
             wake.clone(),
             ctx.waiting.clone(),
+            ctx.leases.clone(),
             stop_loops.clone(),
         ),
     );

@@ -69,6 +69,8 @@ pub enum EndedBy {
     Shutdown,
     /// Another daemon took the run over (our lease had expired).
     Superseded,
+    /// An operator cancelled the run.
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +87,8 @@ pub struct Limits<'a> {
     pub shutdown: &'a CancellationToken,
     /// Cancelled when the run is found to belong to another daemon now.
     pub superseded: &'a CancellationToken,
+    /// Cancelled when an operator cancels the run.
+    pub cancelled: &'a CancellationToken,
 }
 
 /// Where a child runs.
@@ -316,6 +320,13 @@ impl Running {
                 }
                 () = &mut grace, if grace_armed => {
                     tracing::warn!("shutdown grace elapsed; terminating connector");
+                    break terminate(&mut self.process, target, limits.kill_grace).await;
+                }
+                // A cancellation also cuts a shutdown's grace short: the
+                // operator wants this run gone, not re-queued.
+                () = limits.cancelled.cancelled(), if matches!(ended_by, None | Some(EndedBy::Shutdown)) => {
+                    tracing::warn!("the run was cancelled; terminating its process group");
+                    ended_by = Some(EndedBy::Cancelled);
                     break terminate(&mut self.process, target, limits.kill_grace).await;
                 }
                 () = limits.superseded.cancelled(), if ended_by.is_none() => {

@@ -30,10 +30,15 @@ pub enum FailureKind {
     Lost,
     /// The sandbox of SPEC §12 cannot be set up on this machine.
     SandboxUnavailable,
+    /// An operator cancelled the run (`runs cancel`).
+    Cancelled,
+    /// A schedule's ticks fell in a downtime longer than the catch-up
+    /// window; recorded once per schedule and downtime, as `skipped`.
+    Missed,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 18] = [
+    pub const ALL: [FailureKind; 20] = [
         FailureKind::CredentialMissing,
         FailureKind::CredentialRevoked,
         FailureKind::CredentialDeleted,
@@ -52,6 +57,8 @@ impl FailureKind {
         FailureKind::Interrupted,
         FailureKind::Lost,
         FailureKind::SandboxUnavailable,
+        FailureKind::Cancelled,
+        FailureKind::Missed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -74,6 +81,8 @@ impl FailureKind {
             FailureKind::Interrupted => "interrupted",
             FailureKind::Lost => "lost",
             FailureKind::SandboxUnavailable => "sandbox_unavailable",
+            FailureKind::Cancelled => "cancelled",
+            FailureKind::Missed => "missed",
         }
     }
 

@@ -28,7 +28,7 @@ use crate::run::child_env::{ChildEnv, PrivateDirs, RunMeta};
 use crate::run::codes::{self, Serve, Waiting};
 use crate::run::dir::RunDirs;
 use crate::run::failure::FailureKind;
-use crate::run::leases::Leases;
+use crate::run::leases::{Leases, Stops};
 use crate::run::protocol::InteractionKind;
 use crate::run::record::{
     CredentialUsed, Finish, Outcome, OutcomeWriter, Start, StartWriter, Writer,
@@ -46,7 +46,7 @@ pub struct Context {
     pub instance_id: String,
     pub shutdown: CancellationToken,
     /// The runs this daemon has going, and their leases.
-    pub leases: Leases,
+    pub leases: Arc<Leases>,
     /// The registry's connector names: the claim takes run slots only for
     /// these.
     pub known_connectors: Vec<String>,
@@ -152,7 +152,7 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
         // Another run of this connection is going; wait for it to end.
         return queue::release(&ctx.pool, command.id).await;
     };
-    let superseded = CancellationToken::new();
+    let stops = Stops::default();
     let result = if ctx.shutdown.is_cancelled() {
         // Claimed just as shutdown began: hand the command back untouched.
         queue::release(&ctx.pool, command.id).await
@@ -167,7 +167,7 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
             },
             &connector_name,
             connector,
-            &superseded,
+            &stops,
         )
         .await
     };
@@ -179,24 +179,19 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
 /// then hands the run's lease to the lease keeper. Should the slot no
 /// longer be ours, or the row be refused, the child is stopped: another
 /// daemon may be running the connection.
-async fn record_start(
-    ctx: &Context,
-    start: Start,
-    superseded: &CancellationToken,
-    reports: &Reports,
-) {
+async fn record_start(ctx: &Context, start: Start, stops: &Stops, reports: &Reports) {
     let _starting = ctx.leases.starting(start.run_id);
     let mut backoff = Backoff::new();
     loop {
         match ctx.starts.record(start.clone()).await {
             Ok(true) => {
-                ctx.leases.hold(start.run_id, superseded.clone());
+                ctx.leases.hold(start.run_id, stops.clone());
                 reports.row_recorded();
                 return;
             }
             Ok(false) => {
                 tracing::warn!("the run's slot was given to another daemon while this one could not reach the database; stopping the connector");
-                superseded.cancel();
+                stops.superseded.cancel();
                 return;
             }
             Err(e) if Failure::is_transient(&e) => {
@@ -207,7 +202,7 @@ async fn record_start(
             }
             Err(e) => {
                 tracing::error!(error = %e, "the database refused the run's start; stopping the connector");
-                superseded.cancel();
+                stops.superseded.cancel();
                 return;
             }
         }
@@ -231,7 +226,7 @@ async fn run_in_slot(
     claim: ClaimRead<'_>,
     connector_name: &str,
     connector: &ConnectorConfig,
-    superseded: &CancellationToken,
+    stops: &Stops,
 ) -> Result<(), sqlx::Error> {
     let ClaimRead {
         credential: stored,
@@ -420,7 +415,7 @@ async fn run_in_slot(
     });
     let (reports, pending) = Reports::new(run_id, Some(codes_tx));
     let reports = Arc::new(reports);
-    let record_start = record_start(ctx, start, superseded, &reports);
+    let record_start = record_start(ctx, start, stops, &reports);
     // Written by a task of its own: supervision never waits on the
     // database, and interactions still land when it is slow.
     let mut write_reports = tokio::spawn(
@@ -440,7 +435,8 @@ async fn run_in_slot(
             kill_grace: ctx.config.daemon.kill_grace,
             shutdown_grace: ctx.config.daemon.shutdown_grace,
             shutdown: &ctx.shutdown,
-            superseded,
+            superseded: &stops.superseded,
+            cancelled: &stops.cancelled,
         },
         |message| reports.take(message),
     );
@@ -707,6 +703,10 @@ fn classify(outcome: child::Outcome, raised_interaction: bool, code_expired: boo
         (Some(EndedBy::Superseded), _) => failed(
             FailureKind::Lost,
             "another daemon took the run over after its lease expired".to_owned(),
+        ),
+        (Some(EndedBy::Cancelled), _) => failed(
+            FailureKind::Cancelled,
+            "an operator cancelled the run".to_owned(),
         ),
         // The owner must act before another attempt can succeed, however
         // the child then ended.

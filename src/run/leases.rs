@@ -7,8 +7,12 @@
 //! daemon that finds it can no longer renew one of its own runs has lost it
 //! to such a rescue, and stops the child, so that no two runs of one
 //! connection overlap.
+//!
+//! The renewal also carries cancellation: a run an operator cancelled
+//! (`runs cancel`) is stopped when the notification arrives, and at the
+//! next renewal should it have been lost.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio_util::sync::CancellationToken;
@@ -21,19 +25,29 @@ use crate::run::rescue;
 /// recovered rather than the bookkeeping skipped.
 #[derive(Default)]
 pub struct Leases {
-    /// Runs whose rows are recorded: their leases are renewed, each with a
-    /// token that stops its child should another daemon take it over.
-    running: Mutex<HashMap<i64, CancellationToken>>,
+    /// Runs whose rows are recorded: their leases are renewed, each with
+    /// what stops its child from outside.
+    running: Mutex<HashMap<i64, Stops>>,
     /// Runs spawned whose rows are not recorded yet: never taken for lost
-    /// by this daemon's own rescue, and not yet renewed.
-    starting: Mutex<HashSet<i64>>,
+    /// by this daemon's own rescue, and not yet renewed. The flag is a
+    /// cancellation that arrived as the row was being recorded.
+    starting: Mutex<HashMap<i64, bool>>,
+}
+
+/// What ends a run's child from outside its supervision.
+#[derive(Clone, Default)]
+pub struct Stops {
+    /// Another daemon took the run over.
+    pub superseded: CancellationToken,
+    /// An operator cancelled it.
+    pub cancelled: CancellationToken,
 }
 
 impl Leases {
     /// Marks `run_id` as starting until the returned guard is dropped,
     /// however recording its start ends (the caller may stop waiting).
     pub fn starting(&self, run_id: i64) -> Starting<'_> {
-        lock(&self.starting).insert(run_id);
+        lock(&self.starting).insert(run_id, false);
         Starting {
             leases: self,
             run_id,
@@ -41,9 +55,26 @@ impl Leases {
     }
 
     /// The run's row is recorded: from now on its lease is renewed, and
-    /// `superseded` is cancelled should the renewal find it taken over.
-    pub fn hold(&self, run_id: i64, superseded: CancellationToken) {
-        lock(&self.running).insert(run_id, superseded);
+    /// `stops` fire should the renewal find it taken over or cancelled.
+    pub fn hold(&self, run_id: i64, stops: Stops) {
+        // Both locks, starting first (as in `cancel`), so a cancellation
+        // lands either in the starting flag read here or in `running`.
+        let starting = lock(&self.starting);
+        if starting.get(&run_id) == Some(&true) {
+            stops.cancelled.cancel();
+        }
+        lock(&self.running).insert(run_id, stops);
+    }
+
+    /// An operator asked to cancel `run_id`: its child is stopped if it is
+    /// ours.
+    pub fn cancel(&self, run_id: i64) {
+        let mut starting = lock(&self.starting);
+        if let Some(stops) = lock(&self.running).get(&run_id) {
+            stops.cancelled.cancel();
+        } else if let Some(requested) = starting.get_mut(&run_id) {
+            *requested = true;
+        }
     }
 
     /// The run has ended (its outcome is being recorded under the fence).
@@ -66,7 +97,7 @@ impl Leases {
     /// answer): its own rescue must leave all of them alone.
     pub fn live_ids(&self) -> Vec<i64> {
         let mut ids = self.held_ids();
-        ids.extend(lock(&self.starting).iter().copied());
+        ids.extend(lock(&self.starting).keys().copied());
         ids
     }
 
@@ -75,8 +106,8 @@ impl Leases {
     fn supersede(&self, ids: impl Iterator<Item = i64>) {
         let running = lock(&self.running);
         for id in ids {
-            if let Some(superseded) = running.get(&id) {
-                superseded.cancel();
+            if let Some(stops) = running.get(&id) {
+                stops.superseded.cancel();
             }
         }
     }
@@ -140,20 +171,27 @@ async fn renew(ctx: &Context) -> Result<(), sqlx::Error> {
     if ids.is_empty() {
         return Ok(());
     }
-    let renewed: Vec<i64> = sqlx::query_scalar(
+    let renewed: Vec<(i64, bool)> = sqlx::query_as(
         "update runs set lease_expires_at = now() + $3 * interval '1 millisecond'
          where id = any($1) and status = 'running' and instance_id = $2
-         returning id",
+         returning id, cancel_requested_at is not null",
     )
     .bind(&ids)
     .bind(&ctx.instance_id)
     .bind(ctx.config.daemon.lease.as_millis() as f64)
     .fetch_all(&ctx.pool)
     .await?;
+    for &(id, cancelled) in &renewed {
+        if cancelled {
+            ctx.leases.cancel(id);
+        }
+    }
     if renewed.len() < ids.len() {
         // Only runs that were asked about and not renewed are lost to us;
         // runs that started after the snapshot were not asked about.
-        let lost = ids.into_iter().filter(|id| !renewed.contains(id));
+        let lost = ids
+            .into_iter()
+            .filter(|id| !renewed.iter().any(|(renewed, _)| renewed == id));
         ctx.leases.supersede(lost);
     }
     Ok(())

@@ -2,7 +2,8 @@
 //! they were left by this instance's previous start.
 //!
 //! Two kinds of leftovers are recorded `lost` and retried as the policy of
-//! their connector allows: a `running` row whose lease expired, and a claim
+//! their connector allows (or `cancelled`, not retried, when an operator
+//! had cancelled the run): a `running` row whose lease expired, and a claim
 //! that took a run slot but whose daemon stopped before recording the run's
 //! start (its child, if it was spawned, died with it: children never
 //! outlive their daemon). A claim that took no slot (a skip or a refusal
@@ -55,6 +56,7 @@ struct Lost {
     id: i64,
     connection_id: String,
     instance_id: Option<String>,
+    failure_kind: String,
     retry_ms: Option<f64>,
 }
 
@@ -99,6 +101,16 @@ async fn rescue(ctx: &Context, scope: Scope) -> Result<(), sqlx::Error> {
         .execute(&ctx.pool)
         .await?;
         for run in lost {
+            if run.failure_kind == FailureKind::Cancelled.as_str() {
+                tracing::warn!(
+                    event = "run.cancelled",
+                    run_id = run.id,
+                    connection = %run.connection_id,
+                    owner = run.instance_id.as_deref().unwrap_or("?"),
+                    "cancelled run settled: its daemon had stopped"
+                );
+                continue;
+            }
             tracing::warn!(
                 event = "run.lost",
                 run_id = run.id,
@@ -155,7 +167,7 @@ macro_rules! enqueue_lost_retries {
                          retry_ms
                   from lost) ended"
             ),
-            ") select id, connection_id, instance_id, retry_ms from lost"
+            ") select id, connection_id, instance_id, failure_kind, retry_ms from lost"
         )
     };
 }
@@ -177,13 +189,18 @@ async fn settle_running(
              select * from unnest($1::bigint[], $2::float8[]) as i(run_id, retry_ms)
          ), lost as (
              update runs r
-             set status = 'failed', failure_kind = 'lost', finished_at = now(), lease_expires_at = null,
-                 failure_detail = 'the daemon running it (' || coalesce(r.instance_id, '?') || ') stopped renewing its lease'
+             set status = 'failed', finished_at = now(), lease_expires_at = null,
+                 failure_kind = case when r.cancel_requested_at is null then 'lost' else 'cancelled' end,
+                 failure_detail = case when r.cancel_requested_at is null
+                     then 'the daemon running it (' || coalesce(r.instance_id, '?') || ') stopped renewing its lease'
+                     else 'an operator cancelled the run; the daemon running it (' || coalesce(r.instance_id, '?') || ') had stopped'
+                 end
              from input i
              where r.id = i.run_id and r.status = 'running'
                and (r.lease_expires_at < now() or ($3 and r.instance_id = $4))
              returning r.id, r.command_id, r.connection_id, r.schedule_id, r.attempt,
-                       r.instance_id, i.retry_ms
+                       r.instance_id, r.failure_kind,
+                       case when r.failure_kind = 'cancelled' then null else i.retry_ms end as retry_ms
          ), freed as (
              update run_commands rc set status = 'done'
              from lost
@@ -237,7 +254,7 @@ async fn settle_orphaned(
                     o.claimed_by, now()
              from orphaned o left join connections c on c.id = o.connection_id
              on conflict (id) do nothing
-             returning id, command_id, connection_id, schedule_id, attempt, instance_id
+             returning id, command_id, connection_id, schedule_id, attempt, instance_id, failure_kind
          ), lost as (
              select n.*, o.retry_ms from inserted n join orphaned o on o.run_id = n.id
          ), freed as (
