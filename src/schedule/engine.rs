@@ -65,6 +65,7 @@ struct Pending {
     errors: Vec<(i64, String)>,
     cleared: Vec<i64>,
     catchup: Vec<Fire>,
+    missed: Vec<Missed>,
     known: KnownFires,
 }
 
@@ -111,6 +112,16 @@ pub struct Engine {
 struct Fire {
     schedule_id: i64,
     at: DateTime<Utc>,
+    next: Option<DateTime<Utc>>,
+}
+
+/// A schedule's ticks from `first` to `last` that fell while no daemon
+/// fired them and are older than the catch-up window: recorded as one
+/// `skipped` run of kind `missed`.
+struct Missed {
+    schedule_id: i64,
+    first: DateTime<Utc>,
+    last: DateTime<Utc>,
     next: Option<DateTime<Utc>>,
 }
 
@@ -294,7 +305,7 @@ impl Engine {
             let next = match first_after_since {
                 Some(first) if first.is_none_or(|t| t > now) => first,
                 _ => {
-                    self.catch_up(&row, &rule, since, now, &mut pending.catchup);
+                    self.catch_up(&row, &rule, since, now, pending);
                     rule.next_after(now)
                 }
             };
@@ -318,6 +329,9 @@ impl Engine {
         for fires in pending.catchup.chunks(5_000) {
             fire(conn, fires).await?;
         }
+        for missed in pending.missed.chunks(5_000) {
+            record_missed(conn, missed, self.catchup_window).await?;
+        }
         Ok(())
     }
 
@@ -329,7 +343,7 @@ impl Engine {
         rule: &FireRule,
         since: DateTime<Utc>,
         now: DateTime<Utc>,
-        catchup: &mut Vec<Fire>,
+        pending: &mut Pending,
     ) {
         let Some(missed) = rule.latest_at_or_before(now).filter(|t| *t > since) else {
             return;
@@ -341,7 +355,7 @@ impl Engine {
                 scheduled_for = %missed,
                 "firing the most recent missed tick once"
             );
-            catchup.push(Fire {
+            pending.catchup.push(Fire {
                 schedule_id: row.id,
                 at: missed,
                 next: rule.next_after(now),
@@ -353,6 +367,12 @@ impl Engine {
                 last_missed = %missed,
                 "skipping missed ticks older than the catch-up window"
             );
+            pending.missed.push(Missed {
+                schedule_id: row.id,
+                first: rule.next_after(since).unwrap_or(missed).min(missed),
+                last: missed,
+                next: rule.next_after(now),
+            });
         }
     }
 
@@ -437,6 +457,7 @@ impl Engine {
         due.sort_unstable_by_key(|&(slot, at)| (slot.expr, slot.id, at));
         due.dedup_by_key(|&mut (slot, at)| (slot.id, at));
         let mut fires = Vec::new();
+        let mut missed = Vec::new();
         for (slot, at) in due {
             let id = slot.id;
             let rule = match self.rule(&slot) {
@@ -462,14 +483,33 @@ impl Engine {
                         next,
                     });
                 }
-                Some(tick) => tracing::info!(
-                    schedule_id = id,
-                    last_missed = %tick,
-                    "skipping a tick older than the catch-up window"
-                ),
+                Some(tick) => {
+                    tracing::info!(
+                        schedule_id = id,
+                        last_missed = %tick,
+                        "skipping a tick older than the catch-up window"
+                    );
+                    missed.push(Missed {
+                        schedule_id: id,
+                        first: at.min(tick),
+                        last: tick,
+                        next,
+                    });
+                }
                 None => {}
             }
             self.slots.reschedule(id, next.map_or(NEVER, to_secs));
+        }
+        if !missed.is_empty() {
+            // Said once: should it fail, the ticks are not put back (they
+            // are past firing), only not recorded; the log line stays.
+            let recorded = match self.pool.acquire().await {
+                Ok(mut conn) => record_missed(&mut conn, &missed, self.catchup_window).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = recorded {
+                tracing::warn!(error = %e, "could not record missed ticks");
+            }
         }
         if !fires.is_empty() {
             let fired = match self.pool.acquire().await {
@@ -664,6 +704,66 @@ async fn fire(conn: &mut PgConnection, fires: &[Fire]) -> Result<(), sqlx::Error
             "schedule fired"
         );
     }
+    Ok(())
+}
+
+/// Records each schedule's missed ticks as one `skipped` run of kind
+/// `missed`, under a done command keyed by its last missed tick: the
+/// unique `(schedule_id, scheduled_for)` key lets one daemon of several
+/// reading the same row record it. The schedule's `last_fired_at` moves to
+/// that tick, so the next start does not report the same downtime again.
+async fn record_missed(
+    conn: &mut PgConnection,
+    missed: &[Missed],
+    window: Duration,
+) -> Result<(), sqlx::Error> {
+    let ids: Vec<i64> = missed.iter().map(|m| m.schedule_id).collect();
+    let firsts: Vec<DateTime<Utc>> = missed.iter().map(|m| m.first).collect();
+    let lasts: Vec<DateTime<Utc>> = missed.iter().map(|m| m.last).collect();
+    let nexts: Vec<Option<DateTime<Utc>>> = missed.iter().map(|m| m.next).collect();
+    let window = humantime::format_duration(window).to_string();
+    sqlx::query(
+        r#"
+        with t as (
+            select * from unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[],
+                                 $4::timestamptz[])
+                as t(schedule_id, first_at, last_at, next_at)
+        ), command as (
+            insert into run_commands (connection_id, trigger, schedule_id, scheduled_for, status)
+            select s.connection_id, 'scheduled', t.schedule_id, t.last_at, 'done'
+            from t join schedules s on s.id = t.schedule_id
+            where s.id = any($1)
+            on conflict (schedule_id, scheduled_for) do nothing
+            returning id, connection_id, schedule_id, scheduled_for
+        ), run as (
+            insert into runs (command_id, connection_id, connector, trigger, schedule_id,
+                              scheduled_for, attempt, status, failure_kind, failure_detail,
+                              finished_at)
+            select command.id, command.connection_id, c.connector, 'scheduled', command.schedule_id,
+                   command.scheduled_for, 1, 'skipped', 'missed',
+                   case when t.first_at = t.last_at
+                        then 'the tick at ' || to_char(t.last_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+                        else 'the ticks from ' || to_char(t.first_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+                             || ' to ' || to_char(t.last_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+                   end || ' fell while no daemon fired them, and are older than catchup_window ('
+                       || $5 || ')',
+                   now()
+            from command
+            join t on t.schedule_id = command.schedule_id
+            left join connections c on c.id = command.connection_id
+        )
+        update schedules s
+        set last_fired_at = greatest(s.last_fired_at, t.last_at), next_fire_at = t.next_at
+        from t where s.id = any($1) and s.id = t.schedule_id
+        "#,
+    )
+    .bind(&ids)
+    .bind(&firsts)
+    .bind(&lasts)
+    .bind(&nexts)
+    .bind(&window)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

@@ -12,6 +12,8 @@ case "$behaviour" in
   hold) while [ -e "$RECORD_DIR/hold.$CONNECTORD_CONNECTION_ID" ]; do sleep 0.05; done; exit 0 ;;
   # Runs until killed; dies on SIGTERM.
   hang) exec sleep 600 ;;
+  # The same, with a second process in its group.
+  family) sleep 600 & exec sleep 600 ;;
   # 200 MiB without a newline.
   flood-bytes) head -c 209715200 /dev/zero; exit 0 ;;
   # A million short lines.
