@@ -523,3 +523,142 @@ pub async fn cancel_run(pool: &PgPool, id: i64) -> Result<CancelRequested, Cance
         CancelRefused::NotFound(id)
     })
 }
+
+/// A daemon as `status` shows it.
+#[derive(Debug, sqlx::FromRow, serde::Serialize)]
+pub struct DaemonRow {
+    pub instance_id: String,
+    pub hostname: Option<String>,
+    pub pid: Option<i32>,
+    pub version: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    pub stopped_at: Option<DateTime<Utc>>,
+    pub last_seen_seconds: f64,
+}
+
+/// A schedule in error.
+#[derive(Debug, sqlx::FromRow, serde::Serialize)]
+pub struct ScheduleError {
+    pub id: i64,
+    pub connection_id: String,
+    pub last_error: String,
+}
+
+/// Counts by a name (a kind or a connector).
+#[derive(Debug, sqlx::FromRow, serde::Serialize)]
+pub struct Count {
+    pub name: String,
+    pub count: i64,
+}
+
+/// The latest refusals of one kind.
+#[derive(Debug, sqlx::FromRow, serde::Serialize)]
+pub struct Refusals {
+    pub failure_kind: String,
+    pub last_run_id: i64,
+    pub last_at: DateTime<Utc>,
+    /// Refusals of this kind in the last 24 hours, counted among its
+    /// latest 1,000 (so at most 1,000).
+    pub last_day: i64,
+}
+
+/// What an operator reads first (`connectord status`).
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    /// Daemons seen in the last day, the latest first.
+    pub daemons: Vec<DaemonRow>,
+    /// Runs running, by connector.
+    pub running: Vec<Count>,
+    /// Commands pending and due now, and the age of the oldest of them.
+    pub pending_due: i64,
+    pub oldest_pending_seconds: Option<f64>,
+    /// Commands pending with a later `not_before` (retries backing off).
+    pub pending_later: i64,
+    pub schedules_in_error: i64,
+    /// The first few of them.
+    pub schedule_errors: Vec<ScheduleError>,
+    /// Open interactions, by kind.
+    pub open_interactions: Vec<Count>,
+    /// The latest refusal of each kind.
+    pub refusals: Vec<Refusals>,
+}
+
+/// Reads the status: a few small queries, each on an index.
+pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
+    let daemons = sqlx::query_as(
+        "select instance_id, hostname, pid, version, started_at, last_seen_at, stopped_at,
+                extract(epoch from now() - last_seen_at)::float8 as last_seen_seconds
+         from daemons where last_seen_at > now() - interval '1 day'
+         order by last_seen_at desc, instance_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    let running = sqlx::query_as(
+        "select coalesce(connector, '?') as name, count(*) as count
+         from runs where status = 'running' group by 1 order by 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    let (pending_due, oldest_pending_seconds, pending_later): (i64, Option<f64>, i64) =
+        sqlx::query_as(
+            "select count(*) filter (where not_before is null or not_before <= now()),
+                    extract(epoch from now() - min(coalesce(not_before, created_at))
+                        filter (where not_before is null or not_before <= now()))::float8,
+                    count(*) filter (where not_before > now())
+             from run_commands where status = 'pending'",
+        )
+        .fetch_one(pool)
+        .await?;
+    let schedules_in_error: i64 =
+        sqlx::query_scalar("select count(*) from schedules where last_error is not null")
+            .fetch_one(pool)
+            .await?;
+    let schedule_errors = sqlx::query_as(
+        "select id, connection_id, last_error from schedules
+         where last_error is not null order by id limit 10",
+    )
+    .fetch_all(pool)
+    .await?;
+    let open_interactions = sqlx::query_as(
+        "select kind as name, count(*) as count from interactions
+         where status = 'open' group by 1 order by 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    // Per kind, its newest refusal through the partial index.
+    let refusals = sqlx::query_as(
+        "select k.kind as failure_kind, last.id as last_run_id, last.created_at as last_at,
+                (select count(*) from (
+                     select created_at from runs r
+                     where r.status = 'refused' and r.failure_kind = k.kind
+                     order by id desc limit 1000) recent
+                 where recent.created_at > now() - interval '1 day') as last_day
+         from unnest($1::text[]) as k(kind)
+         cross join lateral (
+             select id, created_at from runs
+             where status = 'refused' and failure_kind = k.kind
+             order by id desc limit 1
+         ) last
+         order by last.id desc",
+    )
+    .bind(
+        crate::run::failure::FailureKind::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(Status {
+        daemons,
+        running,
+        pending_due,
+        oldest_pending_seconds,
+        pending_later,
+        schedules_in_error,
+        schedule_errors,
+        open_interactions,
+        refusals,
+    })
+}

@@ -16,6 +16,7 @@ mod output;
 mod runs;
 mod schedules;
 mod state;
+mod status;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -99,6 +100,14 @@ pub(crate) enum Command {
         /// status 1; the command stays queued.
         #[arg(long, requires = "wait", value_parser = humantime::parse_duration)]
         timeout: Option<std::time::Duration>,
+    },
+    /// What an operator reads first: daemons seen, runs running, commands
+    /// pending, schedules in error, open interactions, the latest
+    /// refusals.
+    Status {
+        /// Print one JSON object instead of a screen.
+        #[arg(long)]
+        json: bool,
     },
     /// List runs, newest first, or cancel one.
     #[command(args_conflicts_with_subcommands = true)]
@@ -372,6 +381,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             };
             runs::trigger(&config, &connection, wait).await
         }
+        Command::Status { json } => status::show(&config, json).await,
         Command::Runs {
             action: Some(RunsCommand::Cancel { run_id }),
             ..

@@ -8,6 +8,7 @@
 
 pub(crate) mod listener;
 pub(crate) mod memory;
+pub(crate) mod presence;
 pub(crate) mod retention;
 pub(crate) mod shutdown;
 pub(crate) mod supervisor;
@@ -161,6 +162,10 @@ pub async fn run(
     rescue::leftovers_of_previous_start(&ctx)
         .await
         .context("settling runs left by a previous start")?;
+    presence::announce(&pool, &ctx.instance_id)
+        .await
+        .context("recording this daemon in the daemons table")?;
+    let instance_id = ctx.instance_id.clone();
 
     let notifier = Arc::new(Notifier::from_env());
     let heartbeats = Arc::new(Heartbeats::new());
@@ -274,6 +279,9 @@ pub async fn run(
             "the daemon's tasks did not stop in time; abandoning them"
         );
         tasks.abort_all();
+    }
+    if let Err(e) = presence::stopped(&pool, &instance_id).await {
+        tracing::warn!(error = %e, "could not record this daemon's stop in the daemons table");
     }
     pool.close().await;
     if stuck {

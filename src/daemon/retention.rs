@@ -17,6 +17,8 @@ pub struct Pruned {
     pub runs: u64,
     pub commands: u64,
     pub interactions: u64,
+    /// Rows of daemons not seen for as long as runs are kept.
+    pub daemons: u64,
 }
 
 /// A run's outcome class: the newest run of each class per connection is
@@ -59,6 +61,16 @@ pub async fn prune(pool: &PgPool, config: &RetentionConfig) -> Result<Pruned, sq
                    and resolved_at < now() - $1 * interval '1 millisecond'
                  limit $2)",
             config.interactions,
+            batch,
+        )
+        .await?,
+        daemons: in_batches(
+            pool,
+            "delete from daemons where instance_id in (
+                 select instance_id from daemons
+                 where last_seen_at < now() - $1 * interval '1 millisecond'
+                 limit $2)",
+            config.runs,
             batch,
         )
         .await?,
@@ -112,6 +124,7 @@ pub async fn run(pool: PgPool, config: RetentionConfig, stop: CancellationToken)
                 runs = pruned.runs,
                 commands = pruned.commands,
                 interactions = pruned.interactions,
+                daemons = pruned.daemons,
                 "pruned old history"
             ),
             Ok(_) => {}

@@ -129,8 +129,9 @@ impl Drop for Starting<'_> {
     }
 }
 
-/// Renews the leases of this daemon's running runs and settles runs whose
-/// owner stopped renewing (`lost`), about three times per lease.
+/// Renews the leases of this daemon's running runs, settles runs whose
+/// owner stopped renewing (`lost`), and marks this daemon seen, about
+/// three times per lease.
 pub async fn keep(ctx: Arc<Context>, stop: CancellationToken) {
     let period = ctx.config.daemon.lease / 3;
     let mut failing = false;
@@ -144,7 +145,12 @@ pub async fn keep(ctx: Arc<Context>, stop: CancellationToken) {
         // Said once when it starts failing and once when it recovers: an
         // outage must not write a line every few seconds.
         let result = match renew(&ctx).await {
-            Ok(()) => rescue::expired(&ctx).await.map_err(|e| ("rescue", e)),
+            Ok(()) => match rescue::expired(&ctx).await {
+                Ok(()) => crate::daemon::presence::seen(&ctx.pool, &ctx.instance_id)
+                    .await
+                    .map_err(|e| ("presence", e)),
+                Err(e) => Err(("rescue", e)),
+            },
             Err(e) => Err(("renewal", e)),
         };
         match result {
