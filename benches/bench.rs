@@ -21,19 +21,21 @@
 //! - `daemon`: the real daemon as a child process; `perf` attachment.
 //! - `minimal`: the minimal-daemon and spawn-only baselines.
 //! - `pickup` (P1), `throughput` (P2), `sandbox` (P7), `resolver` (P6), `state`
-//!   (P8), `codes` (P9), `schedules` (P3–P5), `tcs` (the tokio-cron-scheduler
-//!   baseline of P3/P4).
+//!   (P8), `codes` (P9), `metrics` (P10), `schedules` (P3–P5), `tcs` (the
+//!   tokio-cron-scheduler baseline of P3/P4).
 //! - `stats`: percentiles and the report; `procfs`: RSS and CPU.
 //!
 //! (A bench's crate root looks for modules beside it, hence the `#[path]`s.)
 //!
-//! Sections: pickup, throughput, sandbox, resolver, state, codes, schedules, tcs
+//! Sections: pickup, throughput, sandbox, resolver, state, codes, metrics, schedules, tcs
 //! (`--only`; tcs needs schedules).
 
 #[path = "bench/codes.rs"]
 mod codes;
 #[path = "bench/daemon.rs"]
 mod daemon;
+#[path = "bench/metrics.rs"]
+mod metrics;
 #[path = "bench/minimal.rs"]
 mod minimal;
 #[path = "bench/pickup.rs"]
@@ -65,7 +67,7 @@ use stats::Report;
 
 const USAGE: &str =
     "usage: cargo bench --bench bench -- [--short | --full] [--perf] [--only SECTION,...]
-sections: pickup, throughput, sandbox, resolver, state, codes, schedules, tcs";
+sections: pickup, throughput, sandbox, resolver, state, codes, metrics, schedules, tcs";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -192,6 +194,10 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
     if env.mode.runs("codes") {
         codes::run(&mut env, &mut report).await?;
         took("codes");
+    }
+    if env.mode.runs("metrics") {
+        metrics::run(&mut env, &mut report).await?;
+        took("metrics");
     }
     if env.mode.runs("schedules") {
         let idle_rss = pickup.as_ref().and_then(|p| p.idle_rss_mib);

@@ -30,6 +30,8 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     #[serde(default)]
     pub state: StateConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The runtime registry: one entry per connector, keyed by its name.
     #[serde(default)]
     pub connectors: BTreeMap<String, ConnectorConfig>,
@@ -269,6 +271,27 @@ impl Default for StateConfig {
             max_bytes: 4 * 1024 * 1024,
         }
     }
+}
+
+/// SPEC §15: the Prometheus endpoint, off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// The address `/metrics` is served on.
+    #[serde(deserialize_with = "socket_address")]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+fn socket_address<'de, D>(deserializer: D) -> Result<Option<std::net::SocketAddr>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let text = String::deserialize(deserializer)?;
+    text.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an address and port like \"127.0.0.1:9464\""
+        ))
+    })
 }
 
 /// One connector of the registry.

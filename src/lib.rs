@@ -25,6 +25,7 @@ pub mod db;
 // benchmark, which start the same cluster; they are not the library's API.
 #[doc(hidden)]
 pub mod dev;
+pub(crate) mod metrics;
 pub(crate) mod printable;
 pub mod queue;
 pub mod run;

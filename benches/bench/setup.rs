@@ -272,6 +272,18 @@ impl Env {
         Ok(path)
     }
 
+    /// The daemon config with `/metrics` served on `port`; returns its
+    /// path.
+    pub fn metrics_config(&self, port: u16) -> anyhow::Result<PathBuf> {
+        let path = self.work.join("connectord-metrics.toml");
+        let text = format!(
+            "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+            config_text(&self.url, &self.keys_dir, &self.probe, &self.fifo, 10)
+        );
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
     /// The daemon config with the sandbox on (SPEC §12); returns its path.
     pub fn sandboxed_config(&self) -> anyhow::Result<PathBuf> {
         let path = self.work.join("connectord-sandboxed.toml");

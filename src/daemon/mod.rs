@@ -27,6 +27,7 @@ use crate::credentials::keys::Keyring;
 use crate::daemon::supervisor::{Ended, Tasks};
 use crate::daemon::systemd::{Heartbeats, Notifier};
 use crate::db::Backoff;
+use crate::metrics::Metrics;
 use crate::queue::dispatch;
 use crate::run::dir::RunDirs;
 use crate::run::launch::Context;
@@ -138,6 +139,15 @@ pub async fn run(
         }
     }
     let known_connectors = config.connectors.keys().cloned().collect();
+    // Bound before anything else starts, so a port in use stops the start
+    // with a sentence rather than leaving a daemon without its metrics.
+    let metrics_listener =
+        match config.metrics.listen {
+            Some(address) => Some(tokio::net::TcpListener::bind(address).await.with_context(
+                || format!("cannot serve metrics on {address} ([metrics] listen)"),
+            )?),
+            None => None,
+        };
     let mut tasks = Tasks::default();
     let (outcomes, write_outcomes) = OutcomeWriter::new(pool.clone(), instance_id.clone());
     let (starts, write_starts) = StartWriter::new(pool.clone(), instance_id.clone());
@@ -156,6 +166,7 @@ pub async fn run(
         sandbox,
         run_dirs,
         waiting: Default::default(),
+        metrics: Arc::new(Metrics::new()),
     });
     // Runs this instance id left running before a restart are not ours any
     // more: settle them before renewing leases under the same name.
@@ -188,7 +199,24 @@ pub async fn run(
         ),
     );
 
-    let engine = Engine::new(pool.clone(), ctx.config.daemon.catchup_window);
+    if let Some(listener) = metrics_listener {
+        let address = listener
+            .local_addr()
+            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+        tracing::info!(%address, "serving Prometheus metrics at /metrics");
+        tasks.spawn(
+            "metrics",
+            crate::metrics::serve(
+                listener,
+                ctx.metrics.clone(),
+                pool.clone(),
+                ctx.leases.clone(),
+                stop_loops.clone(),
+            ),
+        );
+    }
+    let engine = Engine::new(pool.clone(), ctx.config.daemon.catchup_window)
+        .with_metrics(ctx.metrics.clone());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     tasks.spawn(
         "schedule engine",

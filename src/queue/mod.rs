@@ -31,6 +31,8 @@ pub struct Command {
     pub trigger: Trigger,
     pub schedule_id: Option<i64>,
     pub scheduled_for: Option<DateTime<Utc>>,
+    /// When it became due (`not_before`): where its pickup time starts.
+    pub due: DateTime<Utc>,
     pub attempt: i32,
     pub overlap: Option<Overlap>,
     /// The connection's connector as of the claim; `None` when the
@@ -138,10 +140,10 @@ pub async fn claim(
                               then nextval('runs_id_seq') end
             where rc.id = any(array(select id from admitted))
             returning rc.id, rc.connection_id, rc.trigger, rc.schedule_id, rc.scheduled_for,
-                      rc.attempt, rc.run_id
+                      rc.not_before, rc.attempt, rc.run_id
         )
         select cl.id, cl.connection_id, cl.trigger, cl.schedule_id, cl.scheduled_for,
-               cl.attempt, s.overlap, a.connector, a.enabled, cl.run_id,
+               cl.not_before, cl.attempt, s.overlap, a.connector, a.enabled, cl.run_id,
                cred.id as credential_id, cred.kind, cred.status as credential_status,
                cred.key_id, cred.nonce, cred.sealed_for,
                case when octet_length(cred.ciphertext) <= $5 then cred.ciphertext end
@@ -242,6 +244,7 @@ fn claimed_from_row(row: &PgRow) -> Result<Claimed, sqlx::Error> {
             trigger: row.try_get("trigger")?,
             schedule_id: row.try_get("schedule_id")?,
             scheduled_for: row.try_get("scheduled_for")?,
+            due: row.try_get("not_before")?,
             attempt: row.try_get("attempt")?,
             overlap: row.try_get("overlap")?,
             connector: row.try_get("connector")?,

@@ -60,6 +60,8 @@ pub struct Context {
     pub run_dirs: Option<RunDirs>,
     /// The code requests waiting on this daemon, woken by answers.
     pub waiting: Arc<Waiting>,
+    /// What `/metrics` serves; counted whether or not it is served.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Context {
@@ -146,6 +148,11 @@ async fn launch_inner(ctx: &Context, claimed: Claimed) -> Result<(), sqlx::Error
                     detail,
                 )
                 .await?;
+            ctx.metrics.run_finished(
+                Some(&connector_name),
+                RunStatus::Skipped.as_str(),
+                Some(FailureKind::Overlap.as_str()),
+            );
             tracing::info!(event = "run.skipped", run_id, "{detail}");
             return Ok(());
         }
@@ -377,6 +384,10 @@ async fn run_in_slot(
     };
     let pid = running.pid;
     let started_at = chrono::Utc::now();
+    ctx.metrics.picked_up(
+        connector_name,
+        (started_at - command.due).to_std().unwrap_or_default(),
+    );
     tracing::info!(
         event = "run.started",
         pid,
@@ -494,6 +505,7 @@ async fn run_in_slot(
     }
     let retry_after = kind.and_then(|k| retry_delay(&connector.retry, command.attempt, k));
     let duration_ms = started.elapsed().as_millis() as u64;
+    ctx.metrics.ran(connector_name, started.elapsed());
     if status == RunStatus::Succeeded {
         tracing::info!(
             event = "run.finished",
@@ -656,12 +668,20 @@ async fn settle(
     credential: CredentialUsed,
     finish: Finish,
 ) -> Result<(), sqlx::Error> {
+    let (status, kind) = (finish.status, finish.failure_kind);
     let outcome = Outcome::new(run_id, command, credential, finish);
     let mut backoff = Backoff::new();
     let mut give_up_at = None;
     loop {
         match ctx.outcomes.record(outcome.clone()).await {
-            Ok(true) => return Ok(()),
+            Ok(true) => {
+                ctx.metrics.run_finished(
+                    command.connector.as_deref(),
+                    status.as_str(),
+                    kind.map(FailureKind::as_str),
+                );
+                return Ok(());
+            }
             Ok(false) => {
                 tracing::warn!("the run was settled by another daemon while it ran (its lease expired); this outcome is discarded");
                 return Ok(());
@@ -767,6 +787,8 @@ async fn refuse_unadmitted(
         .writer()
         .insert_final(command, connector, RunStatus::Refused, kind, detail)
         .await?;
+    ctx.metrics
+        .run_finished(connector, RunStatus::Refused.as_str(), Some(kind.as_str()));
     if kind == FailureKind::ConnectorUnknown {
         // A registry that lacks a connector in use is the operator's to fix.
         tracing::error!(event = "run.refused", run_id, failure_kind = %kind, "launch refused: {detail}");

@@ -153,6 +153,7 @@ pub async fn keep(ctx: Arc<Context>, stop: CancellationToken) {
             },
             Err(e) => Err(("renewal", e)),
         };
+        ctx.metrics.lease_round(result.is_ok());
         match result {
             Ok(()) if failing => {
                 tracing::info!("lease renewal and rescue work again");

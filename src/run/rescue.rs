@@ -55,6 +55,7 @@ struct Leftover {
 struct Lost {
     id: i64,
     connection_id: String,
+    connector: Option<String>,
     instance_id: Option<String>,
     failure_kind: String,
     retry_ms: Option<f64>,
@@ -101,6 +102,10 @@ async fn rescue(ctx: &Context, scope: Scope) -> Result<(), sqlx::Error> {
         .execute(&ctx.pool)
         .await?;
         for run in lost {
+            ctx.metrics
+                .run_rescued(run.connector.as_deref(), &run.failure_kind);
+            ctx.metrics
+                .run_finished(run.connector.as_deref(), "failed", Some(&run.failure_kind));
             if run.failure_kind == FailureKind::Cancelled.as_str() {
                 tracing::warn!(
                     event = "run.cancelled",
@@ -167,7 +172,7 @@ macro_rules! enqueue_lost_retries {
                          retry_ms
                   from lost) ended"
             ),
-            ") select id, connection_id, instance_id, failure_kind, retry_ms from lost"
+            ") select id, connection_id, connector, instance_id, failure_kind, retry_ms from lost"
         )
     };
 }
@@ -199,7 +204,7 @@ async fn settle_running(
              where r.id = i.run_id and r.status = 'running'
                and (r.lease_expires_at < now() or ($3 and r.instance_id = $4))
              returning r.id, r.command_id, r.connection_id, r.schedule_id, r.attempt,
-                       r.instance_id, r.failure_kind,
+                       r.instance_id, r.failure_kind, r.connector,
                        case when r.failure_kind = 'cancelled' then null else i.retry_ms end as retry_ms
          ), freed as (
              update run_commands rc set status = 'done'
@@ -254,7 +259,8 @@ async fn settle_orphaned(
                     o.claimed_by, now()
              from orphaned o left join connections c on c.id = o.connection_id
              on conflict (id) do nothing
-             returning id, command_id, connection_id, schedule_id, attempt, instance_id, failure_kind
+             returning id, command_id, connection_id, schedule_id, attempt, instance_id, failure_kind,
+                       connector
          ), lost as (
              select n.*, o.retry_ms from inserted n join orphaned o on o.run_id = n.id
          ), freed as (

@@ -103,6 +103,7 @@ impl KnownFires {
 pub struct Engine {
     pool: PgPool,
     catchup_window: Duration,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     /// Every row, firing or not, and the heap of next fires.
     slots: Slots,
     exprs: Exprs,
@@ -130,9 +131,16 @@ impl Engine {
         Engine {
             pool,
             catchup_window,
+            metrics: None,
             slots: Slots::default(),
             exprs: Exprs::default(),
         }
+    }
+
+    /// Counts the rows it fires and how late its ticks are stored.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Engine {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Reads every row, a page at a time so a large table never sits in
@@ -516,6 +524,12 @@ impl Engine {
                 Ok(mut conn) => fire(&mut conn, &fires).await,
                 Err(e) => Err(e),
             };
+            if let (Ok(()), Some(metrics)) = (&fired, &self.metrics) {
+                let stored = Utc::now();
+                for fire in &fires {
+                    metrics.tick_stored((stored - fire.at).to_std().unwrap_or_default());
+                }
+            }
             if let Err(e) = fired {
                 // Put the ticks back so they fire once the database answers,
                 // within the catch-up window.
@@ -551,6 +565,9 @@ impl Engine {
         }
         self.exprs.bound();
         let firing = self.slots.firing();
+        if let Some(metrics) = &self.metrics {
+            metrics.schedules_loaded(firing);
+        }
         tracing::info!(schedules = firing, "schedules loaded");
         let _ = ready.send(firing);
         // Written after ready: nothing waits on these but `schedules list`.
@@ -585,6 +602,9 @@ impl Engine {
                 },
                 _ = reconcile.tick() => self.reconcile().await,
             };
+            if let Some(metrics) = &self.metrics {
+                metrics.schedules_loaded(self.slots.firing());
+            }
             match result {
                 Ok(()) => {
                     if failing {
