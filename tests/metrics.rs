@@ -9,7 +9,9 @@ use std::path::Path;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use support::{cli, generate_key, run_ok, Config, Connector, Daemon, Scratch, TestDb};
+use support::{
+    cli, generate_key, metric, run_ok, scrape_metrics, Config, Connector, Daemon, Scratch, TestDb,
+};
 
 const SECRET: &str = "tok-9f8e7d6c5b4a";
 
@@ -24,31 +26,6 @@ fn metrics_config(dir: &Path, listen: &str) -> Config {
                 .static_secret("API_TOKEN"),
         )
         .connector(Connector::new("broken", "/bin/false").no_retry())
-}
-
-/// GET /metrics from the daemon at `address`; the body.
-async fn scrape(address: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("connect to /metrics");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("response");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    let (_, body) = response.split_once("\r\n\r\n").expect("a body");
-    body.to_owned()
-}
-
-/// The value of the series line starting with `series` (name and labels).
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -78,21 +55,11 @@ async fn metrics_count_the_runs_and_name_no_connection_or_secret() {
         &format!("{SECRET}\n"),
     );
     let daemon = Daemon::start(&db, d, &config, &[]).await;
-    daemon.wait_for_log("serving Prometheus metrics").await;
-    let logs = daemon.logs();
-    let line = logs
-        .lines()
-        .find(|l| l.contains("serving Prometheus metrics"))
-        .expect("the line");
-    let start = line.find("127.0.0.1:").expect("the address");
-    let address: String = line[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-        .collect();
+    let address = daemon.metrics_address().await;
 
-    let before = scrape(&address).await;
+    let before = scrape_metrics(&address).await;
     assert_eq!(
-        value(
+        metric(
             &before,
             r#"connectord_runs_finished_total{connector="plain",status="succeeded",failure_kind=""}"#
         ),
@@ -100,7 +67,7 @@ async fn metrics_count_the_runs_and_name_no_connection_or_secret() {
         "{before}"
     );
     assert_eq!(
-        value(&before, "connectord_database_up"),
+        metric(&before, "connectord_database_up"),
         Some(1.0),
         "{before}"
     );
@@ -113,9 +80,9 @@ async fn metrics_count_the_runs_and_name_no_connection_or_secret() {
     .await;
     db.wait_until("select count(*) = 4 from runs where status <> 'running'")
         .await;
-    let after = scrape(&address).await;
+    let after = scrape_metrics(&address).await;
     let finished = |connector: &str, status: &str, kind: &str| {
-        value(
+        metric(
             &after,
             &format!(
                 r#"connectord_runs_finished_total{{connector="{connector}",status="{status}",failure_kind="{kind}"}}"#
@@ -144,7 +111,7 @@ async fn metrics_count_the_runs_and_name_no_connection_or_secret() {
     for connector in ["plain", "broken", "token"] {
         for histogram in ["pickup_seconds", "run_duration_seconds"] {
             assert_eq!(
-                value(
+                metric(
                     &after,
                     &format!(r#"connectord_{histogram}_count{{connector="{connector}"}}"#)
                 ),
@@ -157,11 +124,11 @@ async fn metrics_count_the_runs_and_name_no_connection_or_secret() {
         after.contains("connectord_pickup_seconds_bucket{"),
         "{after}"
     );
-    assert_eq!(value(&after, "connectord_runs_running"), Some(0.0));
-    assert_eq!(value(&after, "connectord_commands_pending"), Some(0.0));
-    assert!(value(&after, "connectord_commands_oldest_pending_age_seconds").is_some());
-    assert_eq!(value(&after, "connectord_schedules_loaded"), Some(0.0));
-    assert_eq!(value(&after, "connectord_schedules_in_error"), Some(0.0));
+    assert_eq!(metric(&after, "connectord_runs_running"), Some(0.0));
+    assert_eq!(metric(&after, "connectord_commands_pending"), Some(0.0));
+    assert!(metric(&after, "connectord_commands_oldest_pending_age_seconds").is_some());
+    assert_eq!(metric(&after, "connectord_schedules_loaded"), Some(0.0));
+    assert_eq!(metric(&after, "connectord_schedules_in_error"), Some(0.0));
     for private in [
         "conn-alpha-7",
         "conn-bravo-8",

@@ -28,7 +28,9 @@ use super::exprs::{ExprId, Exprs};
 use super::slots::{from_secs, stamp, to_secs, Slot, Slots, NEVER};
 use crate::daemon::systemd::Heartbeats;
 use crate::db::Backoff;
+use crate::run::failure::FailureKind;
 use crate::schedule::cron::{self, CronError, FireRule};
+use crate::vocabulary::RunStatus;
 
 /// What the listener tells the engine.
 #[derive(Debug)]
@@ -141,6 +143,19 @@ impl Engine {
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Engine {
         self.metrics = Some(metrics);
         self
+    }
+
+    /// Counts the `missed` runs this engine recorded, by connector.
+    fn count_missed(&self, connectors: &[Option<String>]) {
+        if let Some(metrics) = &self.metrics {
+            for connector in connectors {
+                metrics.run_finished(
+                    connector.as_deref(),
+                    RunStatus::Skipped.as_str(),
+                    Some(FailureKind::Missed.as_str()),
+                );
+            }
+        }
     }
 
     /// Reads every row, a page at a time so a large table never sits in
@@ -338,7 +353,8 @@ impl Engine {
             fire(conn, fires).await?;
         }
         for missed in pending.missed.chunks(5_000) {
-            record_missed(conn, missed, self.catchup_window).await?;
+            let recorded = record_missed(conn, missed, self.catchup_window).await?;
+            self.count_missed(&recorded);
         }
         Ok(())
     }
@@ -515,8 +531,9 @@ impl Engine {
                 Ok(mut conn) => record_missed(&mut conn, &missed, self.catchup_window).await,
                 Err(e) => Err(e),
             };
-            if let Err(e) = recorded {
-                tracing::warn!(error = %e, "could not record missed ticks");
+            match recorded {
+                Ok(recorded) => self.count_missed(&recorded),
+                Err(e) => tracing::warn!(error = %e, "could not record missed ticks"),
             }
         }
         if !fires.is_empty() {
@@ -732,17 +749,19 @@ async fn fire(conn: &mut PgConnection, fires: &[Fire]) -> Result<(), sqlx::Error
 /// unique `(schedule_id, scheduled_for)` key lets one daemon of several
 /// reading the same row record it. The schedule's `last_fired_at` moves to
 /// that tick, so the next start does not report the same downtime again.
+/// Returns the connector of each run it recorded (another daemon may have
+/// recorded some first).
 async fn record_missed(
     conn: &mut PgConnection,
     missed: &[Missed],
     window: Duration,
-) -> Result<(), sqlx::Error> {
+) -> Result<Vec<Option<String>>, sqlx::Error> {
     let ids: Vec<i64> = missed.iter().map(|m| m.schedule_id).collect();
     let firsts: Vec<DateTime<Utc>> = missed.iter().map(|m| m.first).collect();
     let lasts: Vec<DateTime<Utc>> = missed.iter().map(|m| m.last).collect();
     let nexts: Vec<Option<DateTime<Utc>>> = missed.iter().map(|m| m.next).collect();
     let window = humantime::format_duration(window).to_string();
-    sqlx::query(
+    sqlx::query_scalar(
         r#"
         with t as (
             select * from unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[],
@@ -771,10 +790,13 @@ async fn record_missed(
             from command
             join t on t.schedule_id = command.schedule_id
             left join connections c on c.id = command.connection_id
+            returning connector
+        ), moved as (
+            update schedules s
+            set last_fired_at = greatest(s.last_fired_at, t.last_at), next_fire_at = t.next_at
+            from t where s.id = any($1) and s.id = t.schedule_id
         )
-        update schedules s
-        set last_fired_at = greatest(s.last_fired_at, t.last_at), next_fire_at = t.next_at
-        from t where s.id = any($1) and s.id = t.schedule_id
+        select connector from run
         "#,
     )
     .bind(&ids)
@@ -782,9 +804,8 @@ async fn record_missed(
     .bind(&lasts)
     .bind(&nexts)
     .bind(&window)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_all(conn)
+    .await
 }
 
 /// Whether a tick that fell at `tick` still fires at `now`: on time (within

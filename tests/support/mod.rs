@@ -351,6 +351,21 @@ impl Daemon {
         self.child.id()
     }
 
+    /// The address `/metrics` is served on, as the daemon logged it.
+    pub async fn metrics_address(&self) -> String {
+        self.wait_for_log("serving Prometheus metrics").await;
+        let logs = self.logs();
+        let line = logs
+            .lines()
+            .find(|l| l.contains("serving Prometheus metrics"))
+            .expect("the line");
+        let start = line.find("127.0.0.1:").expect("a loopback address");
+        line[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect()
+    }
+
     /// Waits for the daemon to exit on its own, for at most [`PATIENCE`].
     pub async fn exited(&mut self) -> std::process::ExitStatus {
         let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -500,4 +515,31 @@ pub fn host_pid(record_dir: &Path, run_id: i64, inner_pid: i32) -> Option<i32> {
         .into_iter()
         .find(|(_, nspids)| nspids.last() == Some(&inner_pid))
         .map(|(pid, _)| pid)
+}
+
+/// GET /metrics from the daemon at `address`; the body.
+pub async fn scrape_metrics(address: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect to /metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let (_, body) = response.split_once("\r\n\r\n").expect("a body");
+    body.to_owned()
+}
+
+/// The value of the series line of `text` starting with `series` (its
+/// name and labels).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
