@@ -563,11 +563,24 @@ pub struct Refusals {
     pub last_day: i64,
 }
 
+/// The `schedule_leader` row.
+#[derive(Debug, sqlx::FromRow, serde::Serialize)]
+pub struct ScheduleLeader {
+    pub holder: String,
+    pub term: i64,
+    pub acquired_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// Whether its lease is still current.
+    pub current: bool,
+}
+
 /// What an operator reads first (`connectord status`).
 #[derive(Debug, serde::Serialize)]
 pub struct Status {
     /// Daemons seen in the last day, the latest first.
     pub daemons: Vec<DaemonRow>,
+    /// The daemon firing the schedules (SPEC §16), if one ever has.
+    pub schedule_leader: Option<ScheduleLeader>,
     /// Runs running, by connector.
     pub running: Vec<Count>,
     /// Commands pending and due now, and the age of the oldest of them.
@@ -593,6 +606,12 @@ pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
          order by last_seen_at desc, instance_id",
     )
     .fetch_all(pool)
+    .await?;
+    let schedule_leader = sqlx::query_as(
+        "select holder, term, acquired_at, expires_at, expires_at > now() as current
+         from schedule_leader",
+    )
+    .fetch_optional(pool)
     .await?;
     let running = sqlx::query_as(
         "select coalesce(connector, '?') as name, count(*) as count
@@ -652,6 +671,7 @@ pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
     .await?;
     Ok(Status {
         daemons,
+        schedule_leader,
         running,
         pending_due,
         oldest_pending_seconds,

@@ -50,6 +50,7 @@ pub struct Metrics {
     runs_rescued: Family<RunLabels, Counter>,
     runs_running: Gauge,
     schedules_loaded: Gauge,
+    schedule_leader: Gauge,
     schedules_in_error: Gauge,
     commands_pending: Gauge,
     oldest_pending: Gauge<f64, AtomicU64>,
@@ -138,6 +139,12 @@ impl Metrics {
             "Schedule rows this daemon's engine fires",
             schedules_loaded.clone(),
         );
+        let schedule_leader = Gauge::default();
+        registry.register(
+            "schedule_leader",
+            "1 while this daemon is the one that fires the schedules, else 0",
+            schedule_leader.clone(),
+        );
         let schedules_in_error = Gauge::default();
         registry.register(
             "schedules_in_error",
@@ -174,6 +181,7 @@ impl Metrics {
             runs_rescued,
             runs_running,
             schedules_loaded,
+            schedule_leader,
             schedules_in_error,
             commands_pending,
             oldest_pending,
@@ -235,6 +243,10 @@ impl Metrics {
 
     pub fn schedules_loaded(&self, count: usize) {
         self.schedules_loaded.set(count as i64);
+    }
+
+    pub fn schedule_leader(&self, leading: bool) {
+        self.schedule_leader.set(i64::from(leading));
     }
 
     /// The exposition text, with the gauges read now: this daemon's runs

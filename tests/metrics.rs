@@ -128,6 +128,7 @@ async fn metrics_count_the_runs_and_name_no_connection_or_secret() {
     assert_eq!(metric(&after, "connectord_commands_pending"), Some(0.0));
     assert!(metric(&after, "connectord_commands_oldest_pending_age_seconds").is_some());
     assert_eq!(metric(&after, "connectord_schedules_loaded"), Some(0.0));
+    assert_eq!(metric(&after, "connectord_schedule_leader"), Some(1.0));
     assert_eq!(metric(&after, "connectord_schedules_in_error"), Some(0.0));
     for private in [
         "conn-alpha-7",

@@ -50,6 +50,8 @@ async fn status_shows_daemons_queue_errors_interactions_and_refusals() {
     assert_eq!(daemons[0]["instance_id"], "one");
     assert!(daemons[0]["stopped_at"].is_null());
     assert_eq!(daemons[0]["pid"], daemon.pid());
+    assert_eq!(status["schedule_leader"]["holder"], "one", "{status}");
+    assert_eq!(status["schedule_leader"]["current"], true, "{status}");
     assert_eq!(status["running"], serde_json::json!([]));
     assert_eq!(status["pending_due"], 0);
     assert_eq!(status["pending_later"], 1);
@@ -68,6 +70,7 @@ async fn status_shows_daemons_queue_errors_interactions_and_refusals() {
     let text = run_ok(&db, &path, &["status"], "");
     assert!(text.contains("one") && text.contains("live"), "{text}");
     assert!(text.contains("schedules in error: 1"), "{text}");
+    assert!(text.contains("schedules fired by: one (term 1"), "{text}");
     assert!(
         text.contains("credential_missing") && text.contains(&format!("run {refused}")),
         "{text}"
@@ -82,6 +85,9 @@ async fn status_shows_daemons_queue_errors_interactions_and_refusals() {
     assert!(!status["daemons"][0]["stopped_at"].is_null(), "{status}");
     assert_eq!(status["pending_due"], 1);
     assert!(status["oldest_pending_seconds"].as_f64().is_some());
+    // It gave up firing the schedules as it stopped.
+    assert_eq!(status["schedule_leader"]["current"], false, "{status}");
     let text = cli(&db, Some(&path), &["status"], "").1;
     assert!(text.contains("stopped"), "{text}");
+    assert!(text.contains("no daemon has taken over"), "{text}");
 }

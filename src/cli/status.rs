@@ -41,6 +41,20 @@ pub(crate) async fn show(config: &Config, json: bool) -> anyhow::Result<u8> {
                 .unwrap_or_default(),
         );
     }
+    match &status.schedule_leader {
+        Some(l) => println!(
+            "schedules fired by: {} (term {}, since {}){}",
+            printable(&l.holder),
+            l.term,
+            l.acquired_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            if l.current {
+                ""
+            } else {
+                "; its lease has expired and no daemon has taken over"
+            }
+        ),
+        None => println!("schedules fired by: no daemon yet"),
+    }
     println!("runs running: {}", counts(&status.running));
     println!(
         "commands pending: {} due{}, {} waiting for their time",

@@ -1,7 +1,7 @@
-//! Notifications: one session that `LISTEN`s for schedule edits, new
-//! commands, owners' answers and cancellations, and forwards them to the
-//! schedule engine, the queue, the runs waiting for a code and the runs
-//! being cancelled.
+//! Notifications: one session that `LISTEN`s for schedule edits, a
+//! schedule leader's resignation, new commands, owners' answers and
+//! cancellations, and forwards them to the schedule engine, the queue, the
+//! runs waiting for a code and the runs being cancelled.
 
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db::Backoff;
 use crate::run::codes::{Waiting, ANSWERS_CHANNEL};
 use crate::run::leases::Leases;
-use crate::schedule::Edit;
+use crate::schedule::{Edit, LEADER_CHANNEL};
 
 /// Channels the daemon listens on.
 pub const SCHEDULES_CHANNEL: &str = "connectord_schedules";
@@ -35,6 +35,7 @@ pub async fn connect(pool: &PgPool, stop: &CancellationToken) -> Option<PgListen
                     COMMANDS_CHANNEL,
                     ANSWERS_CHANNEL,
                     CANCELS_CHANNEL,
+                    LEADER_CHANNEL,
                 ])
                 .await?;
             Ok::<_, sqlx::Error>(listener)
@@ -94,6 +95,10 @@ pub async fn listen(
                         Ok(id) => waiting.wake(id),
                         Err(_) => waiting.wake_all(),
                     },
+                    // A lost one costs the followers a lease's wait.
+                    LEADER_CHANNEL => {
+                        let _ = edits.send(Edit::Leader).await;
+                    }
                     // A lost one is found by the next lease renewal.
                     CANCELS_CHANNEL => {
                         if let Ok(id) = notification.payload().parse::<i64>() {

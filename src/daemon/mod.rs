@@ -215,8 +215,13 @@ pub async fn run(
             ),
         );
     }
-    let engine = Engine::new(pool.clone(), ctx.config.daemon.catchup_window)
-        .with_metrics(ctx.metrics.clone());
+    let engine = Engine::new(
+        pool.clone(),
+        ctx.config.daemon.catchup_window,
+        ctx.instance_id.clone(),
+        ctx.config.daemon.lease,
+    )
+    .with_metrics(ctx.metrics.clone());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     tasks.spawn(
         "schedule engine",

@@ -11,6 +11,15 @@
 //! the engine keeps no connection ids. Edits arrive by NOTIFY (a schedule
 //! id) and a periodic reconcile re-reads `updated_at` of every row in case a
 //! notification was lost.
+//!
+//! Of several daemons sharing the database, one leads (see
+//! [`super::leadership`]): it fires, records missed ticks and writes the
+//! rows' bookkeeping. The others follow: their engines are loaded and kept
+//! current by the same notifications, but they write nothing, and a row's
+//! slot keeps its first tick after the row's last fire, due or not. When a
+//! follower takes over, every row due by then is read again, so the ticks
+//! its predecessor fired are not fired twice, and the one that fell in
+//! between fires once (inside the catch-up window).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use chrono_tz::Tz;
 
 use super::exprs::{ExprId, Exprs};
+use super::leadership::{Change, Leadership};
 use super::slots::{from_secs, stamp, to_secs, Slot, Slots, NEVER};
 use crate::daemon::systemd::Heartbeats;
 use crate::db::Backoff;
@@ -39,6 +49,8 @@ pub enum Edit {
     Row(i64),
     /// Notifications may have been missed: re-read every row.
     Reconcile,
+    /// The leader resigned: try to take over.
+    Leader,
 }
 
 /// Longest single sleep, so a clock jump or suspend is noticed promptly.
@@ -109,6 +121,11 @@ pub struct Engine {
     /// Every row, firing or not, and the heap of next fires.
     slots: Slots,
     exprs: Exprs,
+    leadership: Leadership,
+    /// Rows a follower read whose writes (an error, a cleared error) it
+    /// left to the leader, and rows a leader must read again before it
+    /// fires: done first thing once this daemon leads.
+    deferred: Vec<i64>,
 }
 
 /// A tick to fire: the command's `scheduled_for` and the row's next fire.
@@ -129,20 +146,64 @@ struct Missed {
 }
 
 impl Engine {
-    pub fn new(pool: PgPool, catchup_window: Duration) -> Engine {
+    /// An engine for the daemon `instance_id`, leading under `lease` when
+    /// it can.
+    pub fn new(
+        pool: PgPool,
+        catchup_window: Duration,
+        instance_id: String,
+        lease: Duration,
+    ) -> Engine {
         Engine {
             pool,
             catchup_window,
             metrics: None,
             slots: Slots::default(),
             exprs: Exprs::default(),
+            leadership: Leadership::new(instance_id, lease),
+            deferred: Vec::new(),
         }
+    }
+
+    /// Whether this daemon fires the schedules.
+    fn leading(&self) -> bool {
+        self.leadership.term().is_some()
     }
 
     /// Counts the rows it fires and how late its ticks are stored.
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Engine {
         self.metrics = Some(metrics);
         self
+    }
+
+    /// How late the ticks just stored were.
+    fn count_fired(&self, fires: &[Fire]) {
+        if let Some(metrics) = &self.metrics {
+            let stored = Utc::now();
+            for fire in fires {
+                metrics.tick_stored((stored - fire.at).to_std().unwrap_or_default());
+            }
+        }
+    }
+
+    /// A fire statement found this daemon's lease gone: another daemon
+    /// leads. The ticks stay due, so that this daemon reads their rows
+    /// again should it lead once more.
+    fn fenced(&mut self, fires: &[Fire]) {
+        tracing::warn!(
+            "this daemon's lease on firing schedules expired before it could renew it; another daemon fires them now"
+        );
+        self.leadership.fenced();
+        for fire in fires {
+            self.slots.reschedule(fire.schedule_id, to_secs(fire.at));
+        }
+        self.report_leadership();
+    }
+
+    fn report_leadership(&self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.schedule_leader(self.leading());
+        }
     }
 
     /// Counts the `missed` runs this engine recorded, by connector.
@@ -282,10 +343,11 @@ impl Engine {
     /// Turns rows into slots, records errors, and fires catch-up ticks.
     fn apply_rows(&mut self, rows: Vec<Row>, pending: &mut Pending) {
         let now = Utc::now();
+        let leading = self.leading();
         for row in rows {
-            // Every row read gets its `next_fire_at` written.
+            // Every row the leader reads gets its `next_fire_at` written.
             let idle = Slot {
-                unwritten: true,
+                unwritten: leading,
                 ..Slot::idle(row.id, stamp(row.updated_at))
             };
             if !row.enabled {
@@ -323,10 +385,18 @@ impl Engine {
             // nothing was missed and it is the next fire, found with one
             // search instead of two (the searches are most of the load).
             let key = (slot.expr, slot.tz, slot.jitter);
-            let first_after_since =
-                (since <= now).then(|| pending.known.next_after(key, &rule, since));
+            let first_after_since = if since <= now {
+                Some(pending.known.next_after(key, &rule, since))
+            } else {
+                None
+            };
             let next = match first_after_since {
                 Some(first) if first.is_none_or(|t| t > now) => first,
+                // A follower keeps the first tick after the last fire, due
+                // or not: the leader fires it, and should this daemon take
+                // over, a due row is read again then.
+                Some(first) if !leading => first,
+                None if !leading => rule.next_after(since),
                 _ => {
                     self.catch_up(&row, &rule, since, now, pending);
                     rule.next_after(now)
@@ -334,7 +404,7 @@ impl Engine {
             };
             self.set(Slot {
                 next: next.map_or(NEVER, to_secs),
-                unwritten: true,
+                unwritten: leading,
                 ..slot
             });
         }
@@ -348,12 +418,23 @@ impl Engine {
         conn: &mut PgConnection,
         pending: Pending,
     ) -> Result<(), sqlx::Error> {
+        let Some(term) = self.leadership.term() else {
+            // The leader writes these; this daemon does when it leads.
+            self.deferred
+                .extend(pending.errors.iter().map(|&(id, _)| id));
+            self.deferred.extend(&pending.cleared);
+            return Ok(());
+        };
         write_errors(conn, &pending.errors, &pending.cleared).await?;
         for fires in pending.catchup.chunks(5_000) {
-            fire(conn, fires).await?;
+            if !fire(conn, fires, term).await? {
+                self.fenced(fires);
+                return Ok(());
+            }
+            self.count_fired(fires);
         }
         for missed in pending.missed.chunks(5_000) {
-            let recorded = record_missed(conn, missed, self.catchup_window).await?;
+            let recorded = record_missed(conn, missed, self.catchup_window, term).await?;
             self.count_missed(&recorded);
         }
         Ok(())
@@ -433,9 +514,13 @@ impl Engine {
         })
     }
 
-    /// Writes the `next_fire_at` of every row read since the last flush.
+    /// Writes the `next_fire_at` of every row read since the last flush;
+    /// only the leader writes them.
     async fn flush_next_fires(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
         const CHUNK: usize = 10_000;
+        if !self.leading() {
+            return Ok(());
+        }
         let mut from = 0;
         loop {
             let chunk: Vec<(usize, &Slot)> = self.slots.unwritten(from).take(CHUNK).collect();
@@ -524,11 +609,14 @@ impl Engine {
             }
             self.slots.reschedule(id, next.map_or(NEVER, to_secs));
         }
+        let Some(term) = self.leadership.term() else {
+            return Ok(());
+        };
         if !missed.is_empty() {
             // Said once: should it fail, the ticks are not put back (they
             // are past firing), only not recorded; the log line stays.
             let recorded = match self.pool.acquire().await {
-                Ok(mut conn) => record_missed(&mut conn, &missed, self.catchup_window).await,
+                Ok(mut conn) => record_missed(&mut conn, &missed, self.catchup_window, term).await,
                 Err(e) => Err(e),
             };
             match recorded {
@@ -538,22 +626,20 @@ impl Engine {
         }
         if !fires.is_empty() {
             let fired = match self.pool.acquire().await {
-                Ok(mut conn) => fire(&mut conn, &fires).await,
+                Ok(mut conn) => fire(&mut conn, &fires, term).await,
                 Err(e) => Err(e),
             };
-            if let (Ok(()), Some(metrics)) = (&fired, &self.metrics) {
-                let stored = Utc::now();
-                for fire in &fires {
-                    metrics.tick_stored((stored - fire.at).to_std().unwrap_or_default());
+            match fired {
+                Ok(true) => self.count_fired(&fires),
+                Ok(false) => self.fenced(&fires),
+                Err(e) => {
+                    // Put the ticks back so they fire once the database
+                    // answers, within the catch-up window.
+                    for fire in &fires {
+                        self.slots.reschedule(fire.schedule_id, to_secs(fire.at));
+                    }
+                    return Err(e);
                 }
-            }
-            if let Err(e) = fired {
-                // Put the ticks back so they fire once the database answers,
-                // within the catch-up window.
-                for fire in &fires {
-                    self.slots.reschedule(fire.schedule_id, to_secs(fire.at));
-                }
-                return Err(e);
             }
         }
         Ok(())
@@ -573,6 +659,12 @@ impl Engine {
         heartbeats: Arc<Heartbeats>,
     ) {
         let mut backoff = Backoff::new();
+        // Leading or not decides whether the load writes what rows owe;
+        // should the database not answer yet, the load retries anyway and
+        // the leadership is looked at again after it.
+        if let Err(e) = self.check_leadership().await {
+            tracing::debug!(error = %e, "could not look at the schedule leadership before loading");
+        }
         while let Err(e) = self.load_all().await {
             tracing::warn!(error = %e, "loading schedules failed; retrying");
             tokio::select! {
@@ -600,24 +692,37 @@ impl Engine {
         let mut failing = false;
         loop {
             heartbeats.engine_alive();
-            let sleep_for = self
-                .next_wake()
-                .map(|at| (at - Utc::now()).to_std().unwrap_or(Duration::ZERO))
-                .unwrap_or(MAX_SLEEP)
-                .min(MAX_SLEEP);
+            let fire_in = if self.leading() {
+                self.next_wake()
+                    .map(|at| (at - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+                    .unwrap_or(MAX_SLEEP)
+            } else {
+                MAX_SLEEP
+            };
+            let check_in = self
+                .leadership
+                .next_check()
+                .saturating_duration_since(std::time::Instant::now());
+            let sleep_for = fire_in.min(check_in).min(MAX_SLEEP);
             let sleep_for = if failing {
                 sleep_for.max(backoff.peek())
             } else {
                 sleep_for
             };
             let result = tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(sleep_for) => self.fire_due().await,
+                () = shutdown.cancelled() => {
+                    self.resign().await;
+                    return;
+                }
+                () = tokio::time::sleep(sleep_for) => self.tick().await,
                 edit = edits.recv() => match edit {
                     Some(first) => self.apply_edits(first, &mut edits).await,
                     None => return,
                 },
-                _ = reconcile.tick() => self.reconcile().await,
+                // Followers are kept current by notifications; the leader's
+                // reconcile catches what a lost one missed (and a follower
+                // reconciles when it takes over).
+                _ = reconcile.tick(), if self.leading() => self.reconcile().await,
             };
             if let Some(metrics) = &self.metrics {
                 metrics.schedules_loaded(self.slots.firing());
@@ -641,6 +746,96 @@ impl Engine {
         }
     }
 
+    /// What the timer woke for: the leadership's renewal or takeover when
+    /// it is due, then the due rows when this daemon leads.
+    async fn tick(&mut self) -> Result<(), sqlx::Error> {
+        if std::time::Instant::now() >= self.leadership.next_check() {
+            self.check_leadership().await?;
+        }
+        if !self.leading() {
+            return Ok(());
+        }
+        if !self.deferred.is_empty() {
+            self.read_deferred().await?;
+        }
+        self.fire_due().await
+    }
+
+    /// Renews or takes over the leadership; on taking over, reads again
+    /// every row that fell due while another daemon fired, then whatever
+    /// a lost notification may have left stale.
+    async fn check_leadership(&mut self) -> Result<(), sqlx::Error> {
+        let checked = match self.pool.acquire().await {
+            Ok(mut conn) => self.leadership.check(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        let change = match checked {
+            Ok(change) => change,
+            Err(e) => {
+                if self.leadership.unreachable() == Change::Lost {
+                    tracing::warn!("this daemon could not renew its lease on firing schedules and stops firing them");
+                    self.report_leadership();
+                }
+                return Err(e);
+            }
+        };
+        match change {
+            Change::Kept => {}
+            Change::Gained(term) => {
+                tracing::info!(term, "this daemon fires the schedules now");
+                self.report_leadership();
+                let now = Utc::now().timestamp();
+                while let Some((id, _)) = self.slots.pop_due(now) {
+                    self.deferred.push(id);
+                }
+                self.read_deferred().await?;
+                self.reconcile().await?;
+            }
+            Change::Lost => {
+                tracing::warn!(
+                    "another daemon fires the schedules now; this one stops firing them"
+                );
+                self.report_leadership();
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads again the rows a follower left to the leader, or that fell
+    /// due while another daemon fired: each is fired, caught up, recorded
+    /// missed or has its error written as the row's `last_fired_at` says.
+    async fn read_deferred(&mut self) -> Result<(), sqlx::Error> {
+        let mut ids = std::mem::take(&mut self.deferred);
+        ids.sort_unstable();
+        ids.dedup();
+        let mut conn = self.pool.acquire().await?;
+        for (at, chunk) in ids.chunks(10_000).enumerate() {
+            if let Err(e) = self.reload(&mut conn, chunk).await {
+                self.deferred.extend_from_slice(&ids[at * 10_000..]);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the leadership up at shutdown, so another daemon takes over
+    /// at once.
+    async fn resign(&mut self) {
+        if !self.leading() {
+            return;
+        }
+        let resigned = match self.pool.acquire().await {
+            Ok(mut conn) => self.leadership.resign(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        match resigned {
+            Ok(()) => tracing::info!("this daemon no longer fires the schedules"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not give up firing schedules; another daemon takes over when the lease expires")
+            }
+        }
+    }
+
     /// Applies one edit and every other one already queued, in one read.
     async fn apply_edits(
         &mut self,
@@ -654,8 +849,12 @@ impl Engine {
             match edit {
                 Edit::Row(id) => ids.push(id),
                 Edit::Reconcile => full = true,
+                Edit::Leader => self.leadership.check_now(),
             }
             next = edits.try_recv().ok();
+        }
+        if ids.is_empty() && !full {
+            return Ok(());
         }
         if full {
             return self.reconcile().await;
@@ -703,16 +902,19 @@ async fn write_errors(
 }
 
 /// Inserts one command per tick, for the connection its schedule row
-/// names, and records the fire on the row.
-async fn fire(conn: &mut PgConnection, fires: &[Fire]) -> Result<(), sqlx::Error> {
+/// names, and records the fire on the row, if the lease of `term` is still
+/// current; returns whether it was (when not, nothing was written).
+async fn fire(conn: &mut PgConnection, fires: &[Fire], term: i64) -> Result<bool, sqlx::Error> {
     let ids: Vec<i64> = fires.iter().map(|f| f.schedule_id).collect();
     let ats: Vec<DateTime<Utc>> = fires.iter().map(|f| f.at).collect();
     let nexts: Vec<Option<DateTime<Utc>>> = fires.iter().map(|f| f.next).collect();
-    sqlx::query(
+    let current: bool = sqlx::query_scalar(
         r#"
         with t as (
             select * from unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[])
                 as t(schedule_id, fire_at, next_at)
+        ), lease as (
+            select from schedule_leader where term = $4 and expires_at > now()
         ), inserted as (
             -- `s.id = any($1)`: the schedules are probed by primary key
             -- whatever the statistics say. A plan made while the table
@@ -720,20 +922,26 @@ async fn fire(conn: &mut PgConnection, fires: &[Fire]) -> Result<(), sqlx::Error
             insert into run_commands (connection_id, trigger, schedule_id, scheduled_for)
             select s.connection_id, 'scheduled', t.schedule_id, t.fire_at
             from t join schedules s on s.id = t.schedule_id
-            where s.id = any($1)
+            where s.id = any($1) and exists (select from lease)
             on conflict (schedule_id, scheduled_for) do nothing
             returning schedule_id
+        ), moved as (
+            update schedules s
+            set last_fired_at = greatest(s.last_fired_at, t.fire_at), next_fire_at = t.next_at
+            from t where s.id = any($1) and s.id = t.schedule_id and exists (select from lease)
         )
-        update schedules s
-        set last_fired_at = greatest(s.last_fired_at, t.fire_at), next_fire_at = t.next_at
-        from t where s.id = any($1) and s.id = t.schedule_id
+        select exists (select from lease)
         "#,
     )
     .bind(&ids)
     .bind(&ats)
     .bind(&nexts)
-    .execute(conn)
+    .bind(term)
+    .fetch_one(conn)
     .await?;
+    if !current {
+        return Ok(false);
+    }
     for fire in fires {
         tracing::debug!(
             schedule_id = fire.schedule_id,
@@ -741,7 +949,7 @@ async fn fire(conn: &mut PgConnection, fires: &[Fire]) -> Result<(), sqlx::Error
             "schedule fired"
         );
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Records each schedule's missed ticks as one `skipped` run of kind
@@ -750,11 +958,13 @@ async fn fire(conn: &mut PgConnection, fires: &[Fire]) -> Result<(), sqlx::Error
 /// reading the same row record it. The schedule's `last_fired_at` moves to
 /// that tick, so the next start does not report the same downtime again.
 /// Returns the connector of each run it recorded (another daemon may have
-/// recorded some first).
+/// recorded some first); nothing is written unless the lease of `term` is
+/// current.
 async fn record_missed(
     conn: &mut PgConnection,
     missed: &[Missed],
     window: Duration,
+    term: i64,
 ) -> Result<Vec<Option<String>>, sqlx::Error> {
     let ids: Vec<i64> = missed.iter().map(|m| m.schedule_id).collect();
     let firsts: Vec<DateTime<Utc>> = missed.iter().map(|m| m.first).collect();
@@ -767,11 +977,13 @@ async fn record_missed(
             select * from unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[],
                                  $4::timestamptz[])
                 as t(schedule_id, first_at, last_at, next_at)
+        ), lease as (
+            select from schedule_leader where term = $6 and expires_at > now()
         ), command as (
             insert into run_commands (connection_id, trigger, schedule_id, scheduled_for, status)
             select s.connection_id, 'scheduled', t.schedule_id, t.last_at, 'done'
             from t join schedules s on s.id = t.schedule_id
-            where s.id = any($1)
+            where s.id = any($1) and exists (select from lease)
             on conflict (schedule_id, scheduled_for) do nothing
             returning id, connection_id, schedule_id, scheduled_for
         ), run as (
@@ -794,7 +1006,7 @@ async fn record_missed(
         ), moved as (
             update schedules s
             set last_fired_at = greatest(s.last_fired_at, t.last_at), next_fire_at = t.next_at
-            from t where s.id = any($1) and s.id = t.schedule_id
+            from t where s.id = any($1) and s.id = t.schedule_id and exists (select from lease)
         )
         select connector from run
         "#,
@@ -804,6 +1016,7 @@ async fn record_missed(
     .bind(&lasts)
     .bind(&nexts)
     .bind(&window)
+    .bind(term)
     .fetch_all(conn)
     .await
 }
