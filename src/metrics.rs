@@ -263,12 +263,12 @@ impl Metrics {
             due
         };
         if due {
+            // One pass over the due commands gives both their count and
+            // the oldest; the schedules in error are few, on their index.
             let read: Result<(i64, Option<f64>, i64), sqlx::Error> = sqlx::query_as(
-                "select (select count(*) from run_commands
-                         where status = 'pending' and not_before <= now()),
-                        (select extract(epoch from now() - min(not_before))::float8
-                         from run_commands where status = 'pending' and not_before <= now()),
-                        (select count(*) from schedules where last_error is not null)",
+                "select count(*), extract(epoch from now() - min(not_before))::float8,
+                        (select count(*) from schedules where last_error is not null)
+                 from run_commands where status = 'pending' and not_before <= now()",
             )
             .fetch_one(pool)
             .await;

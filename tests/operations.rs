@@ -145,7 +145,7 @@ fn the_systemd_unit_verifies() {
     let path = dir.path.join("connectord.service");
     std::fs::write(
         &path,
-        unit.replace("/usr/local/bin/connectord", support::binary()),
+        unit.replace("/usr/bin/connectord", support::binary()),
     )
     .expect("write unit");
     let output = std::process::Command::new(analyze)
