@@ -9,7 +9,7 @@
 //! however often it is scraped, with one statement on partial indexes.
 
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -55,8 +55,9 @@ pub struct Metrics {
     commands_pending: Gauge,
     oldest_pending: Gauge<f64, AtomicU64>,
     database_up: Gauge,
-    /// When the queue's figures were last read.
-    queue_read: Mutex<Option<Instant>>,
+    /// When the queue's figures were last read, and the connection they
+    /// are read on.
+    queue: tokio::sync::Mutex<QueueReader>,
 }
 
 fn pickup_histogram() -> Histogram {
@@ -186,7 +187,7 @@ impl Metrics {
             commands_pending,
             oldest_pending,
             database_up,
-            queue_read: Mutex::new(None),
+            queue: Default::default(),
         }
     }
 
@@ -254,34 +255,26 @@ impl Metrics {
     /// they were read less than [`QUEUE_READ_EVERY`] ago.
     pub async fn render(&self, pool: &PgPool, running: usize) -> String {
         self.runs_running.set(running as i64);
-        let due = {
-            let mut last = self.queue_read.lock().unwrap_or_else(|e| e.into_inner());
-            let due = last.is_none_or(|at| at.elapsed() >= QUEUE_READ_EVERY);
-            if due {
-                *last = Some(Instant::now());
-            }
-            due
-        };
-        if due {
-            // One pass over the due commands gives both their count and
-            // the oldest; the schedules in error are few, on their index.
-            let read: Result<(i64, Option<f64>, i64), sqlx::Error> = sqlx::query_as(
-                "select count(*), extract(epoch from now() - min(not_before))::float8,
-                        (select count(*) from schedules where last_error is not null)
-                 from run_commands where status = 'pending' and not_before <= now()",
-            )
-            .fetch_one(pool)
-            .await;
-            match read {
-                Ok((pending, oldest, in_error)) => {
-                    self.commands_pending.set(pending);
-                    self.oldest_pending.set(oldest.unwrap_or(0.0).max(0.0));
-                    self.schedules_in_error.set(in_error);
-                    self.database_up.set(1);
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "metrics: reading the queue's figures failed");
-                    self.database_up.set(0);
+        {
+            // Scrapes at the same moment wait for one read.
+            let mut queue = self.queue.lock().await;
+            if queue
+                .read_at
+                .is_none_or(|at| at.elapsed() >= QUEUE_READ_EVERY)
+            {
+                queue.read_at = Some(Instant::now());
+                match queue.read(pool).await {
+                    Ok((pending, oldest, in_error)) => {
+                        self.commands_pending.set(pending);
+                        self.oldest_pending.set(oldest.unwrap_or(0.0).max(0.0));
+                        self.schedules_in_error.set(in_error);
+                        self.database_up.set(1);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "metrics: reading the queue's figures failed");
+                        queue.conn = None;
+                        self.database_up.set(0);
+                    }
                 }
             }
         }
@@ -289,6 +282,34 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+/// Reads the queue's figures on a connection of its own, taken out of the
+/// pool: a scrape neither waits for the pool the runs use nor pays the
+/// pool's ping. Its session is the daemon's, so the count walks the
+/// partial index of pending commands, never the whole table of done ones.
+#[derive(Default)]
+struct QueueReader {
+    read_at: Option<Instant>,
+    conn: Option<sqlx::PgConnection>,
+}
+
+impl QueueReader {
+    async fn read(&mut self, pool: &PgPool) -> Result<(i64, Option<f64>, i64), sqlx::Error> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self.conn.insert(pool.acquire().await?.detach()),
+        };
+        // One pass over the due commands gives both their count and the
+        // oldest; the schedules in error are few, on their index.
+        sqlx::query_as(
+            "select count(*), extract(epoch from now() - min(not_before))::float8,
+                    (select count(*) from schedules where last_error is not null)
+             from run_commands where status = 'pending' and not_before <= now()",
+        )
+        .fetch_one(conn)
+        .await
     }
 }
 

@@ -400,7 +400,7 @@ read_write_paths = ["{fifo}"]
 [connectors.asker]
 command = "{probe}"
 env = {{ PROBE_OUT = "{fifo}", PROBE_ASK = "1" }}
-timeout = "1m"
+timeout = "5m"
 max_concurrency = 64
 read_write_paths = ["{fifo}"]
 

@@ -669,7 +669,10 @@ impl Engine {
             tracing::warn!(error = %e, "loading schedules failed; retrying");
             tokio::select! {
                 () = tokio::time::sleep(backoff.next_delay()) => {}
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    self.resign().await;
+                    return;
+                }
             }
         }
         self.exprs.bound();
@@ -710,14 +713,13 @@ impl Engine {
                 sleep_for
             };
             let result = tokio::select! {
-                () = shutdown.cancelled() => {
-                    self.resign().await;
-                    return;
-                }
+                // However the loop ends (the listener's channel closes at
+                // shutdown too), a leader gives the leadership up.
+                () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(sleep_for) => self.tick().await,
                 edit = edits.recv() => match edit {
                     Some(first) => self.apply_edits(first, &mut edits).await,
-                    None => return,
+                    None => break,
                 },
                 // Followers are kept current by notifications; the leader's
                 // reconcile catches what a lost one missed (and a follower
@@ -744,6 +746,7 @@ impl Engine {
                 }
             }
         }
+        self.resign().await;
     }
 
     /// What the timer woke for: the leadership's renewal or takeover when
