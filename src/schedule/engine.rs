@@ -122,6 +122,9 @@ pub struct Engine {
     slots: Slots,
     exprs: Exprs,
     leadership: Leadership,
+    /// Whether every row has been read: a daemon that takes the lead
+    /// before its first load has nothing to read again.
+    loaded: bool,
     /// Rows a follower read whose writes (an error, a cleared error) it
     /// left to the leader, and rows a leader must read again before it
     /// fires: done first thing once this daemon leads.
@@ -161,6 +164,7 @@ impl Engine {
             slots: Slots::default(),
             exprs: Exprs::default(),
             leadership: Leadership::new(instance_id, lease),
+            loaded: false,
             deferred: Vec::new(),
         }
     }
@@ -227,8 +231,10 @@ impl Engine {
         const PAGE: usize = 5_000;
         // A retry after a failed load starts over; every expression use
         // belongs to a slot.
+        self.loaded = false;
         self.slots = Slots::default();
         self.exprs = Exprs::default();
+        self.deferred.clear();
         // One connection for the whole load: a pool of two (the listener
         // holds one) must do.
         let mut conn = self.pool.acquire().await?;
@@ -249,6 +255,7 @@ impl Engine {
         self.slots.compact();
         self.write_pending(&mut conn, pending).await?;
         conn.shrink_buffers();
+        self.loaded = true;
         Ok(())
     }
 
@@ -787,6 +794,10 @@ impl Engine {
             Change::Gained(term) => {
                 tracing::info!(term, "this daemon fires the schedules now");
                 self.report_leadership();
+                if !self.loaded {
+                    // The load, still to come, reads every row as leader.
+                    return Ok(());
+                }
                 let now = Utc::now().timestamp();
                 while let Some((id, _)) = self.slots.pop_due(now) {
                     self.deferred.push(id);
