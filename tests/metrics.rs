@@ -7,10 +7,9 @@ mod support;
 
 use std::path::Path;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use support::{
-    cli, generate_key, metric, run_ok, scrape_metrics, Config, Connector, Daemon, Scratch, TestDb,
+    cli, generate_key, http_get, metric, run_ok, scrape_metrics, Config, Connector, Daemon,
+    Scratch, TestDb,
 };
 
 const SECRET: &str = "tok-9f8e7d6c5b4a";
@@ -144,18 +143,7 @@ async fn metrics_count_the_runs_and_name_no_connection_or_secret() {
     }
 
     // Anything but /metrics is not found.
-    let mut stream = tokio::net::TcpStream::connect(&address)
-        .await
-        .expect("connect");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("response");
+    let response = http_get(&address, "/").await;
     assert!(response.starts_with("HTTP/1.1 404"), "{response}");
 
     // The address in use: a second daemon does not start, and says why.

@@ -517,21 +517,25 @@ pub fn host_pid(record_dir: &Path, run_id: i64, inner_pid: i32) -> Option<i32> {
         .map(|(pid, _)| pid)
 }
 
-/// GET /metrics from the daemon at `address`; the body.
-pub async fn scrape_metrics(address: &str) -> String {
+/// GET `path` from the HTTP server at `address`; the whole response.
+pub async fn http_get(address: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(address)
         .await
-        .expect("connect to /metrics");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request");
+        .unwrap_or_else(|e| panic!("connect to {address}: {e}"));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("request");
     let mut response = String::new();
     stream
         .read_to_string(&mut response)
         .await
         .expect("response");
+    response
+}
+
+/// GET /metrics from the daemon at `address`; the body.
+pub async fn scrape_metrics(address: &str) -> String {
+    let response = http_get(address, "/metrics").await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     let (_, body) = response.split_once("\r\n\r\n").expect("a body");
     body.to_owned()
