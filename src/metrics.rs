@@ -17,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 use sqlx::PgPool;
 
 /// The least time between two reads of the queue's figures.
@@ -72,6 +72,22 @@ fn duration_histogram() -> Histogram {
     ])
 }
 
+/// Registers `metric` and hands back the handle the daemon counts with
+/// (a clone shares the series).
+fn add<M: Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    metric: M,
+) -> M {
+    match unit {
+        Some(unit) => registry.register_with_unit(name, help, unit, metric.clone()),
+        None => registry.register(name, help, metric.clone()),
+    }
+    metric
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -80,114 +96,110 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("connectord");
-        let runs_finished = Family::<RunLabels, Counter>::default();
-        registry.register(
-            "runs_finished",
-            "Runs that reached an outcome on this daemon, by connector, status and failure kind",
-            runs_finished.clone(),
-        );
-        let pickup: HistogramFamily = Family::new_with_constructor(pickup_histogram);
-        registry.register_with_unit(
-            "pickup",
-            "From a command being due to its connector child running",
-            Unit::Seconds,
-            pickup.clone(),
-        );
-        let duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
-        registry.register_with_unit(
-            "run_duration",
-            "From a connector child starting to its run's outcome",
-            Unit::Seconds,
-            duration.clone(),
-        );
-        let tick_lateness = Histogram::new([
-            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 60.0,
-        ]);
-        registry.register_with_unit(
-            "tick_lateness",
-            "From a schedule's tick to its command being stored",
-            Unit::Seconds,
-            tick_lateness.clone(),
-        );
-        let lease_renewals = Counter::default();
-        registry.register(
-            "lease_renewals",
-            "Rounds of lease renewal that reached the database",
-            lease_renewals.clone(),
-        );
-        let lease_renewal_failures = Counter::default();
-        registry.register(
-            "lease_renewal_failures",
-            "Rounds of lease renewal or rescue that failed",
-            lease_renewal_failures.clone(),
-        );
-        let runs_rescued = Family::<RunLabels, Counter>::default();
-        registry.register(
-            "runs_rescued",
-            "Runs of stopped daemons this daemon settled (lost or cancelled)",
-            runs_rescued.clone(),
-        );
-        let runs_running = Gauge::default();
-        registry.register(
-            "runs_running",
-            "Runs this daemon has going",
-            runs_running.clone(),
-        );
-        let schedules_loaded = Gauge::default();
-        registry.register(
-            "schedules_loaded",
-            "Schedule rows this daemon's engine fires",
-            schedules_loaded.clone(),
-        );
-        let schedule_leader = Gauge::default();
-        registry.register(
-            "schedule_leader",
-            "1 while this daemon is the one that fires the schedules, else 0",
-            schedule_leader.clone(),
-        );
-        let schedules_in_error = Gauge::default();
-        registry.register(
-            "schedules_in_error",
-            "Schedule rows with a last_error, which do not fire",
-            schedules_in_error.clone(),
-        );
-        let commands_pending = Gauge::default();
-        registry.register(
-            "commands_pending",
-            "Commands pending and due, across all daemons",
-            commands_pending.clone(),
-        );
-        let oldest_pending = Gauge::<f64, AtomicU64>::default();
-        registry.register_with_unit(
-            "commands_oldest_pending_age",
-            "How long the oldest due command has waited",
-            Unit::Seconds,
-            oldest_pending.clone(),
-        );
-        let database_up = Gauge::default();
-        registry.register(
-            "database_up",
-            "Whether the database answered the last statement of the scrape or lease round",
-            database_up.clone(),
-        );
+        let mut r = Registry::with_prefix("connectord");
         Metrics {
-            registry,
-            runs_finished,
-            pickup,
-            duration,
-            tick_lateness,
-            lease_renewals,
-            lease_renewal_failures,
-            runs_rescued,
-            runs_running,
-            schedules_loaded,
-            schedule_leader,
-            schedules_in_error,
-            commands_pending,
-            oldest_pending,
-            database_up,
+            runs_finished: add(
+                &mut r,
+                "runs_finished",
+                "Runs that reached an outcome on this daemon, by connector, status and failure kind",
+                None,
+                Family::default(),
+            ),
+            pickup: add(
+                &mut r,
+                "pickup",
+                "From a command being due to its connector child running",
+                Some(Unit::Seconds),
+                Family::new_with_constructor(pickup_histogram),
+            ),
+            duration: add(
+                &mut r,
+                "run_duration",
+                "From a connector child starting to its run's outcome",
+                Some(Unit::Seconds),
+                Family::new_with_constructor(duration_histogram),
+            ),
+            tick_lateness: add(
+                &mut r,
+                "tick_lateness",
+                "From a schedule's tick to its command being stored",
+                Some(Unit::Seconds),
+                Histogram::new([
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 60.0,
+                ]),
+            ),
+            lease_renewals: add(
+                &mut r,
+                "lease_renewals",
+                "Rounds of lease renewal that reached the database",
+                None,
+                Counter::default(),
+            ),
+            lease_renewal_failures: add(
+                &mut r,
+                "lease_renewal_failures",
+                "Rounds of lease renewal or rescue that failed",
+                None,
+                Counter::default(),
+            ),
+            runs_rescued: add(
+                &mut r,
+                "runs_rescued",
+                "Runs of stopped daemons this daemon settled (lost or cancelled)",
+                None,
+                Family::default(),
+            ),
+            runs_running: add(
+                &mut r,
+                "runs_running",
+                "Runs this daemon has going",
+                None,
+                Gauge::default(),
+            ),
+            schedules_loaded: add(
+                &mut r,
+                "schedules_loaded",
+                "Schedule rows this daemon's engine holds with a next fire (the leader fires them)",
+                None,
+                Gauge::default(),
+            ),
+            schedule_leader: add(
+                &mut r,
+                "schedule_leader",
+                "1 while this daemon is the one that fires the schedules, else 0",
+                None,
+                Gauge::default(),
+            ),
+            schedules_in_error: add(
+                &mut r,
+                "schedules_in_error",
+                "Schedule rows with a last_error, which do not fire",
+                None,
+                Gauge::default(),
+            ),
+            commands_pending: add(
+                &mut r,
+                "commands_pending",
+                "Commands pending and due, across all daemons",
+                None,
+                Gauge::default(),
+            ),
+            oldest_pending: add(
+                &mut r,
+                "commands_oldest_pending_age",
+                "How long the oldest due command has waited",
+                Some(Unit::Seconds),
+                Gauge::default(),
+            ),
+            database_up: add(
+                &mut r,
+                "database_up",
+                "Whether the database answered the last statement of the scrape or lease round",
+                None,
+                Gauge::default(),
+            ),
             queue: Default::default(),
+            registry: r,
         }
     }
 
@@ -202,12 +214,15 @@ impl Metrics {
             .inc();
     }
 
-    /// A stopped daemon's run was settled here.
+    /// A stopped daemon's run was settled here (`failed`, as lost or
+    /// cancelled): an outcome reached on this daemon, and a rescue.
     pub fn run_rescued(&self, connector: Option<&str>, failure_kind: &str) {
+        let failed = crate::vocabulary::RunStatus::Failed.as_str();
+        self.run_finished(connector, failed, Some(failure_kind));
         self.runs_rescued
             .get_or_create(&RunLabels {
                 connector: connector.unwrap_or("").to_owned(),
-                status: "failed".to_owned(),
+                status: failed.to_owned(),
                 failure_kind: failure_kind.to_owned(),
             })
             .inc();

@@ -104,8 +104,6 @@ async fn rescue(ctx: &Context, scope: Scope) -> Result<(), sqlx::Error> {
         for run in lost {
             ctx.metrics
                 .run_rescued(run.connector.as_deref(), &run.failure_kind);
-            ctx.metrics
-                .run_finished(run.connector.as_deref(), "failed", Some(&run.failure_kind));
             if run.failure_kind == FailureKind::Cancelled.as_str() {
                 tracing::warn!(
                     event = "run.cancelled",
