@@ -220,8 +220,8 @@ pub async fn run(
         ctx.config.daemon.catchup_window,
         ctx.instance_id.clone(),
         ctx.config.daemon.lease,
-    )
-    .with_metrics(ctx.metrics.clone());
+        ctx.metrics.clone(),
+    );
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     tasks.spawn(
         "schedule engine",

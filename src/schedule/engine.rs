@@ -117,7 +117,9 @@ impl KnownFires {
 pub struct Engine {
     pool: PgPool,
     catchup_window: Duration,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Counts the ticks it stores and how late, missed runs, the rows
+    /// loaded and whether this daemon leads.
+    metrics: Arc<crate::metrics::Metrics>,
     /// Every row, firing or not, and the heap of next fires.
     slots: Slots,
     exprs: Exprs,
@@ -156,11 +158,12 @@ impl Engine {
         catchup_window: Duration,
         instance_id: String,
         lease: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Engine {
         Engine {
             pool,
             catchup_window,
-            metrics: None,
+            metrics,
             slots: Slots::default(),
             exprs: Exprs::default(),
             leadership: Leadership::new(instance_id, lease),
@@ -174,19 +177,12 @@ impl Engine {
         self.leadership.term().is_some()
     }
 
-    /// Counts the rows it fires and how late its ticks are stored.
-    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Engine {
-        self.metrics = Some(metrics);
-        self
-    }
-
     /// How late the ticks just stored were.
     fn count_fired(&self, fires: &[Fire]) {
-        if let Some(metrics) = &self.metrics {
-            let stored = Utc::now();
-            for fire in fires {
-                metrics.tick_stored((stored - fire.at).to_std().unwrap_or_default());
-            }
+        let stored = Utc::now();
+        for fire in fires {
+            self.metrics
+                .tick_stored((stored - fire.at).to_std().unwrap_or_default());
         }
     }
 
@@ -205,21 +201,17 @@ impl Engine {
     }
 
     fn report_leadership(&self) {
-        if let Some(metrics) = &self.metrics {
-            metrics.schedule_leader(self.leading());
-        }
+        self.metrics.schedule_leader(self.leading());
     }
 
     /// Counts the `missed` runs this engine recorded, by connector.
     fn count_missed(&self, connectors: &[Option<String>]) {
-        if let Some(metrics) = &self.metrics {
-            for connector in connectors {
-                metrics.run_finished(
-                    connector.as_deref(),
-                    RunStatus::Skipped.as_str(),
-                    Some(FailureKind::Missed.as_str()),
-                );
-            }
+        for connector in connectors {
+            self.metrics.run_finished(
+                connector.as_deref(),
+                RunStatus::Skipped.as_str(),
+                Some(FailureKind::Missed.as_str()),
+            );
         }
     }
 
@@ -392,11 +384,8 @@ impl Engine {
             // nothing was missed and it is the next fire, found with one
             // search instead of two (the searches are most of the load).
             let key = (slot.expr, slot.tz, slot.jitter);
-            let first_after_since = if since <= now {
-                Some(pending.known.next_after(key, &rule, since))
-            } else {
-                None
-            };
+            let first_after_since =
+                (since <= now).then(|| pending.known.next_after(key, &rule, since));
             let next = match first_after_since {
                 Some(first) if first.is_none_or(|t| t > now) => first,
                 // A follower keeps the first tick after the last fire, due
@@ -560,6 +549,11 @@ impl Engine {
     /// a suspended machine, an outage) fires only the most recent tick, and
     /// only inside the catch-up window: never a burst of replays.
     async fn fire_due(&mut self) -> Result<(), sqlx::Error> {
+        // Only the leader pops due rows: a follower's stay due until it
+        // leads and reads them again.
+        let Some(term) = self.leadership.term() else {
+            return Ok(());
+        };
         let now = Utc::now();
         let mut due = Vec::new();
         while let Some((id, at)) = self.slots.pop_due(now.timestamp()) {
@@ -616,9 +610,6 @@ impl Engine {
             }
             self.slots.reschedule(id, next.map_or(NEVER, to_secs));
         }
-        let Some(term) = self.leadership.term() else {
-            return Ok(());
-        };
         if !missed.is_empty() {
             // Said once: should it fail, the ticks are not put back (they
             // are past firing), only not recorded; the log line stays.
@@ -684,9 +675,7 @@ impl Engine {
         }
         self.exprs.bound();
         let firing = self.slots.firing();
-        if let Some(metrics) = &self.metrics {
-            metrics.schedules_loaded(firing);
-        }
+        self.metrics.schedules_loaded(firing);
         tracing::info!(schedules = firing, "schedules loaded");
         let _ = ready.send(firing);
         // Written after ready: nothing waits on these but `schedules list`.
@@ -733,9 +722,7 @@ impl Engine {
                 // reconciles when it takes over).
                 _ = reconcile.tick(), if self.leading() => self.reconcile().await,
             };
-            if let Some(metrics) = &self.metrics {
-                metrics.schedules_loaded(self.slots.firing());
-            }
+            self.metrics.schedules_loaded(self.slots.firing());
             match result {
                 Ok(()) => {
                     if failing {
