@@ -79,7 +79,22 @@ async fn metrics_count_the_runs_and_name_no_connection_or_secret() {
     .await;
     db.wait_until("select count(*) = 4 from runs where status <> 'running'")
         .await;
-    let after = scrape_metrics(&address).await;
+    // A run is counted once its outcome is written: the row may be seen
+    // a moment before the count.
+    let finished_total = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("connectord_runs_finished_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + support::PATIENCE;
+    let after = loop {
+        let text = scrape_metrics(&address).await;
+        if finished_total(&text) >= 4.0 || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     let finished = |connector: &str, status: &str, kind: &str| {
         metric(
             &after,
@@ -100,12 +115,7 @@ async fn metrics_count_the_runs_and_name_no_connection_or_secret() {
         Some(1.0),
         "{after}"
     );
-    let all: f64 = after
-        .lines()
-        .filter(|l| l.starts_with("connectord_runs_finished_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert_eq!(all, 4.0, "{after}");
+    assert_eq!(finished_total(&after), 4.0, "{after}");
     // Three children ran: each has its pickup and its duration.
     for connector in ["plain", "broken", "token"] {
         for histogram in ["pickup_seconds", "run_duration_seconds"] {
