@@ -2,7 +2,8 @@
 //! schedules fire. The daemon stays up, the child keeps running, its outcome
 //! is written once the database is back, schedules keep firing and their
 //! commands run, a tick missed during the outage fires once, and the log
-//! does not flood.
+//! does not flood. The daemon listens for notifications again, so edits made
+//! afterwards take effect at once.
 
 mod support;
 
@@ -49,12 +50,15 @@ async fn the_daemon_rides_out_a_database_outage() {
     let config =
         Config::new(&dir.path, "a").connector(Connector::recording("hostile", &script, &dir.path));
     db.exec(
-        "insert into connections (id, connector) values ('steady', 'hostile'), ('ticker', 'hostile');
+        "insert into connections (id, connector) values ('steady', 'hostile'), ('ticker', 'hostile'),
+           ('late', 'hostile'), ('later', 'hostile');
          insert into schedules (connection_id, cron, overlap) values ('ticker', '* * * * * *', 'queue');",
     )
     .await;
     std::fs::write(dir.path.join("behaviour.steady"), "hold").expect("behaviour");
-    std::fs::write(dir.path.join("behaviour.ticker"), "ok").expect("behaviour");
+    for connection in ["ticker", "late", "later"] {
+        std::fs::write(dir.path.join(format!("behaviour.{connection}")), "ok").expect("behaviour");
+    }
     let hold = dir.path.join("hold.steady");
     std::fs::write(&hold, "").expect("hold");
 
@@ -121,6 +125,24 @@ async fn the_daemon_rides_out_a_database_outage() {
          and created_at > '{restarted_at}'"
     ))
     .await;
+    // The daemon listens again, and re-reads the schedules only once it
+    // does: a row added after that reaches the engine by NOTIFY alone, the
+    // periodic re-read being minutes away. 'late' may still be caught by
+    // the re-read; by the time it fires the re-read is done, so 'later'
+    // can only be heard.
+    daemon
+        .wait_for_log("listening for notifications again")
+        .await;
+    for connection in ["late", "later"] {
+        db.exec(&format!(
+            "insert into schedules (connection_id, cron) values ('{connection}', '* * * * * *')"
+        ))
+        .await;
+        db.wait_until(&format!(
+            "select count(*) >= 1 from run_commands where connection_id = '{connection}'"
+        ))
+        .await;
+    }
     // Ticks missed during the outage were not replayed as a burst: at most
     // the most recent one fired, once.
     let during: i64 = db

@@ -54,80 +54,70 @@ pub async fn connect(pool: &PgPool, stop: &CancellationToken) -> Option<PgListen
 }
 
 /// Forwards notifications: schedule edits to the engine, new commands to
-/// the queue. A lost connection is re-established by the listener, after
-/// which everything is re-read, since notifications sent meanwhile are lost.
+/// the queue. When the session is lost, notifications sent meanwhile are
+/// lost with it: the listener connects and listens again (with backoff,
+/// until the database answers), and only then has everything re-read, so
+/// that an edit is either in the re-read or notified after it.
 pub async fn listen(
     mut listener: PgListener,
+    pool: PgPool,
     edits: mpsc::Sender<Edit>,
     wake: Arc<Notify>,
     waiting: Arc<Waiting>,
     leases: Arc<Leases>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Backoff::new();
-    let mut failing = false;
     loop {
         let received = tokio::select! {
             received = listener.try_recv() => received,
             () = stop.cancelled() => return,
         };
-        match received {
-            Ok(Some(notification)) => {
-                if failing {
-                    tracing::info!("listening for notifications again");
-                    failing = false;
-                    backoff = Backoff::new();
-                }
-                match notification.channel() {
-                    SCHEDULES_CHANNEL => match notification.payload().parse::<i64>() {
-                        Ok(id) => {
-                            if edits.try_send(Edit::Row(id)).is_err() {
-                                // The engine is behind; a full re-read covers
-                                // whatever did not fit.
-                                let _ = edits.send(Edit::Reconcile).await;
-                            }
-                        }
-                        Err(_) => {
-                            let _ = edits.send(Edit::Reconcile).await;
-                        }
-                    },
-                    ANSWERS_CHANNEL => match notification.payload().parse::<i64>() {
-                        Ok(id) => waiting.wake(id),
-                        Err(_) => waiting.wake_all(),
-                    },
-                    // A lost one costs the followers a lease's wait.
-                    LEADER_CHANNEL => {
-                        let _ = edits.send(Edit::Leader).await;
-                    }
-                    // A lost one is found by the next lease renewal.
-                    CANCELS_CHANNEL => {
-                        if let Ok(id) = notification.payload().parse::<i64>() {
-                            leases.cancel(id);
-                        }
-                    }
-                    _ => wake.notify_one(),
-                }
-            }
-            Ok(None) => {
-                // Connection lost; the next call reconnects and re-listens.
-                if !failing {
-                    tracing::warn!("notification connection lost; reconnecting");
-                }
-                failing = true;
+        let notification = match received {
+            Ok(Some(notification)) => notification,
+            Ok(None) | Err(_) => {
+                tracing::warn!(
+                    "notification connection lost; listening again once the database answers"
+                );
+                drop(listener);
+                let Some(again) = connect(&pool, &stop).await else {
+                    return;
+                };
+                listener = again;
+                tracing::info!("listening for notifications again");
                 let _ = edits.send(Edit::Reconcile).await;
                 wake.notify_one();
                 waiting.wake_all();
+                continue;
             }
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(error = %e, "notification connection failed; reconnecting with backoff");
+        };
+        match notification.channel() {
+            SCHEDULES_CHANNEL => match notification.payload().parse::<i64>() {
+                Ok(id) => {
+                    if edits.try_send(Edit::Row(id)).is_err() {
+                        // The engine is behind; a full re-read covers
+                        // whatever did not fit.
+                        let _ = edits.send(Edit::Reconcile).await;
+                    }
                 }
-                failing = true;
-                tokio::select! {
-                    () = tokio::time::sleep(backoff.next_delay()) => {}
-                    () = stop.cancelled() => return,
+                Err(_) => {
+                    let _ = edits.send(Edit::Reconcile).await;
+                }
+            },
+            ANSWERS_CHANNEL => match notification.payload().parse::<i64>() {
+                Ok(id) => waiting.wake(id),
+                Err(_) => waiting.wake_all(),
+            },
+            // A lost one costs the followers a lease's wait.
+            LEADER_CHANNEL => {
+                let _ = edits.send(Edit::Leader).await;
+            }
+            // A lost one is found by the next lease renewal.
+            CANCELS_CHANNEL => {
+                if let Ok(id) = notification.payload().parse::<i64>() {
+                    leases.cancel(id);
                 }
             }
+            _ => wake.notify_one(),
         }
     }
 }

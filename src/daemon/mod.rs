@@ -73,12 +73,20 @@ async fn bind_connectors(pool: &PgPool, keyring: &Keyring) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Connects to the database, retrying with backoff until `shutdown`.
+/// Connects to the database, retrying with backoff until `shutdown`, and
+/// refuses an address that does not keep sessions (see
+/// [`crate::db::keeps_sessions`]).
 pub async fn connect(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<PgPool> {
     let mut backoff = Backoff::new();
     loop {
-        match crate::db::connect_daemon(&config.database).await {
-            Ok(pool) => return Ok(pool),
+        let attempt = async {
+            let pool = crate::db::connect_daemon(&config.database).await?;
+            let kept = crate::db::keeps_sessions(&pool).await?;
+            Ok::<_, sqlx::Error>((pool, kept))
+        };
+        match attempt.await {
+            Ok((pool, true)) => return Ok(pool),
+            Ok((_, false)) => anyhow::bail!(crate::db::sessions_not_kept(&config.database.url)),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach the database; retrying");
                 tokio::select! {
@@ -191,6 +199,7 @@ pub async fn run(
         "listener",
         listener::listen(
             listener,
+            pool.clone(),
             edits_tx,
             wake.clone(),
             ctx.waiting.clone(),
