@@ -72,6 +72,7 @@ pub async fn connect_daemon(config: &DatabaseConfig) -> Result<PgPool, sqlx::Err
     pool_options(config)
         .after_connect(|conn, _meta| {
             Box::pin(async move {
+                refuse_standby(conn).await?;
                 apply_session(conn, DAEMON_SESSION).await;
                 Ok(())
             })
@@ -97,6 +98,25 @@ pub async fn claim_session(pool: &PgPool) -> Result<PgConnection, sqlx::Error> {
     Ok(conn)
 }
 
+/// Refuses a connection to a server in recovery. During a failover the
+/// address may lead to a standby for a while (not yet promoted, or the old
+/// primary back as a standby): every write there fails. The error is an
+/// I/O error, which every loop takes for the database being away and
+/// retries with backoff until the address leads to a primary. A session
+/// cannot go from primary to standby without a restart, which ends it, so
+/// checking once per connection is enough.
+async fn refuse_standby(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let (in_recovery,): (bool,) = sqlx::query_as("select pg_is_in_recovery()")
+        .fetch_one(&mut *conn)
+        .await?;
+    if in_recovery {
+        return Err(sqlx::Error::Io(std::io::Error::other(
+            "the server is a standby (in recovery), not the primary; waiting for the address to lead to a primary",
+        )));
+    }
+    Ok(())
+}
+
 /// Runs each `set`; one the server refuses costs only what it buys.
 async fn apply_session(conn: &mut PgConnection, settings: &[&str]) {
     for setting in settings {
@@ -115,6 +135,56 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     let mut conn = pool.acquire().await?.detach();
     conn.execute("set statement_timeout = 0").await?;
     MIGRATOR.run(&mut conn).await
+}
+
+/// How long a notification may take to come back before the address is
+/// taken for a pooler that does not keep sessions. On PostgreSQL it comes
+/// back in one round trip; this only delays the refusal.
+const SESSION_PROBE_WAIT: Duration = Duration::from_secs(5);
+
+/// The sentence for an address that does not keep a session per
+/// connection.
+pub(crate) fn sessions_not_kept(url: &str) -> String {
+    format!(
+        "the database at {} does not keep a session per connection: a LISTEN there never heard a NOTIFY sent to the same address, \
+         so it is a pooler in transaction or statement mode (such as PgBouncer with pool_mode = transaction). \
+         connectord needs its sessions for notifications, session settings and the migrations' lock; \
+         point [database] url at PostgreSQL itself or at a pool in session mode",
+        redact_url(url)
+    )
+}
+
+/// Whether the address keeps a session per client connection, as
+/// PostgreSQL and a session-mode pooler do. A transaction-mode pooler hands
+/// a client a different server session per transaction: a `LISTEN` is made
+/// on a server session the client no longer holds, so its notifications
+/// never arrive (and prepared statements and `set` vanish the same way).
+/// One `LISTEN` on a session of its own, one `NOTIFY` through the pool,
+/// and the notification coming back, is the behaviour the daemon relies
+/// on, tested as such rather than inferred from a server's name.
+pub async fn keeps_sessions(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let channel = format!(
+        "connectord_session_probe_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    );
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    listener.listen(&channel).await?;
+    // Sent from a second listening session, since behind a transaction
+    // pooler the sender may be handed the listener's server session and the
+    // notification with it, which a session that never listened takes for
+    // a protocol error. Without arguments it goes as a simple query: no
+    // prepared statement, which such a pooler would also lose.
+    let mut sender = sqlx::postgres::PgListener::connect_with(pool).await?;
+    sender.execute(format!("notify {channel}").as_str()).await?;
+    match tokio::time::timeout(SESSION_PROBE_WAIT, listener.recv()).await {
+        Ok(Ok(notification)) => Ok(notification.channel() == channel),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Ok(false),
+    }
 }
 
 /// Whether every embedded migration has been applied.
@@ -163,11 +233,17 @@ impl Failure {
                 let code = code.as_deref().unwrap_or_default();
                 if db.constraint() == Some("run_commands_one_slot") || code == "40P01" {
                     Failure::LostSlotRace
-                } else if code.starts_with("08") || code.starts_with("57P") || code == "57014" {
+                } else if code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code == "57014"
+                    || code == "25006"
+                {
                     // Class 08 is "connection exception"; 57P01–57P03 are
                     // the server shutting down or starting up; 57014 is a
                     // statement cancelled, by `statement_timeout` or an
-                    // operator, which may pass.
+                    // operator, which may pass; 25006 is a write refused
+                    // as read-only, a session left on a primary being
+                    // demoted in a failover.
                     Failure::Transient
                 } else {
                     Failure::Fatal

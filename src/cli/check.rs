@@ -175,6 +175,15 @@ async fn check_database(
     pool: &sqlx::PgPool,
     report: &mut Report,
 ) -> anyhow::Result<()> {
+    // First: behind a pooler that does not keep sessions, the statements
+    // below may land on other sessions and fail at random.
+    if !crate::db::keeps_sessions(pool).await? {
+        report.defect(
+            "database",
+            crate::db::sessions_not_kept(&config.database.url),
+        );
+        return Ok(());
+    }
     if !crate::db::migrations_current(pool).await? {
         report.defect(
             "database",
