@@ -5,8 +5,10 @@
 //! in each parsed expression, so holding one parse per distinct expression
 //! would cost several times the schedules themselves when many schedules
 //! have distinct crons (docs/PERFORMANCE.md, design decision 13). The table
-//! keeps every text; it keeps every parse while the engine loads (each
-//! distinct expression is parsed once there) and afterwards only the
+//! keeps every text; while the engine loads it keeps up to
+//! [`PARSED_LOADING`] parses, all dropped at once when that many are held
+//! (so common expressions are parsed about once, and a million distinct
+//! ones do not hold a million parses), and afterwards only the
 //! [`PARSED_KEPT`] most recently used ones, parsing again on a miss, which
 //! costs far less than a tick's slack. It is the process's one cache of
 //! parses: `cron::parse_cron` keeps nothing.
@@ -24,6 +26,11 @@ pub type ExprId = u32;
 /// Parses kept once loading is done. Expressions that fire often stay
 /// parsed, and the kept ones cost little next to the schedules.
 pub const PARSED_KEPT: usize = 64;
+
+/// Parses kept during the bulk load. Dropping them all when full costs no
+/// scan, and the load's rows ask for each distinct expression in no useful
+/// order for a least-recently-used choice.
+pub const PARSED_LOADING: usize = 4096;
 
 #[derive(Default)]
 pub struct Exprs {
@@ -43,7 +50,7 @@ pub struct Exprs {
     parsed: HashMap<ExprId, Parsed>,
     /// Counts parse uses, to find the least recently used one.
     clock: u64,
-    /// False during the bulk load, which keeps every parse.
+    /// False during the bulk load, which keeps up to [`PARSED_LOADING`].
     bounded: bool,
 }
 
@@ -163,6 +170,8 @@ impl Exprs {
     fn keep(&mut self, id: ExprId, expr: CronExpr) {
         if self.bounded && self.parsed.len() >= PARSED_KEPT {
             self.forget_least_recent();
+        } else if !self.bounded && self.parsed.len() >= PARSED_LOADING {
+            self.parsed.clear();
         }
         self.parsed.insert(
             id,
@@ -235,6 +244,22 @@ mod tests {
         // The last ones used are the ones kept.
         assert!(exprs.parsed.contains_key(ids.last().unwrap()));
         assert!(!exprs.parsed.contains_key(&ids[0]));
+    }
+
+    #[test]
+    fn the_load_holds_a_bounded_number_of_parses_however_many_texts() {
+        let mut exprs = Exprs::default();
+        let texts = |i: usize| format!("{} {} {} * *", i % 60, (i / 60) % 24, 1 + i / 1440);
+        let ids: Vec<ExprId> = (0..PARSED_LOADING * 3)
+            .map(|i| exprs.acquire(&texts(i)).unwrap().0)
+            .collect();
+        assert!(
+            exprs.parsed.len() <= PARSED_LOADING,
+            "{}",
+            exprs.parsed.len()
+        );
+        assert_eq!(exprs.len(), ids.len(), "every text is kept");
+        assert_eq!(exprs.parse(ids[0]).unwrap().as_str(), texts(0));
     }
 
     #[test]
