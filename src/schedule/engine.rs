@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures_util::TryStreamExt;
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -220,7 +219,7 @@ impl Engine {
     /// `next_fire_at` values are left for `flush_next_fires`, so start-up
     /// is not held up by writing them.
     pub async fn load_all(&mut self) -> Result<(), sqlx::Error> {
-        const PAGE: usize = 5_000;
+        const PAGE: usize = 20_000;
         // A retry after a failed load starts over; every expression use
         // belongs to a slot.
         self.loaded = false;
@@ -230,20 +229,35 @@ impl Engine {
         // One connection for the whole load: a pool of two (the listener
         // holds one) must do.
         let mut conn = self.pool.acquire().await?;
-        let query = format!("select {ROW_COLUMNS} from schedules order by id");
-        // One streamed query: PostgreSQL sends the next rows while a page
-        // is being turned into slots. What they owe is written after it.
-        let mut rows = sqlx::query_as::<_, Row>(&query).fetch(&mut *conn);
-        let mut page = Vec::with_capacity(PAGE);
+        // A page per statement, not one statement streaming the table:
+        // on a busy machine turning a million rows into slots takes longer
+        // than the sessions' statement timeout, which would cut one
+        // statement off and start the load over, again and again. What the
+        // rows owe is written after the last page.
+        let query =
+            format!("select {ROW_COLUMNS} from schedules where id > $1 order by id limit $2");
         let mut pending = Pending::default();
-        while let Some(row) = rows.try_next().await? {
-            page.push(row);
-            if page.len() == PAGE {
-                self.apply_rows(std::mem::take(&mut page), &mut pending);
+        let mut after = i64::MIN;
+        loop {
+            let page: Vec<Row> = sqlx::query_as(&query)
+                .bind(after)
+                .bind(PAGE as i64)
+                .fetch_all(&mut *conn)
+                .await?;
+            let full = page.len() == PAGE;
+            if let Some(last) = page.last() {
+                after = last.id;
+            }
+            self.apply_rows(page, &mut pending);
+            if !full {
+                break;
+            }
+            // Nor may a long load let the lease lapse under a leader busy
+            // loading: it is renewed on a connection of its own.
+            if self.leading() && std::time::Instant::now() >= self.leadership.next_check() {
+                self.check_leadership().await?;
             }
         }
-        drop(rows);
-        self.apply_rows(page, &mut pending);
         self.slots.compact();
         self.write_pending(&mut conn, pending).await?;
         conn.shrink_buffers();
@@ -253,36 +267,43 @@ impl Engine {
 
     /// Re-reads only the rows whose `updated_at` changed, and forgets the
     /// deleted ones.
+    ///
+    /// The stamps are read a page at a time, and a leader fires what fell
+    /// due between pages: walking a million rows takes longer than a
+    /// second, and a schedule that ticks every second must not see its
+    /// ticks run together behind the walk. Nothing but firing happens
+    /// between pages, so the rows known stay the same through the walk.
     async fn reconcile(&mut self) -> Result<(), sqlx::Error> {
+        const PAGE: i64 = 50_000;
         let mut conn = self.pool.acquire().await?;
-        let (changed, gone) = {
-            // Both sides are in id order: one walk finds the differences.
-            let known = self.slots.rows();
-            let mut next_known = 0;
-            let mut changed = Vec::new();
-            let mut gone = Vec::new();
-            let mut stamps = sqlx::query_as::<_, (i64, DateTime<Utc>)>(
-                "select id, updated_at from schedules order by id",
+        let mut changed = Vec::new();
+        let mut gone = Vec::new();
+        // Ids above `after` are still to be compared.
+        let mut after = i64::MIN;
+        loop {
+            let stamps: Vec<(i64, DateTime<Utc>)> = sqlx::query_as(
+                "select id, updated_at from schedules where id > $1 order by id limit $2",
             )
-            .fetch(&mut *conn);
-            while let Some((id, updated_at)) = stamps.try_next().await? {
-                while next_known < known.len() && known[next_known].id < id {
-                    gone.push(known[next_known].id);
-                    next_known += 1;
-                }
-                match known.get(next_known) {
-                    Some(slot) if slot.id == id => {
-                        if slot.stamp != stamp(updated_at) {
-                            changed.push(id);
-                        }
-                        next_known += 1;
-                    }
-                    _ => changed.push(id),
-                }
+            .bind(after)
+            .bind(PAGE)
+            .fetch_all(&mut *conn)
+            .await?;
+            let next = compare_page(
+                self.slots.rows(),
+                after,
+                &stamps,
+                PAGE as usize,
+                &mut changed,
+                &mut gone,
+            );
+            let Some(next) = next else {
+                break;
+            };
+            after = next;
+            if self.leading() {
+                self.fire_due().await?;
             }
-            gone.extend(known[next_known..].iter().map(|slot| slot.id));
-            (changed, gone)
-        };
+        }
         self.remove(&gone);
         if !changed.is_empty() {
             tracing::info!(
@@ -902,6 +923,50 @@ async fn write_errors(
     Ok(())
 }
 
+/// One page of the reconcile's walk: `stamps` are the table's rows with
+/// ids above `after`, in id order, at most `page` of them. Compares them
+/// with the engine's rows (`known`, in id order) over the same ids: a row
+/// only the table has, or with another stamp, was inserted or edited; a
+/// row only the engine has was deleted. Returns the id the next page starts
+/// after, or `None` when this page was the last.
+fn compare_page(
+    known: &[Slot],
+    after: i64,
+    stamps: &[(i64, DateTime<Utc>)],
+    page: usize,
+    changed: &mut Vec<i64>,
+    gone: &mut Vec<i64>,
+) -> Option<i64> {
+    // A full page covers the ids up to its last; a short one, all the rest.
+    let next = match stamps.last() {
+        Some(&(id, _)) if stamps.len() >= page => Some(id),
+        _ => None,
+    };
+    let from = known.partition_point(|slot| slot.id <= after);
+    let to = next.map_or(known.len(), |upto| {
+        known.partition_point(|slot| slot.id <= upto)
+    });
+    let known = &known[from..to];
+    let mut next_known = 0;
+    for &(id, updated_at) in stamps {
+        while next_known < known.len() && known[next_known].id < id {
+            gone.push(known[next_known].id);
+            next_known += 1;
+        }
+        match known.get(next_known) {
+            Some(slot) if slot.id == id => {
+                if slot.stamp != stamp(updated_at) {
+                    changed.push(id);
+                }
+                next_known += 1;
+            }
+            _ => changed.push(id),
+        }
+    }
+    gone.extend(known[next_known..].iter().map(|slot| slot.id));
+    next
+}
+
 /// Inserts one command per tick, for the connection its schedule row
 /// names, and records the fire on the row, if the lease of `term` is still
 /// current; returns whether it was (when not, nothing was written).
@@ -1032,3 +1097,38 @@ fn owed(catchup_window: Duration, now: DateTime<Utc>, tick: DateTime<Utc>) -> bo
 
 /// How late a tick may be and still count as on time.
 const ON_TIME_SLACK: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_paged_reconcile_finds_every_insert_edit_and_delete_whatever_the_page() {
+        let at = |micros: i64| DateTime::from_timestamp_micros(micros).expect("an instant");
+        let known: Vec<Slot> = (1..=10).map(|id| Slot::idle(id, id)).collect();
+        // 2, 7 and 10 deleted; 5 edited; 11 and 12 inserted.
+        let table: Vec<(i64, DateTime<Utc>)> = [1, 3, 4, 5, 6, 8, 9, 11, 12]
+            .into_iter()
+            .map(|id| (id, at(if id == 5 { 50 } else { id })))
+            .collect();
+        for page in 1..=12 {
+            let (mut changed, mut gone) = (Vec::new(), Vec::new());
+            let mut after = i64::MIN;
+            loop {
+                let stamps: Vec<_> = table
+                    .iter()
+                    .copied()
+                    .filter(|&(id, _)| id > after)
+                    .take(page)
+                    .collect();
+                match compare_page(&known, after, &stamps, page, &mut changed, &mut gone) {
+                    Some(next) => after = next,
+                    None => break,
+                }
+            }
+            assert_eq!(changed, [5, 11, 12], "page of {page}");
+            gone.sort_unstable();
+            assert_eq!(gone, [2, 7, 10], "page of {page}");
+        }
+    }
+}
