@@ -23,12 +23,14 @@
 //! - `pickup` (P1), `throughput` (P2), `sandbox` (P7), `resolver` (P6), `state`
 //!   (P8), `codes` (P9), `metrics` (P10), `schedules` (P3–P5), `tcs` (the
 //!   tokio-cron-scheduler baseline of P3/P4).
+//! - `sim` (P11): a million connections, 1, 3 and 10 daemons.
 //! - `stats`: percentiles and the report; `procfs`: RSS and CPU.
 //!
 //! (A bench's crate root looks for modules beside it, hence the `#[path]`s.)
 //!
 //! Sections: pickup, throughput, sandbox, resolver, state, codes, metrics, schedules, tcs
-//! (`--only`; tcs needs schedules).
+//! (`--only`; tcs needs schedules), and sim (P11, the million connections
+//! and 1/3/10 daemons), which runs only when `--only` names it.
 
 #[path = "bench/codes.rs"]
 mod codes;
@@ -50,6 +52,8 @@ mod sandbox;
 mod schedules;
 #[path = "bench/setup.rs"]
 mod setup;
+#[path = "bench/sim.rs"]
+mod sim;
 #[path = "bench/state.rs"]
 mod state;
 #[path = "bench/stats.rs"]
@@ -67,7 +71,8 @@ use stats::Report;
 
 const USAGE: &str =
     "usage: cargo bench --bench bench -- [--short | --full] [--perf] [--only SECTION,...]
-sections: pickup, throughput, sandbox, resolver, state, codes, metrics, schedules, tcs";
+sections: pickup, throughput, sandbox, resolver, state, codes, metrics, schedules, tcs,
+          sim (only when named)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -207,6 +212,12 @@ async fn run(mode: Mode) -> anyhow::Result<()> {
             tcs::run(&mut env, &mut report, &scale).await?;
             took("tcs");
         }
+    }
+    // Only when named: it seeds a million connections and runs fourteen
+    // daemons, minutes of work the other sections do not need.
+    if env.mode.only.iter().any(|s| s == "sim") {
+        sim::run(&mut env, &mut report).await?;
+        took("sim");
     }
     report.finish();
     report.say(&format!(

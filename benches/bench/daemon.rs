@@ -28,6 +28,17 @@ impl Daemon {
         rust_log: &str,
         tag: &str,
     ) -> anyhow::Result<Daemon> {
+        Daemon::start_on(env, &env.url, config, rust_log, tag)
+    }
+
+    /// As `start`, on the database at `url`.
+    pub fn start_on(
+        env: &Env,
+        url: &str,
+        config: Option<&Path>,
+        rust_log: &str,
+        tag: &str,
+    ) -> anyhow::Result<Daemon> {
         let log_path = env.work.join(format!("daemon-{tag}.log"));
         let mut log = std::io::BufWriter::new(
             std::fs::File::create(&log_path)
@@ -52,7 +63,7 @@ impl Daemon {
             .arg("--log-format")
             .arg("json")
             .arg("run")
-            .env("DATABASE_URL", &env.url)
+            .env("DATABASE_URL", url)
             .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -104,6 +115,16 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL, as a crash or `kill -9`; returns once it is reaped.
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().context("killing the daemon")?;
+        tokio::task::spawn_blocking(move || self.child.wait())
+            .await
+            .context("waiting for the daemon")?
+            .context("waiting for the daemon")?;
+        Ok(())
     }
 
     /// SIGTERM, then waits for it to exit (it settles its runs first).
