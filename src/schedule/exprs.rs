@@ -27,10 +27,14 @@ pub type ExprId = u32;
 /// parsed, and the kept ones cost little next to the schedules.
 pub const PARSED_KEPT: usize = 64;
 
-/// Parses kept during the bulk load. Dropping them all when full costs no
-/// scan, and the load's rows ask for each distinct expression in no useful
-/// order for a least-recently-used choice.
-pub const PARSED_LOADING: usize = 4096;
+/// Parses kept during the bulk load: enough for every distinct expression
+/// of a fleet whose owners pick a time of day and a day (a parse costs tens
+/// of microseconds, so a million rows must not each parse), and a bound on
+/// the load's peak (a parse holds several KiB) when nearly every row is
+/// distinct. Dropping them all when full costs no scan, and the load's rows
+/// ask for the expressions in no order a least-recently-used choice could
+/// use.
+pub const PARSED_LOADING: usize = 16_384;
 
 #[derive(Default)]
 pub struct Exprs {
@@ -250,7 +254,7 @@ mod tests {
     fn the_load_holds_a_bounded_number_of_parses_however_many_texts() {
         let mut exprs = Exprs::default();
         let texts = |i: usize| format!("{} {} {} * *", i % 60, (i / 60) % 24, 1 + i / 1440);
-        let ids: Vec<ExprId> = (0..PARSED_LOADING * 3)
+        let ids: Vec<ExprId> = (0..PARSED_LOADING + 100)
             .map(|i| exprs.acquire(&texts(i)).unwrap().0)
             .collect();
         assert!(
