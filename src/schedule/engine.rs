@@ -126,6 +126,8 @@ pub struct Engine {
     /// Whether every row has been read: a daemon that takes the lead
     /// before its first load has nothing to read again.
     loaded: bool,
+    /// A reconcile failed part way and is to be done again.
+    reconcile_owed: bool,
     /// Rows a follower read whose writes (an error, a cleared error) it
     /// left to the leader, and rows a leader must read again before it
     /// fires: done first thing once this daemon leads.
@@ -142,6 +144,13 @@ struct Fire {
 /// A schedule's ticks from `first` to `last` that fell while no daemon
 /// fired them and are older than the catch-up window: recorded as one
 /// `skipped` run of kind `missed`.
+/// The rows a pass found due, decided and not yet written.
+struct Due {
+    term: i64,
+    fires: Vec<Fire>,
+    missed: Vec<Missed>,
+}
+
 struct Missed {
     schedule_id: i64,
     first: DateTime<Utc>,
@@ -167,6 +176,7 @@ impl Engine {
             exprs: Exprs::default(),
             leadership: Leadership::new(instance_id, lease),
             loaded: false,
+            reconcile_owed: false,
             deferred: Vec::new(),
         }
     }
@@ -255,7 +265,7 @@ impl Engine {
             // Nor may a long load let the lease lapse under a leader busy
             // loading: it is renewed on a connection of its own.
             if self.leading() && std::time::Instant::now() >= self.leadership.next_check() {
-                self.check_leadership().await?;
+                self.look_at_leadership(&mut conn).await?;
             }
         }
         self.slots.compact();
@@ -268,12 +278,23 @@ impl Engine {
     /// Re-reads only the rows whose `updated_at` changed, and forgets the
     /// deleted ones.
     ///
-    /// The stamps are read a page at a time, and a leader fires what fell
-    /// due between pages: walking a million rows takes longer than a
-    /// second, and a schedule that ticks every second must not see its
-    /// ticks run together behind the walk. Nothing but firing happens
-    /// between pages, so the rows known stay the same through the walk.
+    /// The stamps are read a page at a time, and between pages a leader
+    /// renews its lease when due and fires what fell due, on the same
+    /// connection: walking a million rows takes longer than a second, and
+    /// a schedule that ticks every second must not see its ticks run
+    /// together behind the walk. Nothing but that happens between pages,
+    /// so the rows known stay the same through the walk.
     async fn reconcile(&mut self) -> Result<(), sqlx::Error> {
+        // Owed until one completes: a re-read the database cut short (the
+        // one a reconnected listener asks for, say) is done again on the
+        // next tick, not at the next periodic one.
+        self.reconcile_owed = true;
+        self.compare_all().await?;
+        self.reconcile_owed = false;
+        Ok(())
+    }
+
+    async fn compare_all(&mut self) -> Result<(), sqlx::Error> {
         const PAGE: i64 = 50_000;
         let mut conn = self.pool.acquire().await?;
         let mut changed = Vec::new();
@@ -301,7 +322,12 @@ impl Engine {
             };
             after = next;
             if self.leading() {
-                self.fire_due().await?;
+                if std::time::Instant::now() >= self.leadership.next_check() {
+                    self.look_at_leadership(&mut conn).await?;
+                }
+                if let Some(due) = self.take_due() {
+                    self.write_due(&mut conn, due).await?;
+                }
             }
         }
         self.remove(&gone);
@@ -570,11 +596,25 @@ impl Engine {
     /// a suspended machine, an outage) fires only the most recent tick, and
     /// only inside the catch-up window: never a burst of replays.
     async fn fire_due(&mut self) -> Result<(), sqlx::Error> {
-        // Only the leader pops due rows: a follower's stay due until it
-        // leads and reads them again.
-        let Some(term) = self.leadership.term() else {
+        let Some(due) = self.take_due() else {
             return Ok(());
         };
+        let mut conn = match self.pool.acquire().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.unwritten(&due, &e);
+                return Err(e);
+            }
+        };
+        self.write_due(&mut conn, due).await
+    }
+
+    /// Pops the rows due now and decides each one's tick: fired, or
+    /// recorded missed. Nothing is written; `None` when nothing is due or
+    /// this daemon follows (a follower's rows stay due until it leads and
+    /// reads them again).
+    fn take_due(&mut self) -> Option<Due> {
+        let term = self.leadership.term()?;
         let now = Utc::now();
         let mut due = Vec::new();
         while let Some((id, at)) = self.slots.pop_due(now.timestamp()) {
@@ -631,37 +671,56 @@ impl Engine {
             }
             self.slots.reschedule(id, next.map_or(NEVER, to_secs));
         }
+        (!fires.is_empty() || !missed.is_empty()).then_some(Due {
+            term,
+            fires,
+            missed,
+        })
+    }
+
+    /// Writes what `take_due` decided, on `conn`.
+    async fn write_due(&mut self, conn: &mut PgConnection, due: Due) -> Result<(), sqlx::Error> {
+        let Due {
+            term,
+            fires,
+            missed,
+        } = due;
         if !missed.is_empty() {
             // Said once: should it fail, the ticks are not put back (they
             // are past firing), only not recorded; the log line stays.
-            let recorded = match self.pool.acquire().await {
-                Ok(mut conn) => record_missed(&mut conn, &missed, self.catchup_window, term).await,
-                Err(e) => Err(e),
-            };
-            match recorded {
+            match record_missed(conn, &missed, self.catchup_window, term).await {
                 Ok(recorded) => self.count_missed(&recorded),
                 Err(e) => tracing::warn!(error = %e, "could not record missed ticks"),
             }
         }
         if !fires.is_empty() {
-            let fired = match self.pool.acquire().await {
-                Ok(mut conn) => fire(&mut conn, &fires, term).await,
-                Err(e) => Err(e),
-            };
-            match fired {
+            match fire(conn, &fires, term).await {
                 Ok(true) => self.count_fired(&fires),
                 Ok(false) => self.fenced(&fires),
                 Err(e) => {
-                    // Put the ticks back so they fire once the database
-                    // answers, within the catch-up window.
-                    for fire in &fires {
-                        self.slots.reschedule(fire.schedule_id, to_secs(fire.at));
-                    }
+                    self.put_back(&fires);
                     return Err(e);
                 }
             }
         }
         Ok(())
+    }
+
+    /// What is left of due rows when no connection could be had to write
+    /// them: the missed ticks are not recorded, the fires are put back.
+    fn unwritten(&mut self, due: &Due, error: &sqlx::Error) {
+        if !due.missed.is_empty() {
+            tracing::warn!(error = %error, "could not record missed ticks");
+        }
+        self.put_back(&due.fires);
+    }
+
+    /// Puts ticks back so they fire once the database answers, within the
+    /// catch-up window.
+    fn put_back(&mut self, fires: &[Fire]) {
+        for fire in fires {
+            self.slots.reschedule(fire.schedule_id, to_secs(fire.at));
+        }
     }
 
     /// The earliest instant anything is due.
@@ -765,10 +824,14 @@ impl Engine {
     }
 
     /// What the timer woke for: the leadership's renewal or takeover when
-    /// it is due, then the due rows when this daemon leads.
+    /// it is due, a reconcile still owed, then the due rows when this
+    /// daemon leads.
     async fn tick(&mut self) -> Result<(), sqlx::Error> {
         if std::time::Instant::now() >= self.leadership.next_check() {
             self.check_leadership().await?;
+        }
+        if self.reconcile_owed {
+            self.reconcile().await?;
         }
         if !self.leading() {
             return Ok(());
@@ -784,16 +847,31 @@ impl Engine {
     /// a lost notification may have left stale.
     async fn check_leadership(&mut self) -> Result<(), sqlx::Error> {
         let checked = match self.pool.acquire().await {
-            Ok(mut conn) => self.leadership.check(&mut conn).await,
-            Err(e) => Err(e),
+            Ok(mut conn) => self.look_at_leadership(&mut conn).await,
+            Err(e) => {
+                self.leadership_unreachable();
+                Err(e)
+            }
         };
-        let change = match checked {
+        if let Change::Gained(_) = checked? {
+            if self.loaded {
+                self.read_deferred().await?;
+                self.reconcile().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Renews or takes over the leadership on `conn`, and says so. On
+    /// taking over a loaded engine, the rows that fell due while another
+    /// daemon fired are left in `deferred`, to be read again by the caller
+    /// or the next tick; before the load, the load reads every row as
+    /// leader.
+    async fn look_at_leadership(&mut self, conn: &mut PgConnection) -> Result<Change, sqlx::Error> {
+        let change = match self.leadership.check(conn).await {
             Ok(change) => change,
             Err(e) => {
-                if self.leadership.unreachable() == Change::Lost {
-                    tracing::warn!("this daemon could not renew its lease on firing schedules and stops firing them");
-                    self.report_leadership();
-                }
+                self.leadership_unreachable();
                 return Err(e);
             }
         };
@@ -802,16 +880,12 @@ impl Engine {
             Change::Gained(term) => {
                 tracing::info!(term, "this daemon fires the schedules now");
                 self.report_leadership();
-                if !self.loaded {
-                    // The load, still to come, reads every row as leader.
-                    return Ok(());
+                if self.loaded {
+                    let now = Utc::now().timestamp();
+                    while let Some((id, _)) = self.slots.pop_due(now) {
+                        self.deferred.push(id);
+                    }
                 }
-                let now = Utc::now().timestamp();
-                while let Some((id, _)) = self.slots.pop_due(now) {
-                    self.deferred.push(id);
-                }
-                self.read_deferred().await?;
-                self.reconcile().await?;
             }
             Change::Lost => {
                 tracing::warn!(
@@ -820,7 +894,18 @@ impl Engine {
                 self.report_leadership();
             }
         }
-        Ok(())
+        Ok(change)
+    }
+
+    /// The database did not answer a look at the leadership: past the
+    /// lease, this daemon stops firing.
+    fn leadership_unreachable(&mut self) {
+        if self.leadership.unreachable() == Change::Lost {
+            tracing::warn!(
+                "this daemon could not renew its lease on firing schedules and stops firing them"
+            );
+            self.report_leadership();
+        }
     }
 
     /// Reads again the rows a follower left to the leader, or that fell
