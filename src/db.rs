@@ -100,16 +100,18 @@ pub async fn claim_session(pool: &PgPool) -> Result<PgConnection, sqlx::Error> {
 
 /// Refuses a connection to a server in recovery. During a failover the
 /// address may lead to a standby for a while (not yet promoted, or the old
-/// primary back as a standby): every write there fails. The error is an
-/// I/O error, which every loop takes for the database being away and
-/// retries with backoff until the address leads to a primary. A session
-/// cannot go from primary to standby without a restart, which ends it, so
-/// checking once per connection is enough.
+/// primary back as a standby): every write there fails. The pool logs the
+/// refusal and keeps trying to open a session until its acquire timeout,
+/// which every loop takes for the database being away, retrying with
+/// backoff until the address leads to a primary. A session cannot go from
+/// primary to standby without a restart, which ends it, so checking once
+/// per connection is enough.
 async fn refuse_standby(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    let (in_recovery,): (bool,) = sqlx::query_as("select pg_is_in_recovery()")
-        .fetch_one(&mut *conn)
-        .await?;
-    if in_recovery {
+    use sqlx::Row as _;
+    // A simple query, like everything before the session probe: a
+    // transaction pooler would lose a prepared statement.
+    let row = conn.fetch_one("select pg_is_in_recovery()").await?;
+    if row.try_get::<bool, _>(0)? {
         return Err(sqlx::Error::Io(std::io::Error::other(
             "the server is a standby (in recovery), not the primary; waiting for the address to lead to a primary",
         )));
@@ -137,10 +139,12 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(&mut conn).await
 }
 
-/// How long a notification may take to come back before the address is
-/// taken for a pooler that does not keep sessions. On PostgreSQL it comes
-/// back in one round trip; this only delays the refusal.
+/// How long a notification may take to come back, and how many times it
+/// is sent, before the address is taken for a pooler that does not keep
+/// sessions. On PostgreSQL it comes back in one round trip; these only
+/// delay a refusal that has no proof.
 const SESSION_PROBE_WAIT: Duration = Duration::from_secs(5);
+const SESSION_PROBES: usize = 3;
 
 /// The sentence for an address that does not keep a session per
 /// connection.
@@ -163,28 +167,36 @@ pub(crate) fn sessions_not_kept(url: &str) -> String {
 /// and the notification coming back, is the behaviour the daemon relies
 /// on, tested as such rather than inferred from a server's name.
 pub async fn keeps_sessions(pool: &PgPool) -> Result<bool, sqlx::Error> {
-    let channel = format!(
-        "connectord_session_probe_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos()
-    );
-    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
-    listener.listen(&channel).await?;
-    // Sent from a second listening session, since behind a transaction
-    // pooler the sender may be handed the listener's server session and the
-    // notification with it, which a session that never listened takes for
-    // a protocol error. Without arguments it goes as a simple query: no
-    // prepared statement, which such a pooler would also lose.
-    let mut sender = sqlx::postgres::PgListener::connect_with(pool).await?;
-    sender.execute(format!("notify {channel}").as_str()).await?;
-    match tokio::time::timeout(SESSION_PROBE_WAIT, listener.recv()).await {
-        Ok(Ok(notification)) => Ok(notification.channel() == channel),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Ok(false),
+    for _ in 0..SESSION_PROBES {
+        let channel = format!(
+            "connectord_session_probe_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+        );
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+        listener.listen(&channel).await?;
+        // Sent from a second session that accepts notifications: behind a
+        // transaction pooler the sender may be handed the listener's server
+        // session, and the notification with it. Without arguments it goes
+        // as a simple query: no prepared statement, which such a pooler
+        // would also lose.
+        let mut sender = sqlx::postgres::PgListener::connect_with(pool).await?;
+        sender.execute(format!("notify {channel}").as_str()).await?;
+        tokio::select! {
+            heard = listener.recv() => return Ok(heard?.channel() == channel),
+            // It never listened: it heard the listener's notification, so
+            // the two share server sessions.
+            heard = sender.recv() => {
+                heard?;
+                return Ok(false);
+            }
+            () = tokio::time::sleep(SESSION_PROBE_WAIT) => {}
+        }
     }
+    Ok(false)
 }
 
 /// Whether every embedded migration has been applied.

@@ -43,7 +43,12 @@ pub async fn connect(pool: &PgPool, stop: &CancellationToken) -> Option<PgListen
         match attempt.await {
             Ok(listener) => return Some(listener),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for notifications; retrying");
+                // Said once per outage, as every loop does.
+                if backoff.attempts() == 0 {
+                    tracing::warn!(error = %e, "cannot listen for notifications; retrying");
+                } else {
+                    tracing::debug!(error = %e, "cannot listen for notifications; retrying");
+                }
                 tokio::select! {
                     () = tokio::time::sleep(backoff.next_delay()) => {}
                     () = stop.cancelled() => return None,
