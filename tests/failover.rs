@@ -30,28 +30,23 @@ fn server_program(name: &str) -> Command {
         .find(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from(name));
     let mut command = Command::new(program);
-    if unsafe { libc::geteuid() } == 0 {
-        let user = std::ffi::CString::new("postgres").expect("name");
-        let pw = unsafe { libc::getpwnam(user.as_ptr()) };
-        assert!(
-            !pw.is_null(),
-            "the test cluster runs as postgres, which exists"
-        );
-        let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    if let Some((uid, gid)) = support::server_user() {
         command.uid(uid).gid(gid).env("HOME", "/tmp");
     }
     command.current_dir("/tmp");
     command
 }
 
-fn chown_to_server_user(path: &Path) {
-    if unsafe { libc::geteuid() } != 0 {
-        return;
+/// Stops the test's clusters and removes them, however the test ends.
+struct Clusters(Vec<PathBuf>);
+
+impl Drop for Clusters {
+    fn drop(&mut self) {
+        for base in &self.0 {
+            let _ = Cluster::stop_at(base);
+            let _ = std::fs::remove_dir_all(base);
+        }
     }
-    let user = std::ffi::CString::new("postgres").expect("name");
-    let pw = unsafe { libc::getpwnam(user.as_ptr()) };
-    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown");
 }
 
 fn run(mut command: Command, what: &str) {
@@ -71,6 +66,7 @@ async fn the_daemon_waits_out_a_failover_to_a_promoted_standby() {
     let target = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let primary_base = cluster_dir(&target.join(format!("failover-a-{}", std::process::id())));
     let standby_base = cluster_dir(&target.join(format!("failover-b-{}", std::process::id())));
+    let _clusters = Clusters(vec![primary_base.clone(), standby_base.clone()]);
     let primary = {
         let base = primary_base.clone();
         tokio::task::spawn_blocking(move || Cluster::ensure_running(&base))
@@ -105,7 +101,9 @@ async fn the_daemon_waits_out_a_failover_to_a_promoted_standby() {
     std::fs::create_dir_all(&standby_data).expect("standby data");
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(&standby_data, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-    chown_to_server_user(&standby_data);
+    if let Some((uid, gid)) = support::server_user() {
+        std::os::unix::fs::chown(&standby_data, Some(uid), Some(gid)).expect("chown");
+    }
     let mut backup = server_program("pg_basebackup");
     backup
         .arg("-D")
@@ -240,12 +238,4 @@ async fn the_daemon_waits_out_a_failover_to_a_promoted_standby() {
     );
 
     db.pool.close().await;
-    tokio::task::spawn_blocking(move || {
-        for cluster in [&standby, &primary] {
-            let _ = cluster.stop();
-            let _ = std::fs::remove_dir_all(&cluster.base_dir);
-        }
-    })
-    .await
-    .expect("join");
 }

@@ -37,20 +37,36 @@ impl Bouncer {
             .expect("a free port")
             .port();
         // PgBouncer will not run as root; as root it is told to become the
-        // `postgres` user, which the test cluster runs as, so its files go
-        // where that user can read them and no one else can.
+        // `postgres` user, which the test cluster runs as, so its files
+        // (the password among them) belong to that user and no one else.
         let dir = std::env::temp_dir().join(format!(
             "connectord-bouncer-{}-{pool_mode}",
             std::process::id()
         ));
-        std::fs::create_dir_all(&dir).expect("bouncer dir");
-        std::fs::write(
-            dir.join("userlist.txt"),
-            format!("\"{user}\" \"{password}\"\n"),
-        )
-        .expect("userlist");
-        std::fs::write(
-            dir.join("pgbouncer.ini"),
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .expect("bouncer dir");
+        }
+        let write = |name: &str, text: String| {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let path = dir.join(name);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut file| file.write_all(text.as_bytes()))
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            path
+        };
+        let userlist = write("userlist.txt", format!("\"{user}\" \"{password}\"\n"));
+        let ini = write(
+            "pgbouncer.ini",
             format!(
                 "[databases]\n* = host={host} port={server_port}\n\
                  [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
@@ -59,29 +75,18 @@ impl Bouncer {
                  ignore_startup_parameters = extra_float_digits,options\n",
                 host = server.get_host(),
                 server_port = server.get_port(),
-                userlist = dir.join("userlist.txt").display(),
+                userlist = userlist.display(),
             ),
-        )
-        .expect("pgbouncer.ini");
+        );
         let mut command = Command::new(program);
-        if unsafe { libc::geteuid() } == 0 {
-            let postgres = std::ffi::CString::new("postgres").expect("name");
-            let pw = unsafe { libc::getpwnam(postgres.as_ptr()) };
-            assert!(!pw.is_null(), "no postgres user for PgBouncer to run as");
-            let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
-            for file in [
-                dir.clone(),
-                dir.join("userlist.txt"),
-                dir.join("pgbouncer.ini"),
-            ] {
-                std::os::unix::fs::chown(&file, Some(uid), Some(gid)).expect("chown");
+        if let Some((uid, gid)) = support::server_user() {
+            for file in [&dir, &userlist, &ini] {
+                std::os::unix::fs::chown(file, Some(uid), Some(gid)).expect("chown");
             }
             command.args(["-u", "postgres"]);
         }
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
         let mut child = command
-            .arg(dir.join("pgbouncer.ini"))
+            .arg(&ini)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

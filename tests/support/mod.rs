@@ -547,3 +547,23 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// The uid and gid of the `postgres` user, which servers the tests start
+/// run as when the tests run as root (PostgreSQL and PgBouncer refuse
+/// root); `None` when the tests do not run as root.
+pub fn server_user() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions; getpwnam reads a NUL-terminated
+    // name and returns a pointer into static storage, read at once.
+    unsafe {
+        if libc::geteuid() != 0 {
+            return None;
+        }
+        let name = std::ffi::CString::new("postgres").expect("no NUL");
+        let pw = libc::getpwnam(name.as_ptr());
+        assert!(
+            !pw.is_null(),
+            "running as root, but there is no postgres user to run servers as"
+        );
+        Some(((*pw).pw_uid, (*pw).pw_gid))
+    }
+}
