@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 mod config;
+pub mod outages;
 
 #[allow(unused_imports)]
 pub use config::{Config, Connector};
