@@ -603,12 +603,7 @@ async fn burst(
     .bind(after_last)
     .fetch_all(&env.pool)
     .await?;
-    let started: HashMap<i64, i64> = env
-        .records
-        .drain()
-        .into_iter()
-        .map(|r| (r.run_id, r.started_ns))
-        .collect();
+    let started: HashMap<i64, i64> = env.records.started_by_run();
     let mut to_start = Vec::new();
     let mut last_per_tick: HashMap<i64, f64> = HashMap::new();
     for (run_id, tick) in &runs {

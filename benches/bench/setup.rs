@@ -135,6 +135,14 @@ impl Records {
         out
     }
 
+    /// Every record already received, as each run's probe start (ns).
+    pub fn started_by_run(&mut self) -> std::collections::HashMap<i64, i64> {
+        self.drain()
+            .into_iter()
+            .map(|r| (r.run_id, r.started_ns))
+            .collect()
+    }
+
     /// Collects records until `count` have arrived or `timeout` passes.
     pub async fn collect(&mut self, count: usize, timeout: Duration) -> Vec<ProbeRecord> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -190,7 +198,7 @@ impl Env {
         let admin = PgPool::connect(&cluster.url("postgres"))
             .await
             .context("connecting to the bench's PostgreSQL")?;
-        drop_stale_databases(&admin).await;
+        drop_stale_databases(&admin, "bench").await;
         sqlx::query(&format!("create database {database}"))
             .execute(&admin)
             .await
@@ -388,13 +396,7 @@ primary = "k1"
 instance_id = "bench"
 max_concurrent_runs = 32
 
-[connectors.probe]
-command = "{probe}"
-env = {{ PROBE_OUT = "{fifo}" }}
-timeout = "1m"
-max_concurrency = 64
-credential = {{ kind = "static_secret", env = "PROBE_TOKEN" }}
-read_write_paths = ["{fifo}"]
+{probe_connector}
 
 # P9: the probe asking for a one-time code.
 [connectors.asker]
@@ -408,6 +410,24 @@ read_write_paths = ["{fifo}"]
 enabled = false
 "#,
         keys = keys.display(),
+        probe = probe.display(),
+        fifo = fifo.display(),
+        probe_connector = probe_connector(probe, fifo),
+    )
+}
+
+/// The `probe` connector: the static probe, reporting to the FIFO, with a
+/// stored static secret as `PROBE_TOKEN`.
+pub fn probe_connector(probe: &Path, fifo: &Path) -> String {
+    format!(
+        r#"[connectors.probe]
+command = "{probe}"
+env = {{ PROBE_OUT = "{fifo}" }}
+timeout = "1m"
+max_concurrency = 64
+credential = {{ kind = "static_secret", env = "PROBE_TOKEN" }}
+read_write_paths = ["{fifo}"]
+"#,
         probe = probe.display(),
         fifo = fifo.display(),
     )
@@ -531,16 +551,19 @@ async fn seed_connections(
     Ok(ids)
 }
 
-/// Drops databases of bench processes that no longer run.
-async fn drop_stale_databases(admin: &PgPool) {
+/// Drops the databases named `<prefix>_<pid>` of bench processes that no
+/// longer run.
+pub async fn drop_stale_databases(admin: &PgPool, prefix: &str) {
     let names: Vec<String> =
-        sqlx::query_scalar("select datname from pg_database where datname like 'bench\\_%'")
+        sqlx::query_scalar("select datname from pg_database where starts_with(datname, $1 || '_')")
+            .bind(prefix)
             .fetch_all(admin)
             .await
             .unwrap_or_default();
     for name in names {
         let alive = name
-            .strip_prefix("bench_")
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix('_'))
             .and_then(|p| p.parse::<u32>().ok())
             .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
         if !alive {

@@ -196,21 +196,7 @@ async fn create(env: &Env) -> anyhow::Result<Sim> {
         .max_connections(2)
         .connect(&env.cluster.url("postgres"))
         .await?;
-    let names: Vec<String> =
-        sqlx::query_scalar("select datname from pg_database where datname like 'sim\\_%'")
-            .fetch_all(&admin)
-            .await?;
-    for name in names {
-        let alive = name
-            .strip_prefix("sim_")
-            .and_then(|p| p.parse::<u32>().ok())
-            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
-        if !alive {
-            sqlx::query(&format!("drop database if exists {name} with (force)"))
-                .execute(&admin)
-                .await?;
-        }
-    }
+    super::setup::drop_stale_databases(&admin, "sim").await;
     let database = format!("sim_{}", std::process::id());
     sqlx::query(&format!("create database {database}"))
         .execute(&admin)
@@ -361,12 +347,7 @@ instance_id = "sim-{tag}"
 max_concurrent_runs = 32
 lease = "{lease}s"
 
-[connectors.probe]
-command = "{probe}"
-env = {{ PROBE_OUT = "{fifo}" }}
-timeout = "1m"
-max_concurrency = 64
-credential = {{ kind = "static_secret", env = "PROBE_TOKEN" }}
+{probe_connector}
 
 [sandbox]
 enabled = false
@@ -374,8 +355,7 @@ enabled = false
         url = sim.url,
         keys = env.keys_dir.display(),
         lease = LEASE.as_secs(),
-        probe = env.probe.display(),
-        fifo = env.fifo.display(),
+        probe_connector = super::setup::probe_connector(&env.probe, &env.fifo),
     );
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
@@ -598,12 +578,7 @@ async fn configuration(
     .bind(last.at)
     .fetch_all(&sim.pool)
     .await?;
-    let started: HashMap<i64, i64> = env
-        .records
-        .drain()
-        .into_iter()
-        .map(|r| (r.run_id, r.started_ns))
-        .collect();
+    let started: HashMap<i64, i64> = env.records.started_by_run();
     let pickup: Vec<f64> = inserted
         .iter()
         .filter_map(|(run, at)| started.get(run).map(|ns| (*ns as f64 / 1e9 - at) * 1000.0))
