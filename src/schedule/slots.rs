@@ -125,16 +125,18 @@ impl Slots {
     /// A new row below the largest id is staged: call [`Slots::settle`]
     /// after a batch.
     pub fn upsert(&mut self, slot: Slot) -> Option<Slot> {
-        let old = match self.rows.binary_search_by_key(&slot.id, |s| s.id) {
-            Ok(at) => Some(std::mem::replace(&mut self.rows[at], slot)),
-            // New ids are the largest, so this is nearly always a push.
-            Err(at) if at == self.rows.len() => {
-                self.rows.push(slot);
-                None
-            }
-            Err(_) => {
-                self.staged.push(slot);
-                None
+        // The load reads rows in id order, and new ids are the largest:
+        // nearly always a push, seen without a search.
+        let old = if self.rows.last().is_none_or(|last| last.id < slot.id) {
+            self.rows.push(slot);
+            None
+        } else {
+            match self.rows.binary_search_by_key(&slot.id, |s| s.id) {
+                Ok(at) => Some(std::mem::replace(&mut self.rows[at], slot)),
+                Err(_) => {
+                    self.staged.push(slot);
+                    None
+                }
             }
         };
         if slot.next != NEVER && old.is_none_or(|old| old.next != slot.next) {
