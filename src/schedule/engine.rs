@@ -141,9 +141,6 @@ struct Fire {
     next: Option<DateTime<Utc>>,
 }
 
-/// A schedule's ticks from `first` to `last` that fell while no daemon
-/// fired them and are older than the catch-up window: recorded as one
-/// `skipped` run of kind `missed`.
 /// The rows a pass found due, decided and not yet written.
 struct Due {
     term: i64,
@@ -151,6 +148,9 @@ struct Due {
     missed: Vec<Missed>,
 }
 
+/// A schedule's ticks from `first` to `last` that fell while no daemon
+/// fired them and are older than the catch-up window: recorded as one
+/// `skipped` run of kind `missed`.
 struct Missed {
     schedule_id: i64,
     first: DateTime<Utc>,
@@ -263,10 +263,8 @@ impl Engine {
                 break;
             }
             // Nor may a long load let the lease lapse under a leader busy
-            // loading: it is renewed on a connection of its own.
-            if self.leading() && std::time::Instant::now() >= self.leadership.next_check() {
-                self.look_at_leadership(&mut conn).await?;
-            }
+            // loading.
+            self.renew_if_due(&mut conn).await?;
         }
         self.slots.compact();
         self.write_pending(&mut conn, pending).await?;
@@ -321,13 +319,9 @@ impl Engine {
                 break;
             };
             after = next;
-            if self.leading() {
-                if std::time::Instant::now() >= self.leadership.next_check() {
-                    self.look_at_leadership(&mut conn).await?;
-                }
-                if let Some(due) = self.take_due() {
-                    self.write_due(&mut conn, due).await?;
-                }
+            self.renew_if_due(&mut conn).await?;
+            if let Some(due) = self.take_due() {
+                self.write_due(&mut conn, due).await?;
             }
         }
         self.remove(&gone);
@@ -895,6 +889,15 @@ impl Engine {
             }
         }
         Ok(change)
+    }
+
+    /// Renews a leader's lease on `conn` when it is due: for a walk of
+    /// many pages that holds a connection and must not outlast the lease.
+    async fn renew_if_due(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if self.leading() && std::time::Instant::now() >= self.leadership.next_check() {
+            self.look_at_leadership(conn).await?;
+        }
+        Ok(())
     }
 
     /// The database did not answer a look at the leadership: past the
