@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use connectord::dev::pgcluster::Cluster;
-use support::outages::{assert_recovered, own_cluster, own_cluster_dir, Held};
+use support::outages::{assert_back, own_cluster, own_cluster_dir, Held};
 use support::TestDb;
 
 /// A PostgreSQL program of the installed server, run as the server user
@@ -133,23 +133,9 @@ async fn the_daemon_waits_out_a_failover_to_a_promoted_standby() {
 
     let pool = sqlx::PgPool::connect(&db.url).await.expect("reconnect");
     let db = TestDb { pool, ..db };
-    // On the new primary: the held run's outcome, and no burst.
-    assert_recovered(&db, stopped_at, promoted_at).await;
-    // The schedule fires again, and its commands run.
-    db.wait_until(&format!(
-        "select count(*) >= 2 from runs where connection_id = 'ticker' and status = 'succeeded'
-         and scheduled_for > '{promoted_at}'"
-    ))
-    .await;
-    // It listens again: a schedule added now is heard (the periodic
-    // re-read is minutes away).
-    daemon
-        .wait_for_log("listening for notifications again")
-        .await;
-    db.exec("insert into schedules (connection_id, cron) values ('late', '* * * * * *')")
-        .await;
-    db.wait_until("select count(*) >= 1 from run_commands where connection_id = 'late'")
-        .await;
+    // On the new primary: the held run's outcome, no burst, the schedule
+    // firing and running again, and edits heard again.
+    assert_back(&db, &held, stopped_at, promoted_at, &["late"]).await;
     assert!(
         held.daemon.stop().success(),
         "the daemon stayed up and exits cleanly"

@@ -8,7 +8,7 @@
 mod support;
 
 use connectord::dev::pgcluster::Cluster;
-use support::outages::{assert_recovered, own_cluster, Held};
+use support::outages::{assert_back, own_cluster, Held};
 
 /// How long the database stays down: the ticks that fall in the outage
 /// are what the test checks are not replayed.
@@ -54,39 +54,10 @@ async fn the_daemon_rides_out_a_database_outage() {
     let pool = sqlx::PgPool::connect(&db.url).await.expect("reconnect");
     let db = support::TestDb { pool, ..db };
 
-    // The outcome of the run that ended during the outage is written, and
-    // the outage's ticks were not replayed.
-    assert_recovered(&db, stopped_at, restarted_at).await;
-    // Schedules fire again after the outage.
-    db.wait_until(&format!(
-        "select count(*) >= 2 from run_commands where connection_id = 'ticker' and scheduled_for > '{restarted_at}'"
-    ))
-    .await;
-    // And the queue claims and runs them again: its connections from
-    // before the outage are gone.
-    db.wait_until(&format!(
-        "select count(*) >= 1 from runs where connection_id = 'ticker' and status = 'succeeded'
-         and created_at > '{restarted_at}'"
-    ))
-    .await;
-    // The daemon listens again, and re-reads the schedules only once it
-    // does: a row added after that reaches the engine by NOTIFY alone, the
-    // periodic re-read being minutes away. 'late' may still be caught by
-    // the re-read; by the time it fires the re-read is done, so 'later'
-    // can only be heard.
-    daemon
-        .wait_for_log("listening for notifications again")
-        .await;
-    for connection in ["late", "later"] {
-        db.exec(&format!(
-            "insert into schedules (connection_id, cron) values ('{connection}', '* * * * * *')"
-        ))
-        .await;
-        db.wait_until(&format!(
-            "select count(*) >= 1 from run_commands where connection_id = '{connection}'"
-        ))
-        .await;
-    }
+    // The outcome of the run that ended during the outage is written, the
+    // outage's ticks were not replayed, schedules fire and run again, and
+    // edits are heard again.
+    assert_back(&db, &held, stopped_at, restarted_at, &["late", "later"]).await;
 
     let outage_lines = daemon.logs().lines().count() - log_before;
     assert!(

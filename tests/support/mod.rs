@@ -95,7 +95,11 @@ impl TestDb {
             .await
             .expect("create test database");
         admin.close().await;
-        let url = with_database(&server, &name);
+        TestDb::open(with_database(&server, &name), name).await
+    }
+
+    /// Connects to the database `name` at `url` and migrates it.
+    pub async fn open(url: String, name: String) -> TestDb {
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(5)
             .connect(&url)

@@ -37,18 +37,7 @@ pub async fn own_cluster(name: &str) -> (OwnCluster, TestDb) {
     connectord::dev::create_database(&cluster, name)
         .await
         .expect("create database");
-    let url = cluster.url(name);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&url)
-        .await
-        .expect("connect");
-    connectord::db::migrate(&pool).await.expect("migrate");
-    let db = TestDb {
-        url,
-        pool,
-        name: name.to_owned(),
-    };
+    let db = TestDb::open(cluster.url(name), name.to_owned()).await;
     (OwnCluster { cluster }, db)
 }
 
@@ -104,6 +93,43 @@ impl Held {
     /// Lets the held child finish.
     pub fn release(&self) {
         std::fs::remove_file(&self.hold).expect("release the child");
+    }
+}
+
+/// After the database is back (`db` connected to it again): everything
+/// [`assert_recovered`] checks, then the schedule fires again and its runs
+/// succeed, and the daemon listens again: each of `spare` (of
+/// [`Held::start`]) scheduled now, in turn, is heard. The daemon re-reads
+/// the schedules only once it listens, and the periodic re-read is minutes
+/// away: the first may still be caught by that re-read, but by the time it
+/// fires the re-read is done, so the next can only be heard by NOTIFY.
+pub async fn assert_back(
+    db: &TestDb,
+    held: &Held,
+    away_from: chrono::DateTime<chrono::Utc>,
+    back_at: chrono::DateTime<chrono::Utc>,
+    spare: &[&str],
+) {
+    assert_recovered(db, away_from, back_at).await;
+    // The queue claims and runs the ticks again: its connections from
+    // before are gone.
+    db.wait_until(&format!(
+        "select count(*) >= 2 from runs where connection_id = 'ticker' and status = 'succeeded'
+         and scheduled_for > '{back_at}'"
+    ))
+    .await;
+    held.daemon
+        .wait_for_log("listening for notifications again")
+        .await;
+    for connection in spare {
+        db.exec(&format!(
+            "insert into schedules (connection_id, cron) values ('{connection}', '* * * * * *')"
+        ))
+        .await;
+        db.wait_until(&format!(
+            "select count(*) >= 1 from run_commands where connection_id = '{connection}'"
+        ))
+        .await;
     }
 }
 
