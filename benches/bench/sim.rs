@@ -66,7 +66,6 @@ struct Sim {
     /// A connection to the `postgres` database, where the statements
     /// are counted from (so the counting is not counted).
     admin: PgPool,
-    work: PathBuf,
 }
 
 /// What one configuration measured, for the ratios.
@@ -212,7 +211,6 @@ async fn create(env: &Env) -> anyhow::Result<Sim> {
         url,
         pool,
         admin,
-        work: env.work.clone(),
     })
 }
 
@@ -332,7 +330,7 @@ async fn wait_written(pool: &PgPool) -> anyhow::Result<()> {
 
 /// One daemon's config; `tag` names its instance.
 fn write_config(env: &Env, sim: &Sim, tag: &str) -> anyhow::Result<PathBuf> {
-    let path = sim.work.join(format!("sim-{tag}.toml"));
+    let path = env.work.join(format!("sim-{tag}.toml"));
     let text = format!(
         r#"[database]
 url = "{url}"
@@ -620,7 +618,7 @@ async fn configuration(
     );
 
     if count >= 3 {
-        failover(env, sim, count, &mut daemons, report).await?;
+        failover(sim, count, &mut daemons, report).await?;
     }
     for (_, daemon) in daemons {
         daemon.stop().await?;
@@ -648,7 +646,6 @@ async fn configuration(
 
 /// Kills the leader and measures the handover.
 async fn failover(
-    env: &mut Env,
     sim: &Sim,
     count: usize,
     daemons: &mut Vec<(String, Daemon)>,
@@ -730,6 +727,5 @@ async fn failover(
         format!("{gap:.2} s; {gap_fired_once}/{FIRING} gaps fired once, {gap_doubled} doubled, {missed_after} missed"),
         Some(gap <= bound && gap_fired_once == FIRING as i64 && gap_doubled == 0 && missed_after == 0),
     );
-    let _ = env;
     Ok(())
 }
